@@ -1,0 +1,38 @@
+# flowjac: two commands do everything.
+#   make book   create .venv, execute every chapter (PROFILE=quick|full), build _build/html
+#   make test   create .venv, run unit tests, nbval, the sync check and a golden render
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PROFILE ?= quick
+DEVICE ?=
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export MPLBACKEND := Agg
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+.PHONY: book test golden venv chapter clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+	$(VENV)/bin/python -m pip install -q -r requirements.txt 2>&1 | grep -v "is ignored" || true
+	$(VENV)/bin/python -m pip install -q --no-deps -e . 2>&1 | grep -v "is ignored" || true
+	$(VENV)/bin/python -c "import torch, torchvision, flowjac, jupyter_book, nbval, causallearn, mlxtend"
+	touch $@
+
+venv: $(VENV)/.installed
+
+book: venv
+	$(VENV)/bin/python tools/build_book.py book --profile $(PROFILE) $(if $(DEVICE),--device $(DEVICE))
+
+# One chapter only, e.g. `make chapter CH=gaussian PROFILE=full`.
+chapter: venv
+	$(VENV)/bin/python tools/build_book.py book --profile $(PROFILE) --only $(CH) $(if $(DEVICE),--device $(DEVICE))
+
+test: venv
+	$(VENV)/bin/python -m pytest tests notebooks --nbval-lax -p no:cacheprovider
+
+golden: venv
+	$(VENV)/bin/python tools/build_book.py golden $(if $(CH),--only $(CH))
+
+clean:
+	rm -rf _build

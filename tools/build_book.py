@@ -1,0 +1,225 @@
+"""Execute the chapters with papermill and render the book with Jupyter Book 1.x.
+
+Usage (the Makefile wraps these):
+
+    python tools/build_book.py book   [--profile quick|full] [--only CH ...]
+    python tools/build_book.py golden [--only CH ...]
+    python tools/build_book.py render-golden [--out DIR]
+    python tools/build_book.py check-sync
+
+``book`` converts each MyST chapter (the source of truth) to a notebook,
+executes it with papermill into ``_build/executed/``, and renders
+``_build/html`` from the executed notebooks with warnings as errors.
+``golden`` executes the quick profile and stores the results as the golden
+notebooks in ``notebooks/`` (used by nbval). ``render-golden`` renders the
+golden notebooks without executing anything. ``check-sync`` fails when a
+chapter and its golden notebook differ in their cells.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jupytext
+import nbformat
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BOOK = ROOT / "book"
+GOLDEN = ROOT / "notebooks"
+BUILD = ROOT / "_build"
+
+
+def toc_files() -> list[str]:
+    """Every page of ``_toc.yml`` as a path relative to the root, no suffix."""
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [toc["root"]]
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "file" in node:
+                files.append(node["file"])
+            for key in ("parts", "chapters", "sections"):
+                for child in node.get(key, []):
+                    walk(child)
+
+    walk(toc)
+    return files
+
+
+def has_code(md: Path) -> bool:
+    nb = jupytext.read(md)
+    return any(c.cell_type == "code" for c in nb.cells)
+
+
+def chapters(only=None) -> list[Path]:
+    """The MyST chapters with code cells, in table-of-contents order."""
+    out = []
+    for f in toc_files():
+        md = ROOT / f"{f}.md"
+        if not md.exists():
+            raise SystemExit(f"_toc.yml names {f}, but {md} does not exist")
+        if has_code(md) and (not only or md.stem in only):
+            out.append(md)
+    if only:
+        unknown = set(only) - {m.stem for m in out}
+        if unknown:
+            raise SystemExit(f"--only names unknown chapters: {sorted(unknown)}")
+    return out
+
+
+def _clean(nb):
+    """Drop run-specific metadata so that golden notebooks diff cleanly."""
+    nb.metadata.pop("papermill", None)
+    for cell in nb.cells:
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+    return nb
+
+
+def execute(md: Path, dest: Path, parameters: dict) -> float:
+    """Convert a chapter to a notebook and execute it with papermill."""
+    import papermill as pm
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    nb = jupytext.read(md)
+    src = dest.with_suffix(".src.ipynb")
+    nbformat.write(nb, src)
+    start = time.perf_counter()
+    try:
+        pm.execute_notebook(str(src), str(dest), parameters=parameters or None,
+                            cwd=str(GOLDEN), kernel_name="python3",
+                            progress_bar=False, log_output=False)
+    finally:
+        src.unlink(missing_ok=True)
+    out = nbformat.read(dest, as_version=4)
+    nbformat.write(_clean(out), dest)
+    return time.perf_counter() - start
+
+
+def stage(notebook_dir: Path, stage_dir: Path) -> Path:
+    """Lay out a book tree whose chapters are already-executed notebooks."""
+    if stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    (stage_dir / "book").mkdir(parents=True)
+    cfg = yaml.safe_load((ROOT / "_config.yml").read_text())
+    cfg.setdefault("execute", {})["execute_notebooks"] = "off"
+    (stage_dir / "_config.yml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    shutil.copy(ROOT / "_toc.yml", stage_dir / "_toc.yml")
+    for f in toc_files():
+        md = ROOT / f"{f}.md"
+        if has_code(md):
+            nb = notebook_dir / f"{md.stem}.ipynb"
+            if not nb.exists():
+                raise SystemExit(f"no executed notebook {nb} for {md}")
+            shutil.copy(nb, stage_dir / f"{f}.ipynb")
+        else:
+            shutil.copy(md, stage_dir / f"{f}.md")
+    for extra in ("book/figures", "book/references.bib"):
+        if (ROOT / extra).exists():
+            dst = stage_dir / extra
+            if (ROOT / extra).is_dir():
+                shutil.copytree(ROOT / extra, dst)
+            else:
+                shutil.copy(ROOT / extra, dst)
+    return stage_dir
+
+
+def render(stage_dir: Path, out_dir: Path) -> None:
+    """Run ``jb build`` on a staged tree, Sphinx warnings as errors."""
+    jb = Path(sys.executable).parent / "jb"
+    cmd = [str(jb), "build", str(stage_dir), "--path-output", str(out_dir),
+           "-W", "-n", "--keep-going"]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    index = out_dir / "_build" / "html" / "index.html"
+    if not index.exists():
+        raise SystemExit(f"the build did not produce {index}")
+    print(f"book written to {index}")
+
+
+def cmd_book(args) -> None:
+    params = {"profile": args.profile}
+    if args.device:
+        params["device"] = args.device
+    executed = BUILD / "executed" / args.profile
+    for md in chapters(args.only):
+        print(f"executing {md.name} (profile={args.profile}) ...", flush=True)
+        secs = execute(md, executed / f"{md.stem}.ipynb", params)
+        print(f"  done in {secs:.0f} s", flush=True)
+    if args.only:
+        print("--only given: not rendering the book")
+        return
+    if BUILD.joinpath("html").exists():
+        shutil.rmtree(BUILD / "html")
+    render(stage(executed, BUILD / "stage"), ROOT)
+
+
+def cmd_golden(args) -> None:
+    GOLDEN.mkdir(exist_ok=True)
+    for md in chapters(args.only):
+        print(f"executing {md.name} into notebooks/ ...", flush=True)
+        secs = execute(md, GOLDEN / f"{md.stem}.ipynb", {})
+        print(f"  done in {secs:.0f} s", flush=True)
+
+
+def cmd_render_golden(args) -> None:
+    out = Path(args.out).resolve()
+    render(stage(GOLDEN, out / "stage"), out)
+
+
+def sync_problems() -> list[str]:
+    """Where chapters and golden notebooks differ in their cells."""
+    problems = []
+    for md in chapters():
+        gold = GOLDEN / f"{md.stem}.ipynb"
+        if not gold.exists():
+            problems.append(f"{md.name}: no golden notebook {gold.name}")
+            continue
+        a = jupytext.read(md).cells
+        b = nbformat.read(gold, as_version=4).cells
+        key = lambda c: (c.cell_type, c.source.strip(),
+                         sorted(c.metadata.get("tags", [])))
+        if [key(c) for c in a] != [key(c) for c in b]:
+            problems.append(f"{md.name} and notebooks/{gold.name} differ in "
+                            "their cells: run `make golden`")
+        elif not any(c.get("outputs") for c in b if c.cell_type == "code"):
+            problems.append(f"notebooks/{gold.name} has no outputs")
+    return problems
+
+
+def cmd_check_sync(args) -> None:
+    problems = sync_problems()
+    for p in problems:
+        print(p)
+    if problems:
+        raise SystemExit(1)
+    print("chapters and golden notebooks are in sync")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("book", help="execute all chapters, render _build/html")
+    b.add_argument("--profile", default="quick", choices=["quick", "full"])
+    b.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    b.add_argument("--only", nargs="*", help="chapter stems to execute")
+    b.set_defaults(func=cmd_book)
+    g = sub.add_parser("golden", help="refresh the golden notebooks")
+    g.add_argument("--only", nargs="*")
+    g.set_defaults(func=cmd_golden)
+    r = sub.add_parser("render-golden", help="render the golden notebooks")
+    r.add_argument("--out", default=str(BUILD / "golden"))
+    r.set_defaults(func=cmd_render_golden)
+    s = sub.add_parser("check-sync", help="chapters vs golden notebooks")
+    s.set_defaults(func=cmd_check_sync)
+    args = p.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
