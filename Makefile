@@ -6,7 +6,6 @@ VENV := .venv
 PROFILE ?= quick
 DEVICE ?=
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
-export MPLBACKEND := Agg
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 .PHONY: book test golden venv chapter clean

@@ -51,24 +51,31 @@ def toc_files() -> list[str]:
     return files
 
 
+def read_md(md: Path):
+    """Read a chapter as MyST markdown (only ``{code-cell}`` blocks are code)."""
+    return jupytext.read(md, fmt="md:myst")
+
+
 def has_code(md: Path) -> bool:
-    nb = jupytext.read(md)
+    nb = read_md(md)
     return any(c.cell_type == "code" for c in nb.cells)
 
 
 def chapters(only=None) -> list[Path]:
-    """The MyST chapters with code cells, in table-of-contents order."""
+    """The MyST chapters with code cells: ``only`` by stem, else the toc's."""
+    if only:
+        mds = [BOOK / f"{stem}.md" for stem in only]
+        missing = [str(m) for m in mds if not m.exists()]
+        if missing:
+            raise SystemExit(f"--only names missing chapters: {missing}")
+        return [m for m in mds if has_code(m)]
     out = []
     for f in toc_files():
         md = ROOT / f"{f}.md"
         if not md.exists():
             raise SystemExit(f"_toc.yml names {f}, but {md} does not exist")
-        if has_code(md) and (not only or md.stem in only):
+        if has_code(md):
             out.append(md)
-    if only:
-        unknown = set(only) - {m.stem for m in out}
-        if unknown:
-            raise SystemExit(f"--only names unknown chapters: {sorted(unknown)}")
     return out
 
 
@@ -86,7 +93,7 @@ def execute(md: Path, dest: Path, parameters: dict) -> float:
     import papermill as pm
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    nb = jupytext.read(md)
+    nb = read_md(md)
     src = dest.with_suffix(".src.ipynb")
     nbformat.write(nb, src)
     start = time.perf_counter()
@@ -180,7 +187,7 @@ def sync_problems() -> list[str]:
         if not gold.exists():
             problems.append(f"{md.name}: no golden notebook {gold.name}")
             continue
-        a = jupytext.read(md).cells
+        a = read_md(md).cells
         b = nbformat.read(gold, as_version=4).cells
         key = lambda c: (c.cell_type, c.source.strip(),
                          sorted(c.metadata.get("tags", [])))

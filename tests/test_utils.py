@@ -1,0 +1,52 @@
+"""Tests of flowjac.utils: parameters, devices, seeding, atomic files."""
+import json
+
+import pytest
+import torch
+
+import flowjac as fj
+from flowjac import utils
+
+
+def test_setup_valid(tmp_path):
+    run = fj.setup("demo", "quick", 3, "auto", tmp_path, n_samples=10)
+    assert run.output_dir == tmp_path / "demo" and run.output_dir.is_dir()
+    assert run.pick(quick=1, full=2) == 1
+    assert run.device.type in ("cpu", "cuda")
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    (dict(profile="medium"), "profile must be one of"),
+    (dict(seed=-1), "seed must be >= 0"),
+    (dict(seed=1.5), "seed must be an integer"),
+    (dict(device="tpu"), "device must be one of"),
+    (dict(n_samples=-5), "n_samples must be >= 1"),
+    (dict(n_samples=0), "n_samples must be >= 1"),
+])
+def test_setup_rejects_bad_parameters(tmp_path, kwargs, msg):
+    args = dict(profile="quick", seed=0, device="cpu", output_dir=tmp_path)
+    counts = {k: v for k, v in kwargs.items() if k.startswith("n_")}
+    args.update({k: v for k, v in kwargs.items() if not k.startswith("n_")})
+    with pytest.raises(ValueError, match=msg):
+        fj.setup("demo", **args, **counts)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_gpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        fj.get_device("cuda")
+    assert fj.get_device("auto").type == "cpu"
+
+
+def test_seed_everything_reproducible():
+    fj.seed_everything(7)
+    a = torch.randn(5)
+    fj.seed_everything(7)
+    assert torch.equal(a, torch.randn(5))
+
+
+def test_save_json_atomic(tmp_path):
+    path = utils.save_json(tmp_path / "sub" / "r.json",
+                           {"x": torch.tensor([1.0, 2.0]), "p": tmp_path})
+    assert json.loads(path.read_text())["x"] == [1.0, 2.0]
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]
