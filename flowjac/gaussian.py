@@ -18,7 +18,7 @@ __all__ = [
 
 
 def check_t(t, name: str = "t"):
-    """Raise ValueError unless every entry of ``t`` lies in [0, 1]."""
+    """Raise ValueError unless every entry of ``t`` lies in [0, 1]; "Gaussian targets"."""
     if torch.is_tensor(t):
         if t.numel() == 0:
             return t
@@ -37,7 +37,7 @@ def check_t(t, name: str = "t"):
 
 def check_cov(cov: torch.Tensor, name: str = "cov", *, tol: float = 1e-8,
               definite: bool = False) -> torch.Tensor:
-    """Check a square, symmetric, positive (semi)definite covariance matrix.
+    """Check a square, symmetric, positive (semi)definite covariance matrix; "Gaussian targets".
 
     Returns ``cov`` as a floating tensor. Defined in "Gaussian targets".
     """
@@ -66,7 +66,7 @@ def check_cov(cov: torch.Tensor, name: str = "cov", *, tol: float = 1e-8,
 
 
 def check_mean_cov(mean, cov):
-    """Validate ``mean`` (d,) against ``cov`` (d, d); return both as tensors."""
+    """Validate ``mean`` (d,) against ``cov`` (d, d); return both as tensors; "Gaussian targets"."""
     cov = check_cov(cov)
     if not torch.is_tensor(mean):
         mean = torch.as_tensor(mean, dtype=cov.dtype, device=cov.device)

@@ -22,14 +22,14 @@ v1 = sp.Symbol("sigma_1^2", positive=True)
 
 
 def conditional_mean(mu_y, mu_x, cov_yx, var_x, xval):
-    """E[Y | X = x] = mu_y + cov_yx var_x^{-1} (x - mu_x), scalar or Matrix."""
+    """E[Y | X = x] = mu_y + cov_yx var_x^{-1} (x - mu_x), scalar or Matrix; "Gaussian targets"."""
     if isinstance(var_x, sp.MatrixBase):
         return mu_y + cov_yx * var_x.inv() * (xval - mu_x)
     return mu_y + cov_yx / var_x * (xval - mu_x)
 
 
 def interpolation_moments_1d(mean0=m0, var0=v0, mean1=m1, var1=v1):
-    """Means, variance and covariance of (Y, X_t) for scalar Gaussians."""
+    """Means, variance and covariance of (Y, X_t) for scalar Gaussians; "Gaussian targets"."""
     return {
         "mu_y": mean1 - mean0,
         "mu_x": (1 - t) * mean0 + t * mean1,
@@ -40,14 +40,14 @@ def interpolation_moments_1d(mean0=m0, var0=v0, mean1=m1, var1=v1):
 
 
 def regression_drift_1d(mean0=m0, var0=v0, mean1=m1, var1=v1):
-    """Drift E[X1 - X0 | Xt = x] by Gaussian conditioning (regression form)."""
+    """Drift E[X1 - X0 | Xt = x] by Gaussian conditioning (regression form); "Gaussian targets"."""
     mo = interpolation_moments_1d(mean0, var0, mean1, var1)
     return conditional_mean(mo["mu_y"], mo["mu_x"], mo["cov_yx"],
                             mo["var_x"], x)
 
 
 def bayes_drift_1d(mean0=m0, var0=v0, mean1=m1, var1=v1):
-    """The same drift by Bayes' rule: the posterior of X1 given Xt = x.
+    """The same drift by Bayes' rule: the posterior of X1 given Xt = x; "Gaussian targets".
 
     log p(x1 | xt) = log N(x1; m1, v1) + log N(xt; t x1 + (1-t) m0,
     (1-t)^2 v0) + const is quadratic in x1, so the posterior mean is its
@@ -61,24 +61,24 @@ def bayes_drift_1d(mean0=m0, var0=v0, mean1=m1, var1=v1):
 
 
 def standard_drift_1d():
-    """Drift for N(0, 1) -> N(0, 1): (2t - 1) x / ((1 - t)^2 + t^2)."""
+    """Drift for N(0, 1) -> N(0, 1): (2t - 1) x / ((1 - t)^2 + t^2); "Gaussian targets"."""
     return (2 * t - 1) / ((1 - t) ** 2 + t ** 2) * x
 
 
 def flow_map_1d(mean1=m1, var1=v1):
-    """phi_t(x0) = t m1 + sqrt((1-t)^2 + t^2 v1) x0 for base N(0, 1)."""
+    """phi_t(x0) = t m1 + sqrt((1-t)^2 + t^2 v1) x0 for base N(0, 1); "Gaussian targets"."""
     return t * mean1 + sp.sqrt((1 - t) ** 2 + t ** 2 * var1) * x0
 
 
 def ode_residual_1d(mean1=m1, var1=v1):
-    """d phi_t/dt - u(phi_t, t); simplifies to 0 (phi solves the ODE)."""
+    """d phi_t/dt - u(phi_t, t); simplifies to 0 (phi solves the ODE); "Gaussian targets"."""
     u = regression_drift_1d(0, 1, mean1, var1)
     phi = flow_map_1d(mean1, var1)
     return sp.diff(phi, t) - u.subs(x, phi)
 
 
 def rotation(u):
-    """2 x 2 rotation in rational (Cayley) form, u = tan(theta / 2).
+    """2 x 2 rotation in rational (Cayley) form, u = tan(theta / 2); "Gaussian targets".
 
     Rational entries keep ``sp.simplify`` fast; every rotation except by pi
     is of this form.
@@ -87,7 +87,7 @@ def rotation(u):
 
 
 def gaussian_2d_symbols():
-    """Symbols for a 2D target N(m, Q diag(l1, l2) Q^T), Q = rotation(u)."""
+    """Symbols for a 2D target N(m, Q diag(l1, l2) Q^T), Q = rotation(u); "Gaussian targets"."""
     th = sp.Symbol("u", real=True)
     l1, l2 = sp.symbols("lambda_1 lambda_2", positive=True)
     ma, mb = sp.symbols("m_a m_b", real=True)
@@ -95,7 +95,7 @@ def gaussian_2d_symbols():
 
 
 def block_moments(cov0, cov1, mean0, mean1):
-    """Block moments of (Y, Xt) for vector Gaussians (any sizes)."""
+    """Block moments of (Y, Xt) for vector Gaussians (any sizes); "Gaussian targets"."""
     return {
         "mu_y": mean1 - mean0,
         "mu_x": (1 - t) * mean0 + t * mean1,
@@ -105,14 +105,14 @@ def block_moments(cov0, cov1, mean0, mean1):
 
 
 def block_drift(cov0, cov1, mean0, mean1, xvec):
-    """E[Y | Xt = x] in block-matrix form, mu_y + S_yx S_xx^{-1}(x - mu_x)."""
+    """E[Y | Xt = x] in block-matrix form, mu_y + S_yx S_xx^{-1}(x - mu_x); "Gaussian targets"."""
     mo = block_moments(cov0, cov1, mean0, mean1)
     return conditional_mean(mo["mu_y"], mo["mu_x"], mo["cov_yx"],
                             mo["var_x"], xvec)
 
 
 def block_drift_generic(d: int = 2):
-    """The block formula stated with MatrixSymbols (no entries expanded)."""
+    """The block formula stated with MatrixSymbols (no entries expanded); "Gaussian targets"."""
     s0 = sp.MatrixSymbol("Sigma_0", d, d)
     s1 = sp.MatrixSymbol("Sigma_1", d, d)
     mu0 = sp.MatrixSymbol("mu_0", d, 1)
@@ -124,7 +124,7 @@ def block_drift_generic(d: int = 2):
 
 
 def bayes_drift_2d(cov1, mean1, xvec):
-    """2D drift via the posterior of X1 given Xt = x (base N(0, I))."""
+    """2D drift via the posterior of X1 given Xt = x (base N(0, I)); "Gaussian targets"."""
     z = sp.Matrix(sp.symbols("z_1 z_2", real=True))
     p1 = cov1.inv()
     r = xvec - t * z
@@ -137,7 +137,7 @@ def bayes_drift_2d(cov1, mean1, xvec):
 
 
 def flow_map_2d(th, l1, l2, mean, x0vec):
-    """phi_t(x0) = t m + Q diag(sqrt((1-t)^2 + t^2 l_i)) Q^T x0."""
+    """phi_t(x0) = t m + Q diag(sqrt((1-t)^2 + t^2 l_i)) Q^T x0; "Gaussian targets"."""
     q = rotation(th)
     s = sp.diag(sp.sqrt((1 - t) ** 2 + t ** 2 * l1),
                 sp.sqrt((1 - t) ** 2 + t ** 2 * l2))
@@ -145,7 +145,7 @@ def flow_map_2d(th, l1, l2, mean, x0vec):
 
 
 def ode_residual_2d():
-    """d phi/dt - u(phi, t) for a rotated 2D Gaussian target; simplifies to 0."""
+    """d phi/dt - u(phi, t) for a rotated 2D Gaussian target; simplifies to 0; "Gaussian targets"."""
     th, l1, l2, mean = gaussian_2d_symbols()
     q = rotation(th)
     cov1 = q * sp.diag(l1, l2) * q.T
@@ -156,6 +156,6 @@ def ode_residual_2d():
 
 
 def conditional_variance_1d(var1=1):
-    """Var(Y | Xt) for N(0,1) -> N(0, var1): the CFM loss floor at time t."""
+    """Var(Y | Xt) for N(0,1) -> N(0, var1): the CFM loss floor at time t; "Flow matching in one page"."""
     mo = interpolation_moments_1d(0, 1, 0, var1)
     return sp.simplify(mo["var_y"] - mo["cov_yx"] ** 2 / mo["var_x"])

@@ -35,7 +35,7 @@ def seed_everything(seed: int) -> None:
 
 
 def get_device(device: str = "auto") -> torch.device:
-    """Resolve "auto", "cpu" or "cuda"; "auto" falls back to the CPU."""
+    """Resolve "auto", "cpu" or "cuda"; "auto" falls back to the CPU; "How to run the book"."""
     if isinstance(device, torch.device):
         device = device.type
     if device not in DEVICES:
@@ -51,7 +51,7 @@ def get_device(device: str = "auto") -> torch.device:
 
 
 def check_int(name: str, value: Any, minimum: int | None = None) -> int:
-    """Raise ValueError unless ``value`` is an int >= ``minimum``."""
+    """Raise ValueError unless ``value`` is an int >= ``minimum``; "How to run the book"."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
@@ -60,7 +60,7 @@ def check_int(name: str, value: Any, minimum: int | None = None) -> int:
 
 
 def check_choice(name: str, value: Any, choices) -> Any:
-    """Raise ValueError unless ``value`` is one of ``choices``."""
+    """Raise ValueError unless ``value`` is one of ``choices``; "How to run the book"."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
     return value
@@ -68,7 +68,7 @@ def check_choice(name: str, value: Any, choices) -> Any:
 
 @dataclass
 class Run:
-    """A chapter's validated run settings (profile, seed, device, output_dir)."""
+    """A chapter's validated run settings (profile, seed, device, output_dir); "How to run the book"."""
 
     chapter: str
     profile: str
@@ -89,7 +89,7 @@ class Run:
 def setup(chapter: str, profile: str = "quick", seed: int = 0,
           device: str = "auto", output_dir: str | os.PathLike | None = None,
           **counts) -> Run:
-    """Validate a chapter's parameters, seed everything, make output_dir.
+    """Validate a chapter's parameters, seed everything, make output_dir; "How to run the book".
 
     ``counts`` are further integer parameters that must be positive, e.g.
     ``n_samples=10_000``; a bad one raises ValueError naming it.
@@ -110,7 +110,7 @@ def setup(chapter: str, profile: str = "quick", seed: int = 0,
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write bytes to ``path`` through a temporary file and ``os.replace``."""
+    """Write bytes to ``path`` through a temporary file and ``os.replace``; "How to run the book"."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -128,7 +128,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def save_json(path: str | os.PathLike, obj: dict) -> Path:
-    """Write ``obj`` as indented JSON, atomically."""
+    """Write ``obj`` as indented JSON, atomically; "How to run the book"."""
     text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
     return atomic_write_bytes(path, (text + "\n").encode())
 
@@ -144,7 +144,7 @@ def _json_default(o):
 
 
 def load_results(name: str) -> dict | None:
-    """Load ``results/<name>.json`` (stored full-profile numbers) or None."""
+    """Load ``results/<name>.json`` (stored full-profile numbers) or None; "How to run the book"."""
     path = repo_root() / "results" / f"{name}.json"
     if not path.exists():
         return None
@@ -152,7 +152,7 @@ def load_results(name: str) -> dict | None:
 
 
 def hardware() -> dict:
-    """Describe the machine (CPU/GPU, torch version) for results files."""
+    """Describe the machine (CPU/GPU, torch version) for results files; "How to run the book"."""
     info = {"torch": torch.__version__, "cpu_count": os.cpu_count()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
