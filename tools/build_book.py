@@ -21,6 +21,7 @@ import argparse
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -94,15 +95,13 @@ def execute(md: Path, dest: Path, parameters: dict) -> float:
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     nb = read_md(md)
-    src = dest.with_suffix(".src.ipynb")
-    nbformat.write(nb, src)
     start = time.perf_counter()
-    try:
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / f"{md.stem}.ipynb"
+        nbformat.write(nb, src)
         pm.execute_notebook(str(src), str(dest), parameters=parameters or None,
                             cwd=str(GOLDEN), kernel_name="python3",
                             progress_bar=False, log_output=False)
-    finally:
-        src.unlink(missing_ok=True)
     out = nbformat.read(dest, as_version=4)
     nbformat.write(_clean(out), dest)
     return time.perf_counter() - start
