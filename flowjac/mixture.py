@@ -1,0 +1,343 @@
+"""Flow matching from a Gaussian base to a mixture of Gaussians, in closed form.
+
+Base X_0 ~ N(m0, Sigma0), target X_1 ~ sum_k pi_k N(mu_k, Sigma_k), and
+X_t = (1 - t) X_0 + t X_1. Given the component k, X_t is Gaussian with mean
+m_k(t) = (1 - t) m0 + t mu_k and covariance
+S_k(t) = (1 - t)^2 Sigma0 + t^2 Sigma_k, so the drift is a
+responsibility-weighted sum of affine maps and its Jacobian is a blend of
+their linear parts plus a softmax-gradient term.
+
+The torch class ``GaussianMixture`` is batched over points and components;
+the ``sym_*`` functions state the same objects in SymPy for the K = 2
+verification. Derived in "Mixtures of Gaussians" (``book/mixture.md``).
+"""
+from __future__ import annotations
+
+import math
+
+import sympy as sp
+import torch
+
+from .gaussian import check_cov, check_t, psd_sqrt
+
+__all__ = [
+    "GaussianMixture", "sym_gaussian_density", "sym_moments",
+    "sym_density_functions", "sym_gaussian_rule", "sym_mixture_drift",
+    "sym_score_drift", "sym_mixture_jacobian",
+]
+
+
+def _as_float(value, name: str, dtype=None) -> torch.Tensor:
+    if not torch.is_tensor(value):
+        try:
+            value = torch.as_tensor(value, dtype=dtype)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{name} must be a tensor or nested list of "
+                             f"numbers, got {type(value).__name__}") from None
+    if not value.is_floating_point():
+        value = value.to(dtype or torch.get_default_dtype())
+    elif dtype is not None:
+        value = value.to(dtype)
+    return value
+
+
+class GaussianMixture:
+    """A Gaussian-mixture target with its exact flow-matching drift and Jacobian; "Mixtures of Gaussians".
+
+    ``weights`` (K,), ``means`` (K, d), ``covs`` (K, d, d) describe the
+    target; ``base_mean`` (d,) and ``base_cov`` (d, d) the base, default
+    N(0, I). Methods take ``x`` of shape (..., d) and ``t`` a number or a
+    tensor broadcastable to ``x.shape[:-1]``, and compute in ``x``'s dtype
+    and device.
+    """
+
+    def __init__(self, weights, means, covs, base_mean=None, base_cov=None):
+        means = _as_float(means, "means")
+        dtype = means.dtype
+        if means.ndim != 2 or means.shape[0] < 1 or means.shape[1] < 1:
+            raise ValueError("means must have shape (K, d) with K, d >= 1, "
+                             f"got {tuple(means.shape)}")
+        k, d = means.shape
+        weights = _as_float(weights, "weights", dtype).to(means.device)
+        if weights.shape != (k,):
+            raise ValueError(f"weights must have shape ({k},) to match means "
+                             f"{tuple(means.shape)}, got {tuple(weights.shape)}")
+        if not torch.isfinite(weights).all() or (weights < 0).any():
+            raise ValueError("weights must be finite and non-negative, got "
+                             f"{weights.tolist()}")
+        total = float(weights.sum())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"weights must sum to 1, got sum {total:.8g}")
+        if not torch.isfinite(means).all():
+            raise ValueError("means must be finite")
+        covs = _as_float(covs, "covs", dtype).to(means.device)
+        if covs.shape != (k, d, d):
+            raise ValueError(f"covs must have shape ({k}, {d}, {d}) to match "
+                             f"means {tuple(means.shape)}, got "
+                             f"{tuple(covs.shape)}")
+        for j in range(k):
+            check_cov(covs[j], f"covs[{j}]")
+        if base_mean is None:
+            base_mean = torch.zeros(d, dtype=dtype, device=means.device)
+        base_mean = _as_float(base_mean, "base_mean", dtype).to(means.device)
+        if base_mean.shape != (d,) or not torch.isfinite(base_mean).all():
+            raise ValueError(f"base_mean must be a finite vector of shape "
+                             f"({d},), got shape {tuple(base_mean.shape)}")
+        if base_cov is None:
+            base_cov = torch.eye(d, dtype=dtype, device=means.device)
+        base_cov = _as_float(base_cov, "base_cov", dtype).to(means.device)
+        if base_cov.shape != (d, d):
+            raise ValueError(f"base_cov must have shape ({d}, {d}), got "
+                             f"{tuple(base_cov.shape)}")
+        check_cov(base_cov, "base_cov", definite=True)
+        self.weights = weights
+        self.means = means
+        self.covs = 0.5 * (covs + covs.mT)
+        self.base_mean = base_mean
+        self.base_cov = 0.5 * (base_cov + base_cov.T)
+        self.n_components, self.dim = k, d
+
+    def __repr__(self) -> str:
+        return (f"GaussianMixture(K={self.n_components}, d={self.dim}, "
+                f"dtype={self.means.dtype})")
+
+    # -- internals -----------------------------------------------------
+    def _check_x(self, x) -> None:
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            raise ValueError("x must be a floating-point torch tensor of shape "
+                             f"(..., {self.dim}), got {type(x).__name__}"
+                             + (f" of dtype {x.dtype}" if torch.is_tensor(x)
+                                else ""))
+        if x.ndim < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (..., {self.dim}), got "
+                             f"{tuple(x.shape)}")
+
+    def _t(self, t, like: torch.Tensor) -> torch.Tensor:
+        check_t(t)
+        return torch.as_tensor(t, dtype=like.dtype, device=like.device)
+
+    def _moments(self, t: torch.Tensor):
+        """m_k(t), S_k(t), C_k(t) and chol S_k(t) with shapes (*t, K, ...)."""
+        p = {n: getattr(self, n).to(t) for n in
+             ("means", "covs", "base_mean", "base_cov")}
+        tk = t[..., None]                       # (*t, 1)
+        tm = tk[..., None, None]                # (*t, 1, 1, 1)
+        m = (1 - tk[..., None]) * p["base_mean"] + tk[..., None] * p["means"]
+        s = (1 - tm) ** 2 * p["base_cov"] + tm ** 2 * p["covs"]
+        c = tm * p["covs"] - (1 - tm) * p["base_cov"]
+        chol, info = torch.linalg.cholesky_ex(s)
+        if (info != 0).any():
+            raise ValueError(
+                "t: S_k(t) = (1-t)^2 base_cov + t^2 covs[k] is singular at "
+                "some t (this happens at t = 1 when a component covariance "
+                "is singular); use t < 1 or positive-definite covs")
+        return m, s, c, chol
+
+    def _parts(self, x: torch.Tensor, t):
+        """Responsibilities, component drifts d_k, A_k and S_k^{-1}(x - m_k)."""
+        self._check_x(x)
+        tt = self._t(t, x)
+        try:
+            ok = torch.broadcast_shapes(tt.shape, x.shape[:-1]) == x.shape[:-1]
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"t must be a number or a tensor broadcastable to "
+                             f"x.shape[:-1] = {tuple(x.shape[:-1])}, got shape "
+                             f"{tuple(tt.shape)}")
+        m, _, c, chol = self._moments(tt)
+        # S_k^{-1} from the Cholesky factor: there are only K (or K per
+        # time) of them, so per-point work is plain matrix products.
+        s_inv = torch.cholesky_inverse(chol)     # (*t, K, d, d)
+        r = x[..., None, :] - m                  # (..., K, d)
+        w = (s_inv @ r[..., None])[..., 0]       # S_k^{-1} (x - m_k)
+        quad = (r * w).sum(-1).clamp_min(0.0)
+        logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+        logn = -0.5 * (quad + logdet + self.dim * math.log(2 * math.pi))
+        logits = torch.log(self.weights.to(x)) + logn
+        gamma = torch.softmax(logits, dim=-1)     # log-sum-exp inside
+        a = c @ s_inv                             # A_k = C_k S_k^{-1}
+        mu = (self.means - self.base_mean).to(x)
+        dk = mu + (c @ w[..., None])[..., 0]      # (..., K, d)
+        return gamma, dk, a, w, logits
+
+    # -- public API ----------------------------------------------------
+    def responsibilities(self, x: torch.Tensor, t) -> torch.Tensor:
+        """gamma_k(x, t) = P(component k | X_t = x), shape (..., K), via log-sum-exp; "Mixtures of Gaussians"."""
+        return self._parts(x, t)[0]
+
+    def drift(self, x: torch.Tensor, t) -> torch.Tensor:
+        """u(x, t) = E[X1 - X0 | Xt = x] = sum_k gamma_k d_k(x, t), shape (..., d); "Mixtures of Gaussians"."""
+        gamma, dk, *_ = self._parts(x, t)
+        return (gamma[..., None] * dk).sum(-2)
+
+    def blend_jacobian(self, x: torch.Tensor, t) -> torch.Tensor:
+        """sum_k gamma_k A_k(t), A_k = (t Sigma_k - (1-t) Sigma0) S_k^{-1}, shape (..., d, d); "Mixtures of Gaussians"."""
+        gamma, _, a, _, _ = self._parts(x, t)
+        return (gamma[..., None, None] * a).sum(-3)
+
+    def jacobian(self, x: torch.Tensor, t) -> torch.Tensor:
+        """Full Jacobian du/dx = sum_k gamma_k A_k + sum_k d_k grad(gamma_k)^T, shape (..., d, d); "Mixtures of Gaussians"."""
+        gamma, dk, a, w, _ = self._parts(x, t)
+        blend = (gamma[..., None, None] * a).sum(-3)
+        # grad gamma_k = gamma_k (g_k - sum_j gamma_j g_j), g_k = -S_k^{-1} r_k.
+        # sum_k grad gamma_k = 0, so centring d_k changes nothing and
+        # avoids cancellation between large terms.
+        g = -w
+        g_c = g - (gamma[..., None] * g).sum(-2, keepdim=True)
+        d_c = dk - (gamma[..., None] * dk).sum(-2, keepdim=True)
+        soft = torch.einsum("...k,...ki,...kj->...ij", gamma, d_c, g_c)
+        return blend + soft
+
+    def softmax_jacobian(self, x: torch.Tensor, t) -> torch.Tensor:
+        """The softmax-gradient term sum_k d_k grad(gamma_k)^T alone, shape (..., d, d); "Mixtures of Gaussians"."""
+        return self.jacobian(x, t) - self.blend_jacobian(x, t)
+
+    def component_drift(self, k: int, x: torch.Tensor, t) -> torch.Tensor:
+        """d_k(x, t) = (mu_k - m0) + A_k(t)(x - m_k(t)): the drift under do(component = k); "Mixtures of Gaussians"."""
+        k = self._check_k(k)
+        return self._parts(x, t)[1][..., k, :]
+
+    def component_jacobian(self, k: int, t) -> torch.Tensor:
+        """A_k(t) = (t Sigma_k - (1-t) Sigma0) S_k(t)^{-1}: the Jacobian under do(component = k); "Mixtures of Gaussians"."""
+        k = self._check_k(k)
+        tt = self._t(t, self.means)
+        _, _, c, chol = self._moments(tt)
+        return torch.cholesky_solve(c, chol).mT[..., k, :, :]
+
+    def _check_k(self, k) -> int:
+        if isinstance(k, bool) or not isinstance(k, int) \
+                or not 0 <= k < self.n_components:
+            raise ValueError(f"k must be an integer component index in "
+                             f"[0, {self.n_components}), got {k!r}")
+        return k
+
+    def mean(self) -> torch.Tensor:
+        """E[X1] = sum_k pi_k mu_k; "Mixtures of Gaussians"."""
+        return self.weights @ self.means
+
+    def sample(self, n: int, generator: torch.Generator | None = None,
+               return_components: bool = False):
+        """Draw n points from the target mixture (and optionally their components); "Mixtures of Gaussians"."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        dev = self.means.device
+        comp = torch.multinomial(self.weights, n, replacement=True,
+                                 generator=generator)
+        roots = torch.stack([psd_sqrt(c) for c in self.covs])
+        z = torch.randn(n, self.dim, dtype=self.means.dtype, device=dev,
+                        generator=generator)
+        x = self.means[comp] + (roots[comp] @ z[..., None])[..., 0]
+        return (x, comp) if return_components else x
+
+    def sample_base(self, n: int, generator: torch.Generator | None = None):
+        """Draw n points from the base N(m0, Sigma0); "Mixtures of Gaussians"."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        z = torch.randn(n, self.dim, dtype=self.means.dtype,
+                        device=self.means.device, generator=generator)
+        return self.base_mean + z @ torch.linalg.cholesky(self.base_cov).T
+
+
+# -- SymPy: the same objects, for the K = 2 verification -----------------
+#
+# The component densities enter the drift only as N_k(x) and through
+# grad N_k = N_k g_k with g_k = -S_k^{-1}(x - m_k). Keeping N_k as undefined
+# functions and substituting that rule (checked once on the true density)
+# turns every identity into one between rational functions, which
+# sp.simplify proves in seconds instead of fighting with exponentials.
+
+def sym_gaussian_density(xvec: sp.Matrix, mean: sp.Matrix, cov: sp.Matrix):
+    """N(x; mean, cov) as a SymPy expression (column vectors); "Mixtures of Gaussians"."""
+    d = xvec.shape[0]
+    r = xvec - mean
+    quad = (r.T * cov.inv() * r)[0, 0]
+    return sp.exp(-quad / 2) / sp.sqrt((2 * sp.pi) ** d * cov.det())
+
+
+def sym_moments(t, means, covs, m0, cov0):
+    """Lists m_k(t), S_k(t) and C_k(t) = t Sigma_k - (1-t) Sigma0 in SymPy; "Mixtures of Gaussians"."""
+    ms = [(1 - t) * m0 + t * mu for mu in means]
+    ss = [(1 - t) ** 2 * cov0 + t ** 2 * c for c in covs]
+    cs = [t * c - (1 - t) * cov0 for c in covs]
+    return ms, ss, cs
+
+
+def sym_density_functions(xvec: sp.Matrix, n: int):
+    """Undefined functions N_1(x), ..., N_n(x) standing for the component densities of X_t; "Mixtures of Gaussians"."""
+    return [sp.Function(f"N_{k + 1}")(*xvec) for k in range(n)]
+
+
+def sym_gaussian_rule(t, xvec, densities, means, covs, m0, cov0):
+    """Substitutions dN_k/dx_i -> N_k [-S_k^{-1}(x - m_k)]_i for the undefined densities; "Mixtures of Gaussians"."""
+    ms, ss, _ = sym_moments(t, means, covs, m0, cov0)
+    rule = {}
+    for nk, m, s in zip(densities, ms, ss):
+        g = -s.inv() * (xvec - m)
+        for i, xi in enumerate(xvec):
+            rule[sp.Derivative(nk, xi)] = nk * g[i]
+    return rule
+
+
+def _densities(t, xvec, means, covs, m0, cov0, densities):
+    if densities is not None:
+        return densities
+    ms, ss, _ = sym_moments(t, means, covs, m0, cov0)
+    return [sym_gaussian_density(xvec, m, s) for m, s in zip(ms, ss)]
+
+
+def sym_mixture_drift(t, xvec, weights, means, covs, m0, cov0,
+                      densities=None):
+    """Derivative-free drift sum_k gamma_k [(mu_k - m0) + C_k S_k^{-1}(x - m_k)] in SymPy; "Mixtures of Gaussians".
+
+    ``densities`` defaults to the true Gaussian densities N(x; m_k, S_k);
+    pass ``sym_density_functions`` to keep them abstract. Returns
+    (drift, responsibilities, component drifts d_k).
+    """
+    ms, ss, cs = sym_moments(t, means, covs, m0, cov0)
+    dens = _densities(t, xvec, means, covs, m0, cov0, densities)
+    weighted = [w * n for w, n in zip(weights, dens)]
+    total = sum(weighted)
+    gammas = [p / total for p in weighted]
+    dks = [(mu - m0) + c * s.inv() * (xvec - m)
+           for mu, m, s, c in zip(means, ms, ss, cs)]
+    drift = sp.zeros(xvec.shape[0], 1)
+    for g, dk in zip(gammas, dks):
+        drift += g * dk
+    return drift, gammas, dks
+
+
+def sym_score_drift(t, xvec, weights, means, covs, m0, cov0, densities=None):
+    """Drift from the score of p_t (Tweedie): ((x - m0) + (1-t) Sigma0 grad log p_t(x)) / t; "Mixtures of Gaussians".
+
+    Given X1, X_t ~ N(t X1 + (1-t) m0, (1-t)^2 Sigma0), so the score of
+    p_t = sum_k pi_k N_k identifies E[X1 | X_t = x], and
+    E[X1 - X0 | X_t = x] = (E[X1 | x] - x) / (1 - t). Valid for 0 < t < 1.
+    """
+    dens = _densities(t, xvec, means, covs, m0, cov0, densities)
+    p = sum(w * n for w, n in zip(weights, dens))
+    grad = sp.Matrix([sp.diff(p, xi) for xi in xvec]) / p
+    return ((xvec - m0) + (1 - t) * cov0 * grad) / t
+
+
+def sym_mixture_jacobian(t, xvec, weights, means, covs, m0, cov0,
+                         densities=None):
+    """Closed-form Jacobian: blend sum_k gamma_k A_k plus softmax term sum_k d_k grad(gamma_k)^T; "Mixtures of Gaussians".
+
+    grad gamma_k = gamma_k (g_k - sum_j gamma_j g_j) with
+    g_k = grad log N(x; m_k, S_k) = -S_k^{-1}(x - m_k). Returns
+    (blend, softmax_term).
+    """
+    ms, ss, cs = sym_moments(t, means, covs, m0, cov0)
+    _, gammas, dks = sym_mixture_drift(t, xvec, weights, means, covs, m0,
+                                       cov0, densities)
+    d = xvec.shape[0]
+    gs = [-s.inv() * (xvec - m) for m, s in zip(ms, ss)]
+    gbar = sp.zeros(d, 1)
+    for g, gk in zip(gammas, gs):
+        gbar += g * gk
+    blend, soft = sp.zeros(d, d), sp.zeros(d, d)
+    for g, c, s, dk, gk in zip(gammas, cs, ss, dks, gs):
+        blend += g * c * s.inv()
+        soft += dk * (g * (gk - gbar)).T
+    return blend, soft
