@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .utils import atomic_write_bytes, check_choice, check_int, get_device
 
