@@ -193,8 +193,10 @@ def sync_problems() -> list[str]:
         if [key(c) for c in a] != [key(c) for c in b]:
             problems.append(f"{md.name} and notebooks/{gold.name} differ in "
                             "their cells: run `make golden`")
-        elif not any(c.get("outputs") for c in b if c.cell_type == "code"):
-            problems.append(f"notebooks/{gold.name} has no outputs")
+        elif not all(c.get("execution_count") for c in b
+                     if c.cell_type == "code"):
+            problems.append(f"notebooks/{gold.name} was not fully executed: "
+                            "run `make golden`")
     return problems
 
 
