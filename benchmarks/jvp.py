@@ -15,30 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 
+from _timing import bench  # benchmarks/_timing.py
 from flowjac.jvp import fd_jvp, flow_jvp, random_probes, reference_jvp
 from flowjac.nets import FlowUNet, MLPFlow
 from flowjac.ode import integrate
 from flowjac.train import velocity_fn
 from flowjac.utils import hardware
-
-
-def bench(cases: dict, repeats: int) -> dict:
-    """Median seconds per case, cases interleaved so load drifts hit all."""
-    for fn in cases.values():  # warm-up
-        fn()
-    times = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def model_cases(model, x0, steps, k, with_reference):

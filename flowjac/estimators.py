@@ -148,7 +148,7 @@ def attribute_jvp(velocity, classifier, z: torch.Tensor, tangents=None,
     if dx1.shape == x1.shape:
         dx1 = dx1.unsqueeze(1)
     b, kk = dx1.shape[:2]
-    xr = x1.unsqueeze(1).expand_as(dx1).reshape(b * kk, *x1.shape[1:])
+    xr = x1.repeat_interleave(kk, dim=0)   # a copy: make_dual rejects views
     logits, dl = _jvp(classifier, (xr,), (dx1.reshape(b * kk, *x1.shape[1:]),))
     logits = logits.reshape(b, kk, -1)[:, 0]
     return logits.detach(), dl.reshape(b, kk, -1).detach()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .utils import value_range
+
 __all__ = [
     "check_t", "check_cov", "check_mean_cov", "drift", "drift_jacobian",
     "flow_map", "flow_map_jacobian", "pushforward_cov", "psd_sqrt",
@@ -19,19 +21,10 @@ __all__ = [
 
 def check_t(t, name: str = "t"):
     """Raise ValueError unless every entry of ``t`` lies in [0, 1]; "Gaussian targets"."""
-    if torch.is_tensor(t):
-        if t.numel() == 0:
-            return t
-        lo, hi = float(t.min()), float(t.max())
-    else:
-        try:
-            lo = hi = float(t)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a number or tensor in [0, 1], "
-                             f"got {t!r}") from None
-    if not (0.0 <= lo and hi <= 1.0):
+    span = value_range(t, name)
+    if span is not None and not (0.0 <= span[0] and span[1] <= 1.0):
         raise ValueError(f"{name} must lie in [0, 1], got values in "
-                         f"[{lo:.6g}, {hi:.6g}]")
+                         f"[{span[0]:.6g}, {span[1]:.6g}]")
     return t
 
 

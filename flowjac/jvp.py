@@ -100,6 +100,11 @@ def flow_jvp(velocity: Callable, x0: torch.Tensor, tangents: torch.Tensor,
     of an ``MLPFlow`` or ``FlowUNet``) uses it instead: hand-written exact
     tangents that are much faster on CPU; ``jvp_mode="func"`` forces
     ``torch.func.jvp``.
+
+    Autograd records every stage when the velocity's parameters require
+    gradients (as when differentiating a Jacobian penalty in training); for
+    inference call it under ``torch.no_grad()`` or freeze the parameters,
+    or memory grows with ``steps``.
     """
     steps, method, t0, t1 = check_solver_args(steps, method, t0, t1)
     k = check_tangents(x0, tangents)

@@ -25,6 +25,7 @@ import sympy as sp
 import torch
 
 from .gaussian import check_mean_cov
+from .utils import value_range
 
 __all__ = [
     "t", "ModelTable", "ModelSpec", "MODELS", "SPECS", "check_model",
@@ -159,22 +160,12 @@ def check_model(model: str) -> ModelSpec:
 def check_time(model: str, t, name: str = "t"):
     """Raise ValueError unless every entry of ``t`` lies in the model's range; "A unified linear view of diffusion and flow targets"."""
     spec = check_model(model)
-    if torch.is_tensor(t):
-        if not t.is_floating_point():
-            t = t.to(torch.get_default_dtype())
-        if t.numel() == 0:
-            return t
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{name} must be finite for {model!r}")
-        lo, hi = float(t.min()), float(t.max())
-    else:
-        try:
-            lo = hi = float(t)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a number or a tensor, got "
-                             f"{t!r}") from None
-        if not math.isfinite(lo):
-            raise ValueError(f"{name} must be finite for {model!r}")
+    if torch.is_tensor(t) and not t.is_floating_point():
+        t = t.to(torch.get_default_dtype())
+    span = value_range(t, name)
+    if span is None:
+        return t
+    lo, hi = span
     # one part in 1e12 of slack for float round-off at closed ends
     slack = 1e-12 * max(1.0, spec.t_max)
     low_ok = lo > spec.t_min if spec.left_open else lo >= spec.t_min - slack

@@ -5,6 +5,7 @@ Defined in the landing page, "How to run the book" (``book/index.md``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import tempfile
@@ -57,6 +58,26 @@ def check_int(name: str, value: Any, minimum: int | None = None) -> int:
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def value_range(value: Any, name: str) -> tuple[float, float] | None:
+    """(min, max) of a number or tensor, None if empty; ValueError unless numeric and finite; "How to run the book"."""
+    if torch.is_tensor(value):
+        if value.numel() == 0:
+            return None
+        v = value.detach().double()
+        if not torch.isfinite(v).all():
+            raise ValueError(f"{name} must be finite, got a tensor with "
+                             "nan or inf entries")
+        return float(v.min()), float(v.max())
+    try:
+        lo = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number or a tensor, got "
+                         f"{value!r}") from None
+    if not math.isfinite(lo):
+        raise ValueError(f"{name} must be finite, got {lo}")
+    return lo, lo
 
 
 def check_choice(name: str, value: Any, choices) -> Any:

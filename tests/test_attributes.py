@@ -35,6 +35,15 @@ def test_attribute_jvp_is_exact(linear):
     assert d1.shape == (6, 1, P) and torch.allclose(d1[:, 0], delta[:, 0])
 
 
+def test_attribute_jvp_of_a_single_point_with_several_probes(linear):
+    # One point and k probes once made an expanded view that make_dual rejects.
+    velocity, clf, J = linear
+    z = torch.randn(1, D, dtype=torch.float64)
+    v = torch.randn(1, 3, D, dtype=torch.float64)
+    _, delta = E.attribute_jvp(velocity, clf, z, tangents=v, steps=40)
+    assert torch.allclose(delta, v @ J.T, atol=1e-8)
+
+
 def test_random_probes_give_jjt(linear):
     velocity, clf, J = linear
     z = torch.zeros(2000, D, dtype=torch.float64)

@@ -50,3 +50,15 @@ def test_save_json_atomic(tmp_path):
                            {"x": torch.tensor([1.0, 2.0]), "p": tmp_path})
     assert json.loads(path.read_text())["x"] == [1.0, 2.0]
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]
+
+
+def test_value_range_of_numbers_and_tensors():
+    from flowjac.utils import value_range
+    assert value_range(0.25, "t") == (0.25, 0.25)
+    assert value_range(torch.tensor([0.5, 0.1, 0.9]), "t") == pytest.approx((0.1, 0.9))
+    assert value_range(torch.tensor([3, 1]), "t") == (1.0, 3.0)
+    assert value_range(torch.empty(0), "t") is None
+    for bad, word in [("half", "t must be a number"), (float("inf"), "t must be finite"),
+                      (torch.tensor([0.1, float("nan")]), "t must be finite")]:
+        with pytest.raises(ValueError, match=word):
+            value_range(bad, "t")
