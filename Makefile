@@ -5,6 +5,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PROFILE ?= quick
 DEVICE ?=
+PARAMS ?=
+PARAM_FLAGS = $(foreach p,$(PARAMS),--param $(p))
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
@@ -21,11 +23,12 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 venv: $(VENV)/.installed
 
 book: venv
-	$(VENV)/bin/python tools/build_book.py book --profile $(PROFILE) $(if $(DEVICE),--device $(DEVICE))
+	$(VENV)/bin/python tools/build_book.py book --profile $(PROFILE) $(if $(DEVICE),--device $(DEVICE)) $(PARAM_FLAGS)
 
-# One chapter only, e.g. `make chapter CH=gaussian PROFILE=full`.
+# One chapter only, e.g. `make chapter CH=gaussian PROFILE=full`;
+# PARAMS sets chapter parameters, e.g. PARAMS="arch=unet flow_steps=2000".
 chapter: venv
-	$(VENV)/bin/python tools/build_book.py book --profile $(PROFILE) --only $(CH) $(if $(DEVICE),--device $(DEVICE))
+	$(VENV)/bin/python tools/build_book.py book --profile $(PROFILE) --only $(CH) $(if $(DEVICE),--device $(DEVICE)) $(PARAM_FLAGS)
 
 test: venv
 	$(VENV)/bin/python -m pytest tests notebooks --nbval-lax -p no:cacheprovider

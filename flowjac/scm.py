@@ -32,7 +32,8 @@ from .utils import check_int
 __all__ = [
     "ATTRIBUTES", "STRUCTURES", "BinarySCM", "default_scm", "dag",
     "render", "SCMImages", "pc_discovery", "cpdag_matrix",
-    "structural_hamming_distance", "draw_graph", "prepare_models", "probe_flow",
+    "structural_hamming_distance", "draw_graph", "profile_settings",
+    "prepare_models", "probe_flow",
 ]
 
 ATTRIBUTES = ("C_warm", "A_square", "B_red", "X_large", "Y_striped",
@@ -381,11 +382,72 @@ def _cache_name(prefix: str, config: dict) -> str:
     return f"{prefix}_{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
 
 
+# Per-profile settings shared by the attribute and causal-structure chapters,
+# so that both build the same models and share one cache. Measured on the
+# 2-core CPU (benchmarks/attribute_flows.py): the small UNet costs about 3x the
+# MLP per training step and about 30x per probe, which is why the quick
+# profile defaults to the MLP and offers the UNet as ``arch="unet"``.
+_FLOWS = {
+    "quick": dict(
+        mlp=dict(hidden=256, flow_steps=300, flow_batch=64, flow_lr=2e-3),
+        unet=dict(base_channels=8, channel_mult=(1, 2, 2), time_dim=32,
+                  norm_groups=4, flow_steps=2000, flow_batch=64,
+                  flow_lr=2e-3)),
+    "full": dict(
+        mlp=dict(hidden=1024, flow_steps=40_000, flow_batch=128,
+                 flow_lr=2e-4),
+        unet=dict(base_channels=64, channel_mult=(1, 2, 2), time_dim=256,
+                  norm_groups=8, flow_steps=40_000, flow_batch=128,
+                  flow_lr=2e-4)),
+}
+_PROFILES = {
+    "quick": dict(size=32, arch="mlp", n_train=2000, n_samples=500,
+                  n_probes=4, ode_steps=5, clf_steps=100, clf_width=8,
+                  clf_stem_stride=2),
+    "full": dict(size=64, arch="unet", n_train=20_000, n_samples=10_000,
+                 n_probes=16, ode_steps=50, clf_steps=5000, clf_width=32,
+                 clf_stem_stride=1),
+}
+
+
+def profile_settings(profile: str, *, arch: str | None = None,
+                     flow_steps: int | None = None,
+                     n_train: int | None = None, n_samples: int | None = None,
+                     n_probes: int | None = None) -> dict:
+    """The attribute chapters' settings for a profile, with overrides; "Attribute dependencies through a classifier".
+
+    Returns ``size``, ``n_train``, ``n_samples``, ``n_probes``,
+    ``ode_steps`` and ``models``, the keyword arguments of
+    :func:`prepare_models` (without ``cache_dir``, ``seed`` and ``device``).
+    ``None`` keeps the profile's default; ``arch`` is "mlp" or "unet".
+    """
+    from .utils import check_choice
+
+    check_choice("profile", profile, tuple(_PROFILES))
+    base = dict(_PROFILES[profile])
+    arch = base["arch"] if arch is None else check_choice(
+        "arch", arch, ("mlp", "unet"))
+    flow = dict(_FLOWS[profile][arch])
+    if flow_steps is not None:
+        flow["flow_steps"] = check_int("flow_steps", flow_steps, minimum=1)
+    counts = dict(n_train=n_train, n_samples=n_samples, n_probes=n_probes)
+    for name, value in counts.items():
+        base[name] = base[name] if value is None else check_int(
+            name, value, minimum=2 if name == "n_samples" else 1)
+    models = dict(size=base["size"], n_train=base["n_train"], arch=arch,
+                  clf_steps=base["clf_steps"], clf_width=base["clf_width"],
+                  clf_stem_stride=base["clf_stem_stride"], **flow)
+    return dict(size=base["size"], n_train=base["n_train"],
+                n_samples=base["n_samples"], n_probes=base["n_probes"],
+                ode_steps=base["ode_steps"], models=models)
+
+
 def prepare_models(cache_dir, *, size: int = 32, n_train: int = 3000,
                    arch: str = "mlp", flow_steps: int = 1500,
                    flow_batch: int = 128, flow_lr: float = 1e-3,
                    hidden: int = 512, base_channels: int = 32,
-                   channel_mult=(1, 2, 2), clf_steps: int = 200,
+                   channel_mult=(1, 2, 2), time_dim: int = 256,
+                   norm_groups: int = 8, clf_steps: int = 200,
                    clf_width: int = 8, clf_stem_stride: int = 2,
                    seed: int = 0, device="cpu", progress: bool = False) -> dict:
     """Generate SCM images, then load or train a flow and an AttributeNet on them; "Attribute dependencies through a classifier".
@@ -416,9 +478,11 @@ def prepare_models(cache_dir, *, size: int = 32, n_train: int = 3000,
     device = torch.device(device)
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
+    net = dict(hidden=hidden) if arch == "mlp" else dict(
+        base_channels=base_channels, channel_mult=list(channel_mult),
+        time_dim=time_dim, norm_groups=norm_groups)
     config = dict(size=size, n_train=n_train, arch=arch, flow_steps=flow_steps,
-                  flow_batch=flow_batch, flow_lr=flow_lr, hidden=hidden,
-                  base_channels=base_channels, channel_mult=list(channel_mult),
+                  flow_batch=flow_batch, flow_lr=flow_lr, **net,
                   clf_steps=clf_steps, clf_width=clf_width,
                   clf_stem_stride=clf_stem_stride, seed=seed)
     data = SCMImages(n_train, size, seed=seed)
@@ -433,7 +497,8 @@ def prepare_models(cache_dir, *, size: int = 32, n_train: int = 3000,
     else:
         latent_shape = (3, size, size)
         flow = FlowUNet(in_channels=3, base_channels=base_channels,
-                        channel_mult=tuple(channel_mult), image_size=size)
+                        channel_mult=tuple(channel_mult), time_dim=time_dim,
+                        norm_groups=norm_groups, image_size=size)
     flow.to(device)
     flow_path = cache / _cache_name("flow", config)
     trained = []

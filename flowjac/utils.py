@@ -172,9 +172,21 @@ def load_results(name: str) -> dict | None:
     return json.loads(path.read_text())
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
 def hardware() -> dict:
     """Describe the machine (CPU/GPU, torch version) for results files; "How to run the book"."""
-    info = {"torch": torch.__version__, "cpu_count": os.cpu_count()}
+    info = {"torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "cpu": _cpu_model()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -152,6 +152,11 @@ def cmd_book(args) -> None:
     params = {"profile": args.profile}
     if args.device:
         params["device"] = args.device
+    for item in args.param or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise SystemExit(f"--param takes KEY=VALUE, got {item!r}")
+        params[key] = yaml.safe_load(value)
     executed = BUILD / "executed" / args.profile
     for md in chapters(args.only):
         print(f"executing {md.name} (profile={args.profile}) ...", flush=True)
@@ -216,6 +221,8 @@ def main(argv=None) -> None:
     b.add_argument("--profile", default="quick", choices=["quick", "full"])
     b.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     b.add_argument("--only", nargs="*", help="chapter stems to execute")
+    b.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="a chapter parameter (YAML value), e.g. arch=unet")
     b.set_defaults(func=cmd_book)
     g = sub.add_parser("golden", help="refresh the golden notebooks")
     g.add_argument("--only", nargs="*")
