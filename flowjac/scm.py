@@ -384,9 +384,10 @@ def _cache_name(prefix: str, config: dict) -> str:
 
 # Per-profile settings shared by the attribute and causal-structure chapters,
 # so that both build the same models and share one cache. Measured on the
-# 2-core CPU (benchmarks/attribute_flows.py): the small UNet costs about 3x the
-# MLP per training step and about 30x per probe, which is why the quick
-# profile defaults to the MLP and offers the UNet as ``arch="unet"``.
+# 2-core CPU (benchmarks/attribute_flows.py, results/attribute_flows_cpu.json):
+# the small UNet costs about 9x the MLP per training step, 27x per batch of
+# attribute JVPs and 14x per gradient norm, which is why the quick profile
+# defaults to the MLP and offers the UNet as ``arch="unet"``.
 _FLOWS = {
     "quick": dict(
         mlp=dict(hidden=256, flow_steps=300, flow_batch=64, flow_lr=2e-3),
