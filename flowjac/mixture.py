@@ -23,7 +23,7 @@ from .gaussian import check_cov, check_t, psd_sqrt
 __all__ = [
     "GaussianMixture", "sym_gaussian_density", "sym_moments",
     "sym_density_functions", "sym_gaussian_rule", "sym_mixture_drift",
-    "sym_score_drift", "sym_mixture_jacobian",
+    "sym_score_drift", "sym_mixture_jacobian", "monotone_map_jacobian_moment",
 ]
 
 
@@ -216,6 +216,17 @@ class GaussianMixture:
         """E[X1] = sum_k pi_k mu_k; "Mixtures of Gaussians"."""
         return self.weights @ self.means
 
+    def covariance(self, part: str = "total") -> torch.Tensor:
+        """Cov X1: "total", its "within" part sum_k pi_k Sigma_k, or "between" sum_k pi_k (mu_k - mean)(mu_k - mean)^T; "Mixtures of Gaussians"."""
+        from .utils import check_choice
+
+        check_choice("part", part, ("total", "within", "between"))
+        within = (self.weights[:, None, None] * self.covs).sum(0)
+        centred = self.means - self.mean()
+        between = (self.weights[:, None] * centred).T @ centred
+        return {"total": within + between, "within": within,
+                "between": between}[part]
+
     def sample(self, n: int, generator: torch.Generator | None = None,
                return_components: bool = False):
         """Draw n points from the target mixture (and optionally their components); "Mixtures of Gaussians"."""
@@ -246,6 +257,46 @@ class GaussianMixture:
 # functions and substituting that rule (checked once on the true density)
 # turns every identity into one between rational functions, which
 # sp.simplify proves in seconds instead of fighting with exponentials.
+
+def monotone_map_jacobian_moment(weights, means, stds,
+                                 n_grid: int = 400_001) -> float:
+    """E[T'(Z)^2] for the monotone map T of N(0, 1) onto a 1D Gaussian mixture, by quadrature; "Mixtures of Gaussians".
+
+    In 1D every ODE flow is order preserving, so the flow-matching map from
+    N(0, 1) is the quantile map T = F^{-1} o Phi, with T'(z) = p(z) / q(T(z))
+    for the base density p and the target density q. Substituting x = T(z),
+    E[T'(Z)^2] = int p(T^{-1}(x))^2 / q(x) dx, computed in float64 with the
+    trapezoid rule on ``n_grid`` points spanning every component +- 12 sd.
+    """
+    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+    mu = torch.as_tensor(means, dtype=torch.float64).flatten()
+    sd = torch.as_tensor(stds, dtype=torch.float64).flatten()
+    if not (w.numel() == mu.numel() == sd.numel() >= 1):
+        raise ValueError("weights, means and stds must be 1D with one entry "
+                         f"per component, got {w.numel()}, {mu.numel()}, "
+                         f"{sd.numel()}")
+    if not (torch.isfinite(w).all() and torch.isfinite(mu).all()
+            and torch.isfinite(sd).all()):
+        raise ValueError("weights, means and stds must be finite")
+    if (w < 0).any() or abs(float(w.sum()) - 1.0) > 1e-9:
+        raise ValueError("weights must be non-negative and sum to 1, got "
+                         f"{w.tolist()}")
+    if (sd <= 0).any():
+        raise ValueError(f"stds must be positive, got {sd.tolist()}")
+    if isinstance(n_grid, bool) or not isinstance(n_grid, int) or n_grid < 3:
+        raise ValueError(f"n_grid must be an integer >= 3, got {n_grid!r}")
+    lo = float((mu - 12 * sd).min())
+    hi = float((mu + 12 * sd).max())
+    x = torch.linspace(lo, hi, n_grid, dtype=torch.float64)[:, None]
+    u = (x - mu) / sd
+    cdf = (w * torch.special.ndtr(u)).sum(1)
+    sf = (w * torch.special.ndtr(-u)).sum(1)
+    # the quantile of the base through whichever tail keeps precision
+    z = torch.where(cdf < 0.5, torch.special.ndtri(cdf), -torch.special.ndtri(sf))
+    q = (w * torch.exp(-0.5 * u ** 2) / (sd * math.sqrt(2 * math.pi))).sum(1)
+    p = torch.exp(-0.5 * z ** 2) / math.sqrt(2 * math.pi)
+    return float(torch.trapezoid(p ** 2 / q, x[:, 0]))
+
 
 def sym_gaussian_density(xvec: sp.Matrix, mean: sp.Matrix, cov: sp.Matrix):
     """N(x; mean, cov) as a SymPy expression (column vectors); "Mixtures of Gaussians"."""

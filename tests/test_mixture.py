@@ -299,3 +299,50 @@ def test_singular_component_at_t1():
     assert torch.isfinite(gm.jacobian(x, 0.999)).all()   # fine for t < 1
     with pytest.raises(ValueError, match="singular"):
         gm.drift(x, 1.0)
+
+
+def test_covariance_is_within_plus_between_and_matches_samples():
+    gm = M.GaussianMixture(torch.tensor([0.2, 0.8], dtype=torch.float64),
+                           torch.tensor([[0.0, 1.0], [2.0, -1.0]], dtype=torch.float64),
+                           torch.stack([torch.eye(2, dtype=torch.float64),
+                                        torch.tensor([[0.5, 0.1], [0.1, 0.3]],
+                                                     dtype=torch.float64)]))
+    total = gm.covariance()
+    assert torch.allclose(total, gm.covariance("within") + gm.covariance("between"))
+    # law of total covariance, by hand: 0.2 * 0.8 * (mu_1 - mu_0)(mu_1 - mu_0)^T
+    d = torch.tensor([2.0, -2.0], dtype=torch.float64)
+    assert torch.allclose(gm.covariance("between"), 0.16 * torch.outer(d, d))
+    x = gm.sample(200_000, torch.Generator().manual_seed(0))
+    assert torch.allclose(torch.cov(x.T), total, atol=0.03)
+    with pytest.raises(ValueError, match="part"):
+        gm.covariance("outer")
+
+
+def test_monotone_map_moment_single_gaussian_and_flow():
+    # one component: T(z) = m + s z, so E[T'^2] = s^2
+    assert M.monotone_map_jacobian_moment([1.0], [3.0], [0.7]) == pytest.approx(0.49, rel=1e-7)
+    # two components: against the exact Jacobians of the RK4 flow map
+    from flowjac.jvp import flow_jvp
+    f64 = torch.float64
+    gm = M.GaussianMixture(torch.tensor([0.5, 0.5], dtype=f64),
+                           torch.tensor([[-1.0, 0.0], [1.0, 0.0]], dtype=f64),
+                           0.25 * torch.eye(2, dtype=f64).expand(2, 2, 2))
+    z = torch.randn(20_000, 2, dtype=f64, generator=torch.Generator().manual_seed(1))
+    _, cols = flow_jvp(gm.drift, z, torch.eye(2, dtype=f64).expand(len(z), 2, 2).contiguous(),
+                       steps=60)
+    a = cols[:, 0, 0] ** 2
+    exact = M.monotone_map_jacobian_moment([0.5, 0.5], [-1.0, 1.0], [0.5, 0.5])
+    assert abs(a.mean().item() - exact) < 5 * (a.std() / len(a) ** 0.5).item()
+    assert cols[:, 0, 1].abs().max() < 1e-12 and cols[:, 1, 0].abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("kw, word", [
+    (dict(weights=[0.5, 0.6], means=[0, 1], stds=[1, 1]), "sum to 1"),
+    (dict(weights=[1.0], means=[0, 1], stds=[1]), "one entry per component"),
+    (dict(weights=[1.0], means=[0], stds=[0.0]), "stds must be positive"),
+    (dict(weights=[1.0], means=[float("nan")], stds=[1]), "finite"),
+    (dict(weights=[1.0], means=[0], stds=[1], n_grid=2), "n_grid"),
+])
+def test_monotone_map_moment_rejects_bad_input(kw, word):
+    with pytest.raises(ValueError, match=word):
+        M.monotone_map_jacobian_moment(**kw)
