@@ -22,33 +22,23 @@ import json
 import sys
 
 import torch
-from torch import nn
 
 from _timing import bench  # benchmarks/_timing.py
 from flowjac import estimators as E
 from flowjac import scm
 from flowjac.classifiers import AttributeNet
-from flowjac.nets import FlowUNet, MLPFlow
 from flowjac.train import cfm_loss, velocity_fn
 from flowjac.utils import hardware
 
 
 def flows(size: int) -> dict:
-    """The quick profile's flows, built from ``scm.profile_settings``."""
+    """The quick profile's flows, built as ``scm.prepare_models`` builds them."""
     out = {}
     for arch in ("mlp", "unet"):
-        m = scm.profile_settings("quick", arch=arch)["models"]
+        m = dict(scm.profile_settings("quick", arch=arch)["models"], size=size)
         torch.manual_seed(0)
-        if arch == "mlp":
-            out[arch] = (MLPFlow(3 * size * size, hidden=m["hidden"], depth=3,
-                                 time_dim=32), (3 * size * size,))
-        else:
-            out[arch] = (FlowUNet(in_channels=3, image_size=size,
-                                  base_channels=m["base_channels"],
-                                  channel_mult=m["channel_mult"],
-                                  time_dim=m["time_dim"],
-                                  norm_groups=m["norm_groups"]),
-                         (3, size, size))
+        out[arch] = scm.build_flow(**{k: m[k] for k in scm.FLOW_NET_KEYS
+                                      if k in m})
     return out
 
 
@@ -64,8 +54,9 @@ def main(argv=None) -> dict:
     torch.set_num_threads(a.threads)
     size = 32
     data = (scm.SCMImages(128, size, seed=0).images * 2 - 1)
-    clf = AttributeNet(n_attr=len(scm.ATTRIBUTES), width=8,
-                       stem_stride=2).requires_grad_(False)
+    quick = scm.profile_settings("quick")["models"]
+    clf = AttributeNet(n_attr=len(scm.ATTRIBUTES), width=quick["clf_width"],
+                       stem_stride=quick["clf_stem_stride"]).requires_grad_(False)
     cases, params = {}, {}
     for arch, (net, shape) in flows(size).items():
         params[arch] = sum(p.numel() for p in net.parameters())
@@ -81,8 +72,7 @@ def main(argv=None) -> dict:
             opt.step()
 
         vel = velocity_fn(net)
-        comp = clf if arch == "unet" else nn.Sequential(
-            nn.Unflatten(1, (3, size, size)), clf)
+        comp = scm.compose_classifier(clf, shape)
         z = torch.randn(a.batch, *shape, generator=g)
         v = torch.randn(a.batch, a.probes, *shape, generator=g)
 

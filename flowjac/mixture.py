@@ -19,6 +19,7 @@ import sympy as sp
 import torch
 
 from .gaussian import check_cov, check_t, psd_sqrt
+from .utils import check_choice
 
 __all__ = [
     "GaussianMixture", "sym_gaussian_density", "sym_moments",
@@ -218,8 +219,6 @@ class GaussianMixture:
 
     def covariance(self, part: str = "total") -> torch.Tensor:
         """Cov X1: "total", its "within" part sum_k pi_k Sigma_k, or "between" sum_k pi_k (mu_k - mean)(mu_k - mean)^T; "Mixtures of Gaussians"."""
-        from .utils import check_choice
-
         check_choice("part", part, ("total", "within", "between"))
         within = (self.weights[:, None, None] * self.covs).sum(0)
         centred = self.means - self.mean()

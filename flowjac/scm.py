@@ -27,13 +27,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .utils import check_int
+from .utils import check_choice, check_int
 
 __all__ = [
     "ATTRIBUTES", "STRUCTURES", "BinarySCM", "default_scm", "dag",
     "render", "SCMImages", "pc_discovery", "cpdag_matrix",
     "structural_hamming_distance", "draw_graph", "profile_settings",
-    "prepare_models", "probe_flow",
+    "FLOW_NET_KEYS", "build_flow", "compose_classifier", "prepare_models",
+    "probe_flow",
 ]
 
 ATTRIBUTES = ("C_warm", "A_square", "B_red", "X_large", "Y_striped",
@@ -422,8 +423,6 @@ def profile_settings(profile: str, *, arch: str | None = None,
     :func:`prepare_models` (without ``cache_dir``, ``seed`` and ``device``).
     ``None`` keeps the profile's default; ``arch`` is "mlp" or "unet".
     """
-    from .utils import check_choice
-
     check_choice("profile", profile, tuple(_PROFILES))
     base = dict(_PROFILES[profile])
     arch = base["arch"] if arch is None else check_choice(
@@ -441,6 +440,43 @@ def profile_settings(profile: str, *, arch: str | None = None,
     return dict(size=base["size"], n_train=base["n_train"],
                 n_samples=base["n_samples"], n_probes=base["n_probes"],
                 ode_steps=base["ode_steps"], models=models)
+
+
+# The arguments of build_flow: a profile's ``models`` settings restricted to
+# these keys build its flow.
+FLOW_NET_KEYS = ("arch", "size", "hidden", "base_channels", "channel_mult",
+                 "time_dim", "norm_groups")
+
+
+def build_flow(arch: str, size: int, *, hidden: int = 512,
+               base_channels: int = 32, channel_mult=(1, 2, 2),
+               time_dim: int = 256, norm_groups: int = 8):
+    """The attribute chapters' untrained flow network and its latent shape; "Attribute dependencies through a classifier".
+
+    ``arch="mlp"``: an ``MLPFlow`` on the 3 * size * size flattened pixels
+    (``hidden`` wide); ``arch="unet"``: a ``FlowUNet`` on (3, size, size)
+    images. Returns ``(flow, latent_shape)``.
+    """
+    from .nets import FlowUNet, MLPFlow
+
+    check_choice("arch", arch, ("mlp", "unet"))
+    if arch == "mlp":
+        return (MLPFlow(3 * size * size, hidden=hidden, depth=3, time_dim=32),
+                (3 * size * size,))
+    return (FlowUNet(in_channels=3, base_channels=base_channels,
+                     channel_mult=tuple(channel_mult), time_dim=time_dim,
+                     norm_groups=norm_groups, image_size=size),
+            (3, size, size))
+
+
+def compose_classifier(classifier, latent_shape):
+    """The image classifier made to take flow outputs of ``latent_shape`` (flattened or not); "Attribute dependencies through a classifier"."""
+    from torch import nn
+
+    if len(latent_shape) == 1:
+        size = math.isqrt(latent_shape[0] // 3)
+        return nn.Sequential(nn.Unflatten(1, (3, size, size)), classifier)
+    return classifier
 
 
 def prepare_models(cache_dir, *, size: int = 32, n_train: int = 3000,
@@ -466,16 +502,12 @@ def prepare_models(cache_dir, *, size: int = 32, n_train: int = 3000,
     """
     from pathlib import Path
 
-    from torch import nn
-
     from .classifiers import AttributeNet, load_or_train_classifier, \
         per_attribute_accuracy
-    from .nets import FlowUNet, MLPFlow
     from .train import load_checkpoint, save_checkpoint, train_flow, \
         velocity_fn
 
-    if arch not in ("mlp", "unet"):
-        raise ValueError(f"arch must be 'mlp' or 'unet', got {arch!r}")
+    check_choice("arch", arch, ("mlp", "unet"))
     device = torch.device(device)
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
@@ -492,14 +524,10 @@ def prepare_models(cache_dir, *, size: int = 32, n_train: int = 3000,
     x_test = test.images * 2 - 1
 
     torch.manual_seed(seed)
-    if arch == "mlp":
-        latent_shape = (3 * size * size,)
-        flow = MLPFlow(3 * size * size, hidden=hidden, depth=3, time_dim=32)
-    else:
-        latent_shape = (3, size, size)
-        flow = FlowUNet(in_channels=3, base_channels=base_channels,
-                        channel_mult=tuple(channel_mult), time_dim=time_dim,
-                        norm_groups=norm_groups, image_size=size)
+    flow, latent_shape = build_flow(arch, size, hidden=hidden,
+                                    base_channels=base_channels,
+                                    channel_mult=channel_mult,
+                                    time_dim=time_dim, norm_groups=norm_groups)
     flow.to(device)
     flow_path = cache / _cache_name("flow", config)
     trained = []
@@ -527,10 +555,8 @@ def prepare_models(cache_dir, *, size: int = 32, n_train: int = 3000,
     for p in clf.parameters():
         p.requires_grad_(False)
     acc = per_attribute_accuracy(clf, x_test, test.labels)
-    composite = nn.Sequential(nn.Unflatten(1, (3, size, size)), clf) \
-        if arch == "mlp" else clf
     return dict(data=data, test=test, flow=flow, velocity=velocity_fn(flow),
-                classifier=composite, image_classifier=clf, accuracy=acc,
+                classifier=compose_classifier(clf, latent_shape), image_classifier=clf, accuracy=acc,
                 latent_shape=latent_shape, trained=trained, config=config,
                 cache_dir=cache)
 
