@@ -22,7 +22,7 @@ from .utils import check_int
 __all__ = [
     "ResBlock", "AttributeNet", "celeba_resnet50", "train_classifier",
     "predict_logits", "per_attribute_accuracy", "load_or_train_classifier",
-    "CELEBA_BATCH_SIZE", "CELEBA_LR",
+    "CELEBA_BATCH_SIZE", "CELEBA_LR", "random_shift", "class_accuracy",
 ]
 
 CELEBA_BATCH_SIZE = 128     # the paper's CelebA classifier settings
@@ -141,13 +141,27 @@ def _check_data(images, labels):
 def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                      *, steps: int, batch_size: int = CELEBA_BATCH_SIZE,
                      lr: float = CELEBA_LR, weight_decay: float = 0.0,
-                     seed: int = 0, device="cpu", progress: bool = False) -> dict:
-    """Train a multi-label classifier with BCE-with-logits and Adam; "Attribute dependencies through a classifier".
+                     seed: int = 0, device="cpu", progress: bool = False,
+                     loss: str = "bce", shift: int = 0) -> dict:
+    """Train a classifier with Adam: multi-label BCE or multi-class cross-entropy; "Attribute dependencies through a classifier".
 
     Minibatches are drawn with replacement from ``images`` (N, C, H, W) and
-    0/1 ``labels`` (N, n_attr). Returns ``{"loss": [...]}`` per step.
+    ``labels``: 0/1 (N, n_attr) for ``loss="bce"`` (one logit per
+    attribute), class indices (N,) for ``loss="ce"`` (one logit per class).
+    ``shift`` > 0 translates each training image by a random whole number
+    of pixels in [-shift, shift] along each axis (zero fill), the usual
+    augmentation for digits. Returns ``{"loss": [...]}`` per step.
     """
-    _check_data(images, labels)
+    if loss not in ("bce", "ce"):
+        raise ValueError(f"loss must be 'bce' or 'ce', got {loss!r}")
+    shift = check_int("shift", shift, minimum=0)
+    if loss == "ce":
+        if not torch.is_tensor(labels) or labels.ndim != 1:
+            raise ValueError("labels must be a (N,) tensor of class indices "
+                             f"for loss='ce', got {getattr(labels, 'shape', type(labels))}")
+        _check_data(images, labels[:, None])
+    else:
+        _check_data(images, labels)
     steps = check_int("steps", steps, minimum=1)
     batch_size = check_int("batch_size", batch_size, minimum=1)
     if not lr > 0:
@@ -163,15 +177,48 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         it = tqdm(it, mininterval=5, disable=None, desc="classifier")
     for _ in it:
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=g)
-        x = images[idx].to(device)
-        y = labels[idx].to(device).float()
-        loss = F.binary_cross_entropy_with_logits(model(x), y)
+        x = images[idx]
+        if shift:
+            x = random_shift(x, shift, g)
+        x = x.to(device)
+        if loss == "ce":
+            value = F.cross_entropy(model(x), labels[idx].to(device).long())
+        else:
+            value = F.binary_cross_entropy_with_logits(
+                model(x), labels[idx].to(device).float())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         opt.step()
-        losses.append(loss.item())
+        losses.append(value.item())
     model.eval()
     return {"loss": losses}
+
+
+def random_shift(images: torch.Tensor, shift: int,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Translate each image by random whole pixels in [-shift, shift] per axis, zero fill; "Pixel correlations on MNIST fives"."""
+    shift = check_int("shift", shift, minimum=0)
+    if shift == 0:
+        return images
+    n, _, h, w = images.shape
+    padded = F.pad(images, (shift, shift, shift, shift))
+    off = torch.randint(0, 2 * shift + 1, (n, 2), generator=generator)
+    rows = (off[:, 0, None] + torch.arange(h))[:, None, :, None]
+    cols = (off[:, 1, None] + torch.arange(w))[:, None, None, :]
+    idx_n = torch.arange(n)[:, None, None, None]
+    idx_c = torch.arange(images.shape[1])[None, :, None, None]
+    return padded[idx_n, idx_c, rows, cols]
+
+
+def class_accuracy(model: nn.Module, images: torch.Tensor,
+                   labels: torch.Tensor, batch_size: int = 256) -> float:
+    """Fraction of images whose arg-max logit is the label (multi-class); "Pixel correlations on MNIST fives"."""
+    if not torch.is_tensor(labels) or labels.ndim != 1 or \
+            labels.shape[0] != images.shape[0]:
+        raise ValueError(f"labels must be a (N,) tensor with N = "
+                         f"{images.shape[0]}, got {getattr(labels, 'shape', labels)}")
+    pred = predict_logits(model, images, batch_size).argmax(1)
+    return float((pred == labels.long().cpu()).float().mean())
 
 
 @torch.no_grad()

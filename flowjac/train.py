@@ -123,11 +123,15 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """shadow <- decay * shadow + (1 - decay) * current."""
+        floats, targets = [], []
         for k, v in model.state_dict().items():
             if v.is_floating_point():
-                self.shadow[k].lerp_(v, 1 - self.decay)
+                floats.append(self.shadow[k])
+                targets.append(v)
             else:
                 self.shadow[k].copy_(v)
+        if floats:      # one fused call instead of one kernel per tensor
+            torch._foreach_lerp_(floats, targets, 1 - self.decay)
 
     def state_dict(self) -> dict:
         """The averaged weights, loadable into the model."""

@@ -185,7 +185,7 @@ def _cpu_model() -> str:
 
 def hardware() -> dict:
     """Describe the machine (CPU/GPU, torch version) for results files; "How to run the book"."""
-    info = {"torch": torch.__version__, "cpu_count": os.cpu_count(),
+    info = {"torch": str(torch.__version__), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "cpu": _cpu_model()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

@@ -1,0 +1,175 @@
+"""Shipped models: the loader's checks, and the gates on a small live sample."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from flowjac import pretrained, quality
+from flowjac.classifiers import predict_logits
+from flowjac.scm import default_scm
+from flowjac.train import save_checkpoint
+
+
+def _fake_weights(tmp_path, parts=("mnist-digits",)):
+    records = {}
+    for part in parts:
+        torch.manual_seed(0)
+        model = pretrained.build(part)
+        file = pretrained.RECIPES[part]["file"]
+        save_checkpoint(tmp_path / file, model, step=1, config={})
+        records[part] = dict(part=part, file=file, train_steps=1)
+    pretrained.write_manifest(records, tmp_path)
+    return tmp_path
+
+
+def test_available_names():
+    assert pretrained.available() == ["mnist-digits", "mnist-fives", "scm"]
+
+
+def test_load_wrong_name_is_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="name must be one of"):
+        pretrained.load("celeba", weights_dir=_fake_weights(tmp_path))
+
+
+def test_load_verifies_sha256(tmp_path):
+    wdir = _fake_weights(tmp_path)
+    pre = pretrained.load("mnist-digits", weights_dir=wdir)
+    assert pre.classifier(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert not any(p.requires_grad for p in pre.classifier.parameters())
+    path = wdir / pretrained.RECIPES["mnist-digits"]["file"]
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF                     # one flipped byte
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256"):
+        pretrained.load("mnist-digits", weights_dir=wdir)
+
+
+def test_load_missing_file_and_missing_manifest(tmp_path):
+    wdir = _fake_weights(tmp_path / "w")
+    (wdir / pretrained.RECIPES["mnist-digits"]["file"]).unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        pretrained.load("mnist-digits", weights_dir=wdir)
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        pretrained.load("mnist-digits", weights_dir=tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no entry"):
+        pretrained.load("mnist-fives", weights_dir=wdir)
+
+
+def _recompute_passed(part, g):
+    t = quality.GATES
+    if part == "scm-classifier":
+        return (g["min_accuracy"] >= t["classifier_min_accuracy"]
+                and g["min_edge_accuracy"] >= t["classifier_min_accuracy"])
+    if part == "mnist-digits":
+        return g["accuracy"] >= t["digit_min_accuracy"]
+    if part == "scm-flow":
+        return (g["readable"] >= t["readable_min"]
+                and g["marginal_error"] <= t["marginal_max_error"]
+                and g["corr_mae"] <= t["corr_max_mae"])
+    return g["share"] >= t["fives_min_share"] and \
+        g["in_range"] >= t["pixel_in_range_min"]
+
+
+def test_manifest_describes_every_shipped_file():
+    entries = pretrained.manifest()
+    assert set(entries) == set(pretrained.RECIPES)
+    total = 0
+    for part, entry in entries.items():
+        path = pretrained.WEIGHTS_DIR / entry["file"]
+        assert pretrained.sha256(path) == entry["sha256"], part
+        total += path.stat().st_size
+        for key in ("recipe", "train_steps", "train_seconds", "hardware",
+                    "gates"):
+            assert key in entry, (part, key)
+        # the stored verdict is the one the thresholds give
+        assert entry["gates"]["passed"] == _recompute_passed(part, entry["gates"]), part
+        assert entry["recipe"]["train_steps"] == entry["train_steps"] == \
+            pretrained.RECIPES[part]["train_steps"], part
+        rec = json.loads(json.dumps(pretrained.RECIPES[part]))
+        assert entry["recipe"] == rec, part
+    assert total <= 20 * 2**20
+
+
+def test_shipped_scm_models_pass_the_gates_on_a_small_sample():
+    pre = pretrained.load("scm")
+    assert pre.latent_shape == (3, 32, 32)
+    assert pre.attr_names[0] == "C_warm" and len(pre.attr_names) == 9
+    x = pretrained.sample(pre.velocity, pre.latent_shape, 48, seed=123,
+                          **pre.sampler)
+    assert x.shape == (48, 3, 32, 32)
+    gates = quality.attribute_sample_gates(predict_logits(pre.classifier, x),
+                                           default_scm())
+    # 48 samples: loose versions of the 2,000-sample gates (binomial noise)
+    assert gates["readable"] >= 0.8
+    assert gates["marginal_error"] <= 0.2
+    assert gates["corr_mae"] < gates["zeros_mae"]
+
+
+def test_shipped_mnist_models_pass_the_gates_on_a_small_sample():
+    fives = pretrained.load("mnist-fives")
+    digits = pretrained.load("mnist-digits")
+    x = pretrained.sample(fives.velocity, fives.latent_shape, 32, seed=123,
+                          **fives.sampler)
+    gates = quality.digit_sample_gates(predict_logits(digits.classifier, x), x)
+    assert gates["share"] >= 0.75
+    assert gates["in_range"] >= 0.99
+
+
+def test_gates_fail_on_noise_and_pass_on_real_images():
+    scm = default_scm()
+    noise = torch.randn(500, 9) * 0.5
+    bad = quality.attribute_sample_gates(noise, scm)
+    assert not bad["passed"] and bad["readable"] < 0.1
+    labels = scm.sample(4000, torch.Generator().manual_seed(0))
+    good = quality.attribute_sample_gates((labels.double() * 2 - 1) * 10, scm)
+    assert good["passed"], good
+    assert good["corr_mae"] < 0.05 < good["zeros_mae"]
+    with pytest.raises(ValueError, match="columns"):
+        quality.attribute_sample_gates(torch.zeros(5, 3), scm)
+    with pytest.raises(ValueError, match="finite"):
+        quality.attribute_sample_gates(torch.full((5, 9), float("nan")), scm)
+
+
+def test_digit_gates_and_memorization():
+    x = torch.rand(50, 1, 4, 4)
+    logits = torch.zeros(50, 10)
+    logits[:, 5] = 10.0
+    g = quality.digit_sample_gates(logits, x)
+    assert g["share"] == 1.0 and g["in_range"] == 1.0 and g["passed"]
+    g = quality.digit_sample_gates(logits, x * 3)
+    assert not g["passed"]
+    train = torch.randn(200, 16)
+    held = torch.randn(100, 16)
+    copies = train[:50] + 1e-3 * torch.randn(50, 16)
+    m = quality.memorization(copies, train, held)
+    assert m["nn_ratio"] < 0.01 and m["copy_share"] == 1.0
+    fresh = quality.memorization(torch.randn(100, 16), train, held)
+    assert 0.8 < fresh["nn_ratio"] < 1.25
+    with pytest.raises(ValueError, match="finite"):
+        quality.memorization(copies * np.nan, train, held)
+
+
+def test_random_shift_keeps_pixels_and_moves_them():
+    from flowjac.classifiers import random_shift
+
+    x = torch.zeros(64, 1, 8, 8)
+    x[:, :, 4, 4] = 1.0
+    y = random_shift(x, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(y.sum((1, 2, 3)), torch.ones(64))
+    pos = y[:, 0].flatten(1).argmax(1)
+    assert len(set(pos.tolist())) > 5
+    assert torch.equal(random_shift(x, 0), x)
+
+
+def test_write_manifest_rejects_unknown_parts(tmp_path):
+    with pytest.raises(ValueError, match="part"):
+        pretrained.write_manifest({"nope": {"file": "x"}}, tmp_path)
+
+
+def test_copy_of_weights_dir_loads(tmp_path):
+    # the loader takes any folder that holds the manifest and the files
+    shutil.copytree(pretrained.WEIGHTS_DIR, tmp_path / "w")
+    pre = pretrained.load("mnist-digits", weights_dir=tmp_path / "w")
+    assert pre.manifest["mnist-digits"]["gates"]["accuracy"] >= 0.97

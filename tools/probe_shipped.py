@@ -1,0 +1,109 @@
+"""Probe the shipped models at the paper's N and store the raw tensors under results/.
+
+    python tools/probe_shipped.py --device cuda --out DIR [--n 10000]
+
+Writes ``DIR/attributes_probes.pt`` (the SCM flow read by its classifier:
+outputs, JVPs, pair JVPs for the covariance identity, true gradient norms,
+the paper's one-direction change, and plain samples' logits at equal
+compute) and ``DIR/mnist_probes.pt`` (the flow of fives read on the 6x6
+patch of the MNIST chapter), each with a ``meta`` dict naming the hardware.
+Runs in float64 by default (``--dtype float32`` for speed; TF32 is off either way).
+The chapters load these files and compute every number from them.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from flowjac import pretrained, probing  # noqa: E402
+from flowjac.utils import atomic_write_bytes, hardware  # noqa: E402
+
+PATCH = [r * 28 + c for r in range(6, 12) for c in range(12, 18)]
+
+
+class Patch(torch.nn.Module):
+    """The 36 pixels of the MNIST chapter's 6x6 patch, as a readout."""
+
+    def __init__(self, idx):
+        super().__init__()
+        self.register_buffer("idx", torch.tensor(idx))
+
+    def forward(self, x):
+        return x.flatten(1)[:, self.idx]
+
+
+def save(obj, path):
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def run(name, readout_of, k, n, n_plain, device, batch, grad_outputs,
+        dtype, weights_dir):
+    pre = pretrained.load(name if name != "mnist" else "mnist-fives",
+                          device=device, weights_dir=weights_dir)
+    pre.flow.to(dtype)
+    readout = readout_of().to(device, dtype)
+    smp = pre.sampler
+    t0 = time.perf_counter()
+    res = probing.probe(pre.velocity, readout, pre.latent_shape, n, k=k,
+                        steps=smp["steps"], method=smp["method"], seed=0,
+                        device=device, dtype=dtype, batch_size=batch,
+                        grad_outputs=grad_outputs, grad_batch=250,
+                        progress=True)
+    res["meta"]["total_seconds"] = time.perf_counter() - t0
+    plain, secs = probing.plain_outputs(pre.velocity, readout, pre.latent_shape,
+                                        n_plain, steps=smp["steps"],
+                                        method=smp["method"], seed=1,
+                                        device=device, dtype=dtype,
+                                        batch_size=2 * batch)
+    res["plain"] = plain
+    res["meta"].update(plain_n=n_plain, plain_seconds=secs, model=name,
+                       hardware=hardware(), sampler=smp,
+                       cuda=torch.version.cuda)
+    print(name, {k_: v for k_, v in res["meta"].items() if k_ != "hardware"},
+          flush=True)
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--n", type=int, default=10_000)
+    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--only", choices=("scm", "mnist"), default=None)
+    ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    ap.add_argument("--weights-dir", type=Path, default=None)
+    args = ap.parse_args(argv)
+    # exact float32 arithmetic on a GPU: no TF32 in the probes
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dtype = getattr(torch, args.dtype)
+    wd = args.weights_dir
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.only in (None, "scm"):
+        pre = pretrained.load("scm", weights_dir=wd)
+        k = args.k
+        res = run("scm", lambda: pre.classifier, k, args.n,
+                  args.n * (1 + k), args.device, args.batch,
+                  [pre.attr_names.index(a) for a in ("C_warm", "Z_framed", "M_marker")],
+                  dtype, wd)
+        save(res, args.out / "attributes_probes.pt")
+    if args.only in (None, "mnist"):
+        k = args.k
+        res = run("mnist", lambda: Patch(PATCH), k, args.n,
+                  2 * args.n * (1 + k), args.device, args.batch, (), dtype, wd)
+        res["plain"] = res["plain"].half()
+        save(res, args.out / "mnist_probes.pt")
+
+
+if __name__ == "__main__":
+    main()

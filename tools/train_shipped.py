@@ -1,0 +1,126 @@
+"""Train the shipped models (flowjac.pretrained.RECIPES) and measure their gates.
+
+    python tools/train_shipped.py scm-classifier mnist-digits --out DIR
+    python tools/train_shipped.py scm-flow --device cuda --out DIR \
+        --classifier-dir DIR --time-budget 300
+
+Each part writes ``DIR/<file>`` and ``DIR/<part>.json`` (the manifest record
+with the measured gates); flows also write ``DIR/<part>_samples.pt`` (the
+gate samples as uint8 pixels) and their gates along training. After copying
+the files into ``flowjac/weights/``, ``--manifest`` writes manifest.json from
+the records there. See results/README.md for how the shipped files were made.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from flowjac import pretrained  # noqa: E402
+from flowjac.train import load_checkpoint  # noqa: E402
+from flowjac.utils import save_json  # noqa: E402
+
+CLASSIFIER_OF = {"scm-flow": "scm-classifier", "mnist-fives": "mnist-digits"}
+
+
+def to_uint8(samples, part):
+    x = samples if part == "mnist-fives" else (samples + 1) / 2
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("parts", nargs="*", metavar="PART",
+                    help=f"any of {sorted(pretrained.RECIPES)}")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--classifier-dir", type=Path, default=None,
+                    help="where the flows' gate classifiers are (default: --out)")
+    ap.add_argument("--train-steps", type=int, default=None)
+    ap.add_argument("--time-budget", type=float, default=None)
+    ap.add_argument("--chunk", type=int, default=2000)
+    ap.add_argument("--n-gate", type=int, default=2000)
+    ap.add_argument("--samplers", default="midpoint:10",
+                    help="comma-separated method:steps; the first is the default")
+    ap.add_argument("--manifest", action="store_true",
+                    help="write OUT/manifest.json from OUT/<part>.json records")
+    args = ap.parse_args(argv)
+    bad = [p for p in args.parts if p not in pretrained.RECIPES]
+    if bad:
+        ap.error(f"unknown part(s) {bad}; choose from {sorted(pretrained.RECIPES)}")
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    for part in args.parts:
+        rec_path = args.out / f"{part}.json"
+        clf = None
+        if part in CLASSIFIER_OF:
+            cpart = CLASSIFIER_OF[part]
+            cdir = args.classifier_dir or args.out
+            clf = pretrained.build(cpart)
+            load_checkpoint(cdir / pretrained.RECIPES[cpart]["file"], clf)
+            clf.to(args.device).eval().requires_grad_(False)
+        along = []
+
+        def on_chunk(model, step, part=part, clf=clf):
+            if clf is None:
+                return
+            t0 = time.perf_counter()
+            g = pretrained.evaluate_part(part, model, device=args.device,
+                                         n=min(args.n_gate, 1000), classifier=clf)
+            g.pop("samples")
+            g["step"] = step
+            g["eval_seconds"] = time.perf_counter() - t0
+            along.append(g)
+            print(json.dumps({k: v for k, v in g.items()
+                              if k in ("step", "readable", "marginal_error",
+                                       "corr_mae", "share", "in_range",
+                                       "memorization", "eval_seconds")}),
+                  flush=True)
+
+        rec = pretrained.train_part(part, args.out, device=args.device,
+                                    train_steps=args.train_steps,
+                                    time_budget=args.time_budget,
+                                    chunk=args.chunk, on_chunk=on_chunk)
+        print(part, "trained", rec["train_steps"], "steps in",
+              round(rec["train_seconds"], 1), "s", flush=True)
+        model = pretrained.build(part)
+        load_checkpoint(args.out / rec["file"], model)
+        model.to(args.device).eval().requires_grad_(False)
+        samplers = [dict(method=s.split(":")[0], steps=int(s.split(":")[1]))
+                    for s in args.samplers.split(",")]
+        if clf is None:
+            rec["gates"] = pretrained.evaluate_part(part, model, device=args.device)
+        else:
+            rec["gates_by_sampler"] = []
+            for i, smp in enumerate(samplers):
+                t0 = time.perf_counter()
+                g = pretrained.evaluate_part(part, model, device=args.device,
+                                             n=args.n_gate, classifier=clf,
+                                             sampler=smp)
+                samples = g.pop("samples")
+                g["eval_seconds"] = time.perf_counter() - t0
+                if i == 0:
+                    rec["gates"], rec["sampler"] = g, smp
+                    torch.save(to_uint8(samples, part),
+                               args.out / f"{part}_samples.pt")
+                rec["gates_by_sampler"].append(g)
+            rec["gates_along_training"] = along
+        print(part, json.dumps({k: v for k, v in rec["gates"].items()
+                                if not isinstance(v, (list, dict))}), flush=True)
+        save_json(rec_path, rec)
+    if args.manifest:
+        records = {json.loads(p.read_text())["part"]: json.loads(p.read_text())
+                   for p in sorted(args.out.glob("*.json"))
+                   if p.name != "manifest.json"}
+        print("manifest:", pretrained.write_manifest(records, args.out))
+
+
+if __name__ == "__main__":
+    main()
