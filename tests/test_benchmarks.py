@@ -11,8 +11,6 @@ from flowjac.utils import repo_root
 
 @pytest.mark.parametrize("script, args, key", [
     ("jvp.py", ["--steps", "1", "--repeats", "1", "--threads", "1"], None),
-    ("attribute_flows.py", ["--batch", "2", "--probes", "1", "--ode-steps", "1",
-                            "--repeats", "1", "--threads", "1"], "unet_over_mlp"),
 ])
 def test_benchmark_runs_and_prints_json(script, args, key, tmp_path):
     out = tmp_path / "bench.json"
