@@ -110,24 +110,24 @@ def probe(velocity, readout, latent_shape, n: int, *, k: int = 4,
         v = torch.randn(b, k, *latent_shape, generator=g, dtype=torch.float64)
         zp = torch.randn(b, *latent_shape, generator=g, dtype=torch.float64)
         z, v, zp = (t.to(dev, dtype) for t in (z, v, zp))
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out, d = attribute_jvp(velocity, readout, z, tangents=v,
-                                   steps=steps, method=method)
-        sync()
-        secs["jvp"] += time.perf_counter() - t0
+
+        def timed_jvp(x, part, v=v):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                fx, dx = attribute_jvp(velocity, readout, x, tangents=v,
+                                       steps=steps, method=method)
+            sync()
+            secs[part] += time.perf_counter() - t0
+            return fx, dx
+
+        out, d = timed_jvp(z, "jvp")
         res["out"].append(out)
         res["jvp"].append(d)
         if pairs:
             rho = rho_all[i:i + b].to(dev, dtype)
             shape = (b,) + (1,) * len(latent_shape)
             zr = rho.view(shape) * z + (1 - rho.view(shape) ** 2).sqrt() * zp
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                outp, dp = attribute_jvp(velocity, readout, zr, tangents=v,
-                                         steps=steps, method=method)
-            sync()
-            secs["pair"] += time.perf_counter() - t0
+            outp, dp = timed_jvp(zr, "pair")
             res["rho"].append(rho)
             res["out_pair"].append(outp)
             res["jvp_pair"].append(dp)
