@@ -22,6 +22,8 @@ from .utils import check_int
 __all__ = [
     "optimal_velocity", "posterior_weights", "nearest_neighbours",
     "energy_distance", "hybrid_sample", "efm_loss", "empirical_sample",
+    "gaussian_velocity", "memorisation", "target_cosines", "fit_optimal",
+    "approximation_error",
 ]
 
 _F64 = torch.float64
@@ -314,3 +316,175 @@ def hybrid_sample(velocity, x0, data, tau, steps, method="midpoint",
         x = integrate(velocity, x, steps - n_emp, method=method,
                       t0=t_switch, t1=1.0)
     return x
+
+
+def gaussian_velocity(data):
+    """The exact velocity of the Gaussian with ``data``'s mean and covariance, as a callable (x, t); "The closed form of flow matching".
+
+    u(x, t) = m + (t S - (1-t) I)((1-t)^2 I + t^2 S)^{-1} (x - t m) with the
+    sample mean m and covariance S (float64, one eigendecomposition). A
+    flow that knows only two moments of the data and cannot copy a
+    training point: the null of the hybrid sampler. Defined on [0, 1].
+    """
+    data = _check_data(data)
+    if data.shape[0] < 2:
+        raise ValueError(f"data must hold at least 2 points for a "
+                         f"covariance, got n = {data.shape[0]}")
+    flat = data.detach().reshape(data.shape[0], -1).to(_F64)
+    if not torch.isfinite(flat).all():
+        raise ValueError("data must be finite")
+    mean = flat.mean(0)
+    lam, q = torch.linalg.eigh(torch.cov(flat.T).reshape(flat.shape[1], -1))
+    lam = lam.clamp_min(0.0)
+    feat = tuple(data.shape[1:])
+
+    def velocity(x, t):
+        x = _check_x(x, data)
+        tt = float(t)
+        if not 0.0 <= tt <= 1.0:
+            raise ValueError(f"t must lie in [0, 1], got {tt}")
+        y = (x.detach().reshape(x.shape[0], -1).to(_F64)
+             - tt * mean.to(x.device)) @ q.to(x.device)
+        c = (tt * lam - (1 - tt)) / ((1 - tt) ** 2 + tt ** 2 * lam)
+        out = mean.to(x.device) + (c.to(x.device) * y) @ q.T.to(x.device)
+        return out.to(x.dtype).reshape(x.shape[0], *feat)
+
+    return velocity
+
+
+def memorisation(samples, train, heldout, radius=0.1) -> dict:
+    """Copy measures of samples against a training set, with held-out data as the reference; "The closed form of flow matching".
+
+    Returns ``nn_ratio`` (median distance of samples to their nearest
+    training point over that of held-out points: 1 for new data, 0 for
+    copies), ``copy_share`` (share of samples whose nearest training point
+    is under a third of the second nearest) and ``near_share`` (share
+    within ``radius`` times the held-out median distance), each with its
+    held-out value (``heldout_copy_share``, ``heldout_near_share``).
+    """
+    try:
+        radius = float(radius)
+    except (TypeError, ValueError):
+        raise ValueError(f"radius must be a positive number, got {radius!r}") from None
+    if not radius > 0:
+        raise ValueError(f"radius must be a positive number, got {radius}")
+    train = _check_data(train)
+    if train.shape[0] < 2:
+        raise ValueError(f"train must hold at least 2 points (the copy "
+                         f"criterion uses the second nearest), got "
+                         f"n = {train.shape[0]}")
+    out = {}
+    dists = {}
+    for name, x in (("samples", samples), ("heldout", heldout)):
+        x = _check_x(x, train, name)
+        if x.shape[0] == 0:
+            raise ValueError(f"{name} must hold at least one row")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name} must be finite")
+        xf = x.detach().reshape(x.shape[0], -1).to(_F64)
+        tf = train.detach().reshape(train.shape[0], -1).to(device=xf.device,
+                                                           dtype=_F64)
+        d2 = torch.cat([torch.cdist(xf[i:i + 1024], tf).topk(
+            2, dim=1, largest=False).values for i in range(0, len(xf), 1024)])
+        dists[name] = d2
+    ds, dh = dists["samples"], dists["heldout"]
+    scale = float(dh[:, 0].median())
+    out["sample_nn"] = float(ds[:, 0].median())
+    out["heldout_nn"] = scale
+    out["nn_ratio"] = out["sample_nn"] / scale
+    for key, d in (("", ds), ("heldout_", dh)):
+        out[key + "copy_share"] = float((d[:, 0] < d[:, 1] / 3).double().mean())
+        out[key + "near_share"] = float((d[:, 0] < radius * scale)
+                                        .double().mean())
+    return out
+
+
+def target_cosines(data, t_list, n, generator=None):
+    """cos(u*(x_t, t), x1 - x0) and the posterior weight of the true x1, for n training pairs per time; "The closed form of flow matching".
+
+    x1 is drawn uniformly from ``data`` and x0 from N(0, I) with
+    ``generator`` (CPU). Returns ``(cosines, weights)``: two lists with
+    one (n,) float64 tensor per time in ``t_list``; ``weights`` holds
+    lam_i(x_t, t) of the index i that made x_t (1: x_t names its x1).
+    """
+    data = _check_data(data)
+    n = check_int("n", n, minimum=1)
+    cos, lam_true = [], []
+    for tq in t_list:
+        _check_time(tq, 1, "cpu")
+        pick = torch.randint(0, data.shape[0], (n,), generator=generator)
+        p1 = data[pick.to(data.device)].to(_F64)
+        p0 = torch.randn(p1.shape, generator=generator,
+                         dtype=_F64).to(data.device)
+        xt = (1 - tq) * p0 + tq * p1
+        flat = data.reshape(data.shape[0], -1).to(_F64)
+        cs, ws = [], []
+        for i in range(0, n, 256):     # one weight block serves both
+            lam = posterior_weights(xt[i:i + 256], tq, data)
+            v = (lam @ flat - xt[i:i + 256].flatten(1)) / (1 - tq)
+            cs.append(torch.nn.functional.cosine_similarity(
+                v, (p1 - p0)[i:i + 256].flatten(1), dim=1).cpu())
+            ws.append(lam.gather(1, pick[i:i + 256].to(lam.device)[:, None])
+                      [:, 0].cpu())
+        cos.append(torch.cat(cs))
+        lam_true.append(torch.cat(ws))
+    return cos, lam_true
+
+
+def fit_optimal(model, data, steps, batch_size=256, lr=2e-3, seed=0):
+    """Train ``model(x, t)`` by regression on u* of the whole data set (the capacity study); "The closed form of flow matching".
+
+    Each step draws x1 from ``data``, x0 ~ N(0, I), t ~ U(0, 1) and
+    minimises the mean squared error to ``optimal_velocity(x_t, t, data)``.
+    Returns the list of losses.
+    """
+    data = _check_data(data)
+    steps = check_int("steps", steps, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    g = torch.Generator().manual_seed(check_int("seed", seed, minimum=0))
+    dev = data.device
+    x1s = data.float()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        x1 = x1s[torch.randint(0, data.shape[0], (batch_size,),
+                               generator=g).to(dev)]
+        x0 = torch.randn(x1.shape, generator=g).to(dev)
+        t = torch.rand(batch_size, generator=g).to(dev)
+        tb = t.reshape(-1, *([1] * (x1.ndim - 1)))
+        xt = (1 - tb) * x0 + tb * x1
+        with torch.no_grad():
+            target = optimal_velocity(xt, t.double(), data)
+        loss = (model(xt, t) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def approximation_error(velocity, data, t_list, n, generator=None) -> list:
+    """Relative error E||v(x_t, t) - u*||^2 / E||u*||^2 on training paths, per time; "The closed form of flow matching".
+
+    x_t = (1 - t) x0 + t x1 with x1 from ``data`` and x0 ~ N(0, I);
+    ``velocity(x, t)`` receives t as a (n,) tensor. Returns one float per
+    time in ``t_list``.
+    """
+    data = _check_data(data)
+    n = check_int("n", n, minimum=1)
+    out = []
+    for tq in t_list:
+        _check_time(tq, 1, "cpu")
+        pick = torch.randint(0, data.shape[0], (n,), generator=generator)
+        x1 = data[pick.to(data.device)].float()
+        x0 = torch.randn(x1.shape, generator=generator).to(data.device)
+        xt = (1 - tq) * x0 + tq * x1
+        ref = optimal_velocity(xt, tq, data).to(_F64)
+        with torch.no_grad():
+            got = velocity(xt, torch.full((n,), float(tq),
+                                          device=data.device)).to(_F64)
+        out.append(float((got - ref).pow(2).flatten(1).sum(1).mean()
+                         / ref.pow(2).flatten(1).sum(1).mean()))
+    return out

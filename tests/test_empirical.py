@@ -317,3 +317,131 @@ def test_efm_loss_target():
     assert float(E.efm_loss(exact, x0, x1, t)) < 1e-20
     with pytest.raises(ValueError, match="same batch size"):
         E.efm_loss(zero, x0[:4], x1, t)
+
+
+# --- the nulls, memorisation, cosines and the capacity study -------------
+
+def test_gaussian_velocity_matches_gaussian_drift():
+    from flowjac import gaussian as G
+    data = cloud(60, 3, 11) * torch.tensor([1.0, 2.0, 0.5], dtype=f64) + 1.0
+    v = E.gaussian_velocity(data)
+    x = cloud(9, 3, 12)
+    mean, cov = data.mean(0), torch.cov(data.T)
+    for t in (0.0, 0.3, 0.9, 1.0):
+        assert torch.allclose(v(x, t), G.drift(x, t, mean, cov), atol=1e-10)
+
+
+def test_gaussian_velocity_images_and_no_copies():
+    """Pushed from noise, the Gaussian flow lands near no training image."""
+    from flowjac.ode import integrate
+    g = torch.Generator().manual_seed(0)
+    data = torch.rand(30, 1, 4, 4, generator=g) * 4
+    v = E.gaussian_velocity(data)
+    z = torch.randn(200, 1, 4, 4, generator=g)
+    out = integrate(v, z, 20, method="rk4")
+    assert out.shape == z.shape and out.dtype == torch.float32
+    flat = out.flatten(1).double()
+    assert torch.allclose(flat.mean(0), data.flatten(1).double().mean(0),
+                          atol=0.6)
+    memo = E.memorisation(out, data, torch.rand(50, 1, 4, 4, generator=g) * 4)
+    assert memo["copy_share"] < 0.5
+
+
+def test_gaussian_velocity_bad_inputs():
+    with pytest.raises(ValueError, match="at least 2 points"):
+        E.gaussian_velocity(torch.zeros(1, 3))
+    v = E.gaussian_velocity(cloud(10, 3, 0))
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+        v(cloud(2, 3, 1), 1.5)
+    with pytest.raises(ValueError, match="x must have shape"):
+        v(cloud(2, 4, 1), 0.5)
+
+
+def test_memorisation_references():
+    train = cloud(200, 2, 1)
+    held = cloud(300, 2, 2)
+    fresh = cloud(300, 2, 3)
+    copies = E.memorisation(train[:50] + 1e-6, train, held)
+    assert copies["nn_ratio"] < 1e-3
+    assert copies["copy_share"] == 1.0 and copies["near_share"] == 1.0
+    new = E.memorisation(fresh, train, held)
+    assert 0.7 < new["nn_ratio"] < 1.4
+    assert new["near_share"] < 0.1
+    # in 2D, (d1 / d2)^2 is about uniform: P(d1 < d2 / 3) is about 1/9
+    assert 0.03 < new["heldout_copy_share"] < 0.25
+    far = E.memorisation(fresh * 10, train, held)
+    assert far["nn_ratio"] > 3 and far["copy_share"] < 0.5
+    wide = E.memorisation(fresh, train, held, radius=100.0)
+    assert wide["near_share"] == 1.0 and wide["heldout_near_share"] == 1.0
+
+
+def test_memorisation_bad_inputs():
+    train = cloud(20, 2, 1)
+    with pytest.raises(ValueError, match="radius"):
+        E.memorisation(train, train, train, radius=0)
+    with pytest.raises(ValueError, match="at least 2 points"):
+        E.memorisation(train, train[:1], train)
+    with pytest.raises(ValueError, match="heldout must have shape"):
+        E.memorisation(train, train, cloud(5, 3, 0))
+    bad = train.clone()
+    bad[0, 0] = math.nan
+    with pytest.raises(ValueError, match="samples must be finite"):
+        E.memorisation(bad, train, train)
+
+
+def test_target_cosines_single_point_and_late_times():
+    """One training point: u*(x_t, t) = x1 - x0 exactly, so cos = lam = 1."""
+    g = torch.Generator().manual_seed(0)
+    one = cloud(1, 5, 0)
+    cos, lam = E.target_cosines(one, [0.0, 0.5, 0.99], 40, g)
+    for c, w in zip(cos, lam):
+        assert c.shape == (40,)
+        assert torch.allclose(c, torch.ones(40, dtype=f64), atol=1e-12)
+        assert torch.allclose(w, torch.ones(40, dtype=f64))
+    spread = cloud(50, 400, 1) * 3
+    cos, lam = E.target_cosines(spread, [0.0, 0.9], 300, g)
+    assert float(lam[1].min()) > 0.99 and float(cos[1].min()) > 0.99
+    # at t = 0 every point is equally likely: lam = 1/n
+    assert torch.allclose(lam[0], torch.full((300,), 1 / 50, dtype=f64))
+
+
+def test_target_cosines_bad_inputs():
+    with pytest.raises(ValueError, match="t must lie in"):
+        E.target_cosines(cloud(5, 2, 0), [1.0], 3)
+    with pytest.raises(ValueError, match="n must be"):
+        E.target_cosines(cloud(5, 2, 0), [0.5], 0)
+
+
+def test_fit_optimal_reduces_approximation_error():
+    from flowjac.nets import MLPFlow
+    data = cloud(8, 2, 4).float()
+    torch.manual_seed(0)
+    net = MLPFlow(2, hidden=32, depth=2)
+    ts = [0.1, 0.5]
+    before = E.approximation_error(lambda x, t: net(x, t), data, ts, 500,
+                                   torch.Generator().manual_seed(1))
+    losses = E.fit_optimal(net, data, 300, batch_size=128, lr=3e-3, seed=0)
+    after = E.approximation_error(lambda x, t: net(x, t), data, ts, 500,
+                                  torch.Generator().manual_seed(1))
+    assert len(losses) == 300 and losses[-1] < losses[0]
+    assert all(a < 0.5 * b for a, b in zip(after, before))
+
+
+def test_approximation_error_exact_and_zero_velocity():
+    data = cloud(20, 3, 5)
+    g = torch.Generator().manual_seed(0)
+    exact = E.approximation_error(
+        lambda x, t: E.optimal_velocity(x, t, data), data, [0.2, 0.9], 100, g)
+    assert max(exact) < 1e-10
+    zero = E.approximation_error(lambda x, t: torch.zeros_like(x), data,
+                                 [0.2, 0.9], 100, g)
+    assert all(abs(z - 1.0) < 1e-12 for z in zero)
+
+
+def test_fit_optimal_bad_inputs():
+    from flowjac.nets import MLPFlow
+    net = MLPFlow(2, hidden=4, depth=1)
+    with pytest.raises(ValueError, match="steps"):
+        E.fit_optimal(net, cloud(5, 2, 0), 0)
+    with pytest.raises(ValueError, match="lr"):
+        E.fit_optimal(net, cloud(5, 2, 0), 1, lr=-1)
