@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -138,6 +139,34 @@ class EMA:
         return self.shadow
 
 
+def _plain(value, where: str):
+    """``value`` as plain Python (numpy/torch scalars to numbers, paths to
+    strings, tuples to lists), or ValueError naming ``where``."""
+    import numbers
+    import os
+
+    import numpy as np
+
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (np.bool_,)):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if torch.is_tensor(value) and value.numel() == 1 and value.ndim == 0:
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise ValueError(f"{where} must hold plain values (numbers, strings, "
+                     f"lists, dicts, paths), got {type(value).__name__}")
+
+
 def _model_config(model):
     return {"class": type(model).__name__,
             "config": copy.deepcopy(getattr(model, "config", None))}
@@ -156,7 +185,7 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, step: int = 0,
         ema = ema.state_dict()
     payload = {"format": "flowjac-checkpoint-1", "model": model.state_dict(),
                "arch": _model_config(model), "step": step,
-               "config": dict(config or {}),
+               "config": _plain(dict(config or {}), "config"),
                "optimizer": optimizer.state_dict() if optimizer else None,
                "ema": ema, "extra": extra}
     buf = io.BytesIO()
@@ -169,17 +198,38 @@ def load_checkpoint(path, model: nn.Module, optimizer=None) -> dict:
 
     Returns the payload dict (``step``, ``config``, ``ema``, ``extra``).
     Raises FileNotFoundError for a missing file and ValueError for a
-    corrupted file or one saved from a different architecture.
+    directory, an empty file, a corrupted file (with torch's full reason),
+    a file holding arbitrary pickled objects (named as such) or one saved
+    from a different architecture.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {str(path)!r} is a directory, not a "
+                         "checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {str(path)!r} is empty (0 bytes): an "
+                         "interrupted write or a truncated copy")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling/zip errors of many kinds
+        text = str(err)
+        if "WeightsUnpickler error:" in text:
+            # keep torch's reason, not its advice to load with weights_only=False
+            text = text.split("WeightsUnpickler error:", 1)[1]
+            text = " ".join(text.split("Check the documentation")[0].split())
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            raise ValueError(
+                f"checkpoint {str(path)!r} holds pickled Python objects "
+                f"beyond tensors and plain containers (it names "
+                f"{found.group(1)}), which flowjac refuses to load because "
+                "unpickling them can execute arbitrary code; flowjac never "
+                "writes such files") from None
         raise ValueError(f"checkpoint {str(path)!r} is corrupted or not a "
                          f"flowjac checkpoint ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0][:200]})") from None
+                         f"{text})") from None
     if not isinstance(payload, dict) or payload.get("format") != \
             "flowjac-checkpoint-1":
         raise ValueError(f"checkpoint {str(path)!r} is not a flowjac "
@@ -225,7 +275,7 @@ def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
                grad_clip=1.0, checkpoint_path=None,
                checkpoint_every: int = 1000, resume: bool = True,
                seed: int = 0, device="cpu", progress: bool = True,
-               log_every: int = 1) -> dict:
+               log_every: int = 1, allow_config_change: bool = False) -> dict:
     """Train ``model`` with the CFM loss, AdamW, clipping, optional EMA; "Neural flows on Gaussians".
 
     ``sample_x1(n, generator)`` returns n targets (or pass a tensor whose
@@ -238,7 +288,16 @@ def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
     and ``resume`` is true, training continues from it and the result equals
     an uninterrupted run. With ``ema_decay`` the model ends holding the EMA
     weights. Returns ``{"loss": [...], "step": [...], "lr": lr, ...}``
-    with the loss every ``log_every`` steps.
+    with the loss every ``log_every`` steps and ``resumed_from`` (the
+    checkpoint's step, 0 for a fresh run).
+
+    Resuming refuses a checkpoint whose ``batch_size``, ``lr``,
+    ``weight_decay``, ``ema_decay``, ``grad_clip``, ``seed`` or
+    ``parameterization`` differ from the call's (pass
+    ``allow_config_change=True`` to continue with the new values; the
+    random stream then continues from the checkpoint's), and a ``steps``
+    smaller than the checkpoint's step. The checkpoint's folder is created
+    and checked for writing before the first step.
     """
     steps = check_int("steps", steps, minimum=1)
     batch_size = check_int("batch_size", batch_size, minimum=1)
@@ -248,12 +307,20 @@ def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
     check_choice("parameterization", parameterization, PARAMETERIZATIONS)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
+    # plain floats: numpy scalars would be pickled into the optimizer state
+    lr, weight_decay = float(lr), float(weight_decay)
+    if ema_decay is not None and isinstance(ema_decay, (int, float)):
+        ema_decay = float(ema_decay)
+    if grad_clip is not None and isinstance(grad_clip, (int, float)):
+        grad_clip = float(grad_clip)
     if grad_clip is not None and not (isinstance(grad_clip, (int, float))
                                       and grad_clip > 0):
         raise ValueError(f"grad_clip must be None or a positive number, got "
                          f"{grad_clip!r}")
     dev = get_device(device) if isinstance(device, str) else device
     draw = _sampler(sample_x1, dev)
+    if checkpoint_path is not None:
+        _check_writable(checkpoint_path)
     model.to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr,
                             weight_decay=weight_decay)
@@ -268,6 +335,24 @@ def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
     if checkpoint_path is not None and resume and Path(checkpoint_path).exists():
         payload = load_checkpoint(checkpoint_path, model, opt)
         start = payload["step"]
+        if start > steps:
+            raise ValueError(f"steps ({steps}) is smaller than the step of the "
+                             f"checkpoint {str(checkpoint_path)!r} ({start}); "
+                             "ask for at least that many steps, or pass "
+                             "resume=False to start afresh")
+        old = payload["config"]
+        changed = {k: (old.get(k), _plain(config[k], k)) for k in _RESUME_KEYS
+                   if k in old and old.get(k) != _plain(config[k], k)}
+        if changed and not allow_config_change:
+            raise ValueError(
+                f"checkpoint {str(checkpoint_path)!r} was trained with other "
+                "settings: " + ", ".join(f"{k} {a!r} there, {b!r} now"
+                                         for k, (a, b) in changed.items())
+                + "; pass allow_config_change=True to continue with the new "
+                "values, or resume=False to start afresh")
+        if changed:
+            for group in opt.param_groups:
+                group["lr"], group["weight_decay"] = lr, weight_decay
         extra = payload["extra"]
         gen.set_state(extra["rng"])
         hist = {"loss": list(extra["loss"]), "step": list(extra["loss_step"])}
@@ -307,4 +392,27 @@ def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
     model.eval()
     hist.update(config)
     hist["ema"] = ema is not None
+    hist["resumed_from"] = start
     return hist
+
+
+_RESUME_KEYS = ("batch_size", "lr", "weight_decay", "ema_decay", "grad_clip",
+                "seed", "parameterization")
+
+
+def _check_writable(path) -> None:
+    """Fail before training, not after it, when ``path`` cannot be written."""
+    import os
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint_path {str(path)!r} is a directory; give "
+                         "a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"checkpoint_path {str(path)!r}: its folder cannot be "
+                         f"created ({err})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise ValueError(f"checkpoint_path {str(path)!r}: its folder "
+                         f"{str(path.parent)!r} is not writable")

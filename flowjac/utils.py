@@ -131,9 +131,17 @@ def setup(chapter: str, profile: str = "quick", seed: int = 0,
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write bytes to ``path`` through a temporary file and ``os.replace``; "How to run the book"."""
+    """Write bytes to ``path`` through a temporary file and ``os.replace``; "How to run the book".
+
+    The temporary file is removed on every failure; temporaries that a
+    killed process left beside ``path`` are removed by the next write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*"):   # left by a killed write
+        try:
+            stale.unlink()
+        except OSError:
+            pass
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as fh:

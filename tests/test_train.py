@@ -159,3 +159,93 @@ def test_error_paths():
             train_flow(m, sample, **args)
     with pytest.raises(ValueError, match="sample_x1 must be"):
         train_flow(m, "data", steps=2, batch_size=4, lr=1e-3, progress=False)
+
+
+def test_checkpoint_configs_are_plain_and_load_errors_are_clear(tmp_path):
+    """Issue 15's checkpoint defects: numpy/Path configs, full reasons, unsafe pickles, 0 bytes, folders."""
+    import io
+    import pickle
+
+    import numpy as np
+
+    m = new_model()
+    path = save_checkpoint(tmp_path / "np.pt", m, step=1,
+                           config={"lr": np.float64(1e-3), "n": np.int64(3),
+                                   "out": tmp_path, "shape": (1, 2)})
+    payload = load_checkpoint(path, new_model())
+    assert payload["config"] == {"lr": 1e-3, "n": 3, "out": str(tmp_path),
+                                 "shape": [1, 2]}
+    with pytest.raises(ValueError, match=r"config\['f'\] must hold plain"):
+        save_checkpoint(tmp_path / "f.pt", m, config={"f": object()})
+    # numpy lr: train, checkpoint, resume
+    h = train_flow(new_model(), sample, steps=2, batch_size=8,
+                   lr=np.float64(1e-3), progress=False,
+                   checkpoint_path=tmp_path / "r.pt")
+    h2 = train_flow(new_model(), sample, steps=3, batch_size=8,
+                    lr=np.float64(1e-3), progress=False,
+                    checkpoint_path=tmp_path / "r.pt")
+    assert h["resumed_from"] == 0 and h2["resumed_from"] == 2
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        load_checkpoint(empty, new_model())
+    with pytest.raises(ValueError, match="directory"):
+        load_checkpoint(tmp_path, new_model())
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "flowjac-checkpoint-1", "x": Evil()}, evil)
+    with pytest.raises(ValueError, match="arbitrary code") as info:
+        load_checkpoint(evil, new_model())
+    assert "weights_only=False" not in str(info.value)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(pickle.dumps([1, 2]) + b"garbage" * 10)
+    with pytest.raises(ValueError, match="corrupted") as info:
+        load_checkpoint(junk, new_model())
+    assert "operand" in str(info.value)       # torch's reason is kept
+    assert "weights_only=False" not in str(info.value)
+    del io
+
+
+def test_resume_refuses_changed_settings_and_fewer_steps(tmp_path):
+    ck = tmp_path / "ck.pt"
+    train_flow(new_model(), sample, steps=4, batch_size=8, lr=1e-3,
+               progress=False, checkpoint_path=ck)
+    for kw, word in [(dict(lr=2e-3), "lr"), (dict(batch_size=16), "batch_size"),
+                     (dict(seed=3), "seed")]:
+        args = dict(steps=6, batch_size=8, lr=1e-3, progress=False,
+                    checkpoint_path=ck)
+        args.update(kw)
+        with pytest.raises(ValueError, match=f"{word} .* there"):
+            train_flow(new_model(), sample, **args)
+    with pytest.raises(ValueError, match="smaller than the step"):
+        train_flow(new_model(), sample, steps=2, batch_size=8, lr=1e-3,
+                   progress=False, checkpoint_path=ck)
+    h = train_flow(new_model(), sample, steps=6, batch_size=8, lr=2e-3,
+                   progress=False, checkpoint_path=ck, allow_config_change=True)
+    assert h["resumed_from"] == 4 and h["lr"] == 2e-3
+    assert load_checkpoint(ck, new_model())["config"]["lr"] == 2e-3
+
+
+def test_unwritable_checkpoint_path_fails_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="checkpoint_path"):
+        train_flow(new_model(), sample, steps=10_000, batch_size=8, lr=1e-3,
+                   progress=False, checkpoint_path=blocker / "sub" / "ck.pt")
+    with pytest.raises(ValueError, match="is a directory"):
+        train_flow(new_model(), sample, steps=10_000, batch_size=8, lr=1e-3,
+                   progress=False, checkpoint_path=tmp_path)
+
+
+def test_stale_temporary_files_are_removed(tmp_path):
+    from flowjac.utils import atomic_write_bytes
+
+    stale = tmp_path / ".out.bin.abc123"
+    stale.write_bytes(b"half")
+    atomic_write_bytes(tmp_path / "out.bin", b"whole")
+    assert not stale.exists()
+    assert (tmp_path / "out.bin").read_bytes() == b"whole"
