@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from .utils import check_int
+
 __all__ = ["second_moment", "moment_to_corr", "corrcoef", "bootstrap_ci"]
 
 
@@ -89,8 +91,7 @@ def bootstrap_ci(fn: Callable[[torch.Tensor], torch.Tensor | float],
             else type(data).__name__
         raise ValueError(f"data must be a tensor with at least 2 rows, got "
                          f"{shape}")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 2:
-        raise ValueError(f"n_boot must be an integer >= 2, got {n_boot!r}")
+    n_boot = check_int("n_boot", n_boot, minimum=2)
     if not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
     n = data.shape[0]

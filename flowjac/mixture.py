@@ -19,7 +19,7 @@ import sympy as sp
 import torch
 
 from .gaussian import check_cov, check_t, psd_sqrt
-from .utils import check_choice
+from .utils import check_choice, check_int
 
 __all__ = [
     "GaussianMixture", "sym_gaussian_density", "sym_moments",
@@ -229,8 +229,7 @@ class GaussianMixture:
     def sample(self, n: int, generator: torch.Generator | None = None,
                return_components: bool = False):
         """Draw n points from the target mixture (and optionally their components); "Mixtures of Gaussians"."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
+        n = check_int("n", n, minimum=1)
         dev = self.means.device
         comp = torch.multinomial(self.weights, n, replacement=True,
                                  generator=generator)
@@ -242,8 +241,7 @@ class GaussianMixture:
 
     def sample_base(self, n: int, generator: torch.Generator | None = None):
         """Draw n points from the base N(m0, Sigma0); "Mixtures of Gaussians"."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
+        n = check_int("n", n, minimum=1)
         z = torch.randn(n, self.dim, dtype=self.means.dtype,
                         device=self.means.device, generator=generator)
         return self.base_mean + z @ torch.linalg.cholesky(self.base_cov).T

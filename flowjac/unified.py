@@ -25,7 +25,7 @@ import sympy as sp
 import torch
 
 from .gaussian import check_mean_cov
-from .utils import value_range
+from .utils import check_int, value_range
 
 __all__ = [
     "t", "ModelTable", "ModelSpec", "MODELS", "SPECS", "check_model",
@@ -441,8 +441,7 @@ def sample_times(n: int, kind: str = "uniform", loc: float = 0.0,
                  scale: float = 1.0, generator=None,
                  dtype=torch.float64) -> torch.Tensor:
     """n training times in (0, 1): "uniform" or "logit_normal"; "A unified linear view of diffusion and flow targets"."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
+    n = check_int("n", n, minimum=1)
     if kind == "uniform":
         return torch.rand(n, generator=generator, dtype=dtype)
     if kind == "logit_normal":

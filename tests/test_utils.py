@@ -62,3 +62,22 @@ def test_value_range_of_numbers_and_tensors():
                       (torch.tensor([0.1, float("nan")]), "t must be finite")]:
         with pytest.raises(ValueError, match=word):
             value_range(bad, "t")
+
+
+def test_numpy_integers_are_accepted_where_a_count_is_meant():
+    """Issue 15, item 9: valid numpy integers were rejected."""
+    import numpy as np
+    import torch
+
+    from flowjac import estimators, mixture, unified
+
+    gm = mixture.GaussianMixture(torch.tensor([0.5, 0.5]),
+                                 torch.tensor([[-1.0], [1.0]]),
+                                 torch.full((2, 1, 1), 0.25))
+    assert gm.sample(np.int64(5)).shape == (5, 1)
+    assert gm.sample_base(np.int32(3)).shape == (3, 1)
+    assert unified.sample_times(np.int64(5)).shape == (5,)
+    ci = estimators.bootstrap_ci(lambda x: x.mean(), torch.randn(20, 2),
+                                 n_boot=np.int64(50),
+                                 generator=torch.Generator().manual_seed(0))
+    assert len(ci) == 3
