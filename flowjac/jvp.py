@@ -84,7 +84,8 @@ def _stage_jvp(velocity, x, xdot, t, k, mode):
 
 def flow_jvp(velocity: Callable, x0: torch.Tensor, tangents: torch.Tensor,
              steps: int = 100, method: str = "rk4", t0: float = 0.0,
-             t1: float = 1.0, jvp_mode: str = "auto"):
+             t1: float = 1.0, jvp_mode: str = "auto",
+             create_graph: bool = False):
     """Exact J_phi(x0) tangents by forward-mode AD through the solver; "JVP diagnostics".
 
     Returns ``(x1, jvp)``: x1 = phi(x0) exactly as ``flowjac.ode.integrate``
@@ -101,11 +102,20 @@ def flow_jvp(velocity: Callable, x0: torch.Tensor, tangents: torch.Tensor,
     tangents that are much faster on CPU; ``jvp_mode="func"`` forces
     ``torch.func.jvp``.
 
-    Autograd records every stage when the velocity's parameters require
-    gradients (as when differentiating a Jacobian penalty in training); for
-    inference call it under ``torch.no_grad()`` or freeze the parameters,
-    or memory grows with ``steps``.
+    Runs without recording an autograd graph (inference mode, memory
+    independent of ``steps``) unless ``create_graph=True``, which records
+    every stage so that the result can be differentiated in reverse mode
+    (as when training with a Jacobian penalty).
     """
+    if not isinstance(create_graph, bool):
+        raise ValueError(f"create_graph must be True or False, got "
+                         f"{create_graph!r}")
+    with torch.set_grad_enabled(create_graph):
+        return _flow_jvp(velocity, x0, tangents, steps, method, t0, t1,
+                         jvp_mode)
+
+
+def _flow_jvp(velocity, x0, tangents, steps, method, t0, t1, jvp_mode):
     steps, method, t0, t1 = check_solver_args(steps, method, t0, t1)
     k = check_tangents(x0, tangents)
     check_choice("jvp_mode", jvp_mode, JVP_MODES)

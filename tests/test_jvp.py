@@ -171,3 +171,27 @@ def test_error_paths():
         fd_jvp(vel, x0, torch.randn(4, 3, dtype=F64), 1e-3, scheme="backward")
     with pytest.raises(ValueError, match="must return the shape of x"):
         flow_jvp(lambda x, t: x[:, :2], x0, torch.randn(4, 3, dtype=F64))
+
+
+def test_flow_jvp_records_no_graph_unless_asked():
+    """Issue 15, item 4: inference mode by default; create_graph=True keeps the graph."""
+    import pytest
+
+    from flowjac.jvp import flow_jvp
+    from flowjac.nets import MLPFlow
+    from flowjac.train import velocity_fn
+
+    torch.manual_seed(0)
+    net = MLPFlow(3, hidden=8, depth=2)            # parameters require grad
+    vel = velocity_fn(net)
+    x0, v = torch.randn(4, 3), torch.randn(4, 3)
+    for mode in ("auto", "func"):
+        x1, jv = flow_jvp(vel, x0, v, steps=3, jvp_mode=mode)
+        assert not x1.requires_grad and not jv.requires_grad
+        x1g, jvg = flow_jvp(vel, x0, v, steps=3, jvp_mode=mode, create_graph=True)
+        assert jvg.requires_grad
+        assert torch.allclose(jv, jvg.detach(), atol=1e-6)
+        (g,) = torch.autograd.grad(jvg.pow(2).sum(), net.out.weight)
+        assert torch.isfinite(g).all() and g.abs().sum() > 0
+    with pytest.raises(ValueError, match="create_graph"):
+        flow_jvp(vel, x0, v, steps=3, create_graph="yes")
