@@ -51,13 +51,6 @@ CONFIGS = {
 }
 
 
-def _label_corr(labels, i, j):
-    x, y = labels[:, i].double(), labels[:, j].double()
-    if x.std() == 0 or y.std() == 0:
-        return float("nan")
-    return float(torch.corrcoef(torch.stack([x, y]))[0, 1])
-
-
 def run_celeba(root, out_dir, *, config: str = "full", weights_path=None,
                device="cpu", seed: int = 0, check_md5: bool = True,
                progress: bool = False, **overrides) -> dict:
@@ -71,6 +64,9 @@ def run_celeba(root, out_dir, *, config: str = "full", weights_path=None,
     ``names`` and ``settings``.
     """
     from . import covariance, probing
+    from .estimators import moment_to_corr
+    from .quality import offdiag_mae
+    from .stored import label_corr
     from .classifiers import celeba_resnet50, load_or_train_classifier
     from .data import celeba
     from .nets import FlowUNet
@@ -143,26 +139,23 @@ def run_celeba(root, out_dir, *, config: str = "full", weights_path=None,
         table6[key] = dict(
             n=kept,
             jvp=float(jvp_corr(deltas, m)[a, b]) if kept >= 2 else float("nan"),
-            label=_label_corr(pred[m], a, b) if kept >= 2 else float("nan"))
+            label=label_corr(pred[m], a, b) if kept >= 2 else float("nan"))
     lab = labels[:cfg["n_labels"]] if cfg["n_labels"] else labels
     table6["data"] = dict(
-        n=len(lab), label=_label_corr(lab, a, b),
-        given=[_label_corr(lab[lab[:, h] == v], a, b) for v in (0, 1)])
+        n=len(lab), label=label_corr(lab, a, b),
+        given=[label_corr(lab[lab[:, h] == v], a, b) for v in (0, 1)])
 
     with np.errstate(invalid="ignore", divide="ignore"):
         data_corr = np.corrcoef(lab.double().numpy().T)
     est = covariance.covariance_from_pairs(
         res["jvp"].double(), res["jvp_pair"].double(), res["rho"].double())
-    up = est.upper.numpy()
-    d = np.sqrt(np.clip(np.diag(up), 1e-300, None))
     with np.errstate(invalid="ignore", divide="ignore"):
-        mats = {"data": data_corr, "paper (JVP)": up / np.outer(d, d),
+        mats = {"data": data_corr,
+                "paper (JVP)": moment_to_corr(est.upper).numpy(),
                 "identity (JVP)": np.asarray(est.corr),
                 "samples": np.corrcoef(pred.numpy().T)}
-    off = ~np.eye(len(names), dtype=bool)
-    mae = {k: float(np.nanmean(np.abs(v - data_corr)[off]))
-           for k, v in mats.items() if k != "data"}
-    mae["zeros"] = float(np.nanmean(np.abs(data_corr)[off]))
+    mae = {k: offdiag_mae(v, data_corr) for k, v in mats.items() if k != "data"}
+    mae["zeros"] = offdiag_mae(np.zeros_like(data_corr), data_corr)
 
     graph = pc_discovery(lab, names, alpha=0.01, test="gsq")
     neighbours = [names[j] for j in range(len(names))

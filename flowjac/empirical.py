@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from .quality import nearest_distances
 from .utils import check_int
 
 __all__ = [
@@ -381,12 +382,8 @@ def memorisation(samples, train, heldout, radius=0.1) -> dict:
             raise ValueError(f"{name} must hold at least one row")
         if not torch.isfinite(x).all():
             raise ValueError(f"{name} must be finite")
-        xf = x.detach().reshape(x.shape[0], -1).to(_F64)
-        tf = train.detach().reshape(train.shape[0], -1).to(device=xf.device,
-                                                           dtype=_F64)
-        d2 = torch.cat([torch.cdist(xf[i:i + 1024], tf).topk(
-            2, dim=1, largest=False).values for i in range(0, len(xf), 1024)])
-        dists[name] = d2
+        dists[name] = nearest_distances(x, train, k=2, device=x.device,
+                                        dtype=_F64)
     ds, dh = dists["samples"], dists["heldout"]
     scale = float(dh[:, 0].median())
     out["sample_nn"] = float(ds[:, 0].median())

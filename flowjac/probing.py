@@ -33,9 +33,54 @@ from tqdm import tqdm
 
 from .utils import check_choice, check_int
 
-__all__ = ["probe", "plain_outputs", "stage_count"]
+__all__ = ["probe", "plain_outputs", "stage_count", "redraw"]
 
 _STAGES = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+
+
+def _latent_batches(n, k, latent_shape, seed, batch_size):
+    """The stratified rho of every pair, and the batches (start, z, v, z') in
+    the order ``probe`` draws them (float64, on the CPU)."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g).double()
+    rho = (perm + torch.rand(n, generator=g, dtype=torch.float64)) / n
+
+    def batches():
+        for i in range(0, n, batch_size):
+            b = min(batch_size, n - i)
+            z = torch.randn(b, *latent_shape, generator=g, dtype=torch.float64)
+            v = torch.randn(b, k, *latent_shape, generator=g,
+                            dtype=torch.float64)
+            zp = torch.randn(b, *latent_shape, generator=g, dtype=torch.float64)
+            yield i, z, v, zp
+    return rho, batches()
+
+
+def redraw(meta: dict, latent_shape, rows) -> tuple:
+    """The latents z, probes v and partners z_rho of the given rows of a probe run, redrawn from its ``meta``; "Attribute dependencies through a classifier".
+
+    ``meta`` is the run's ``meta`` dict (``n``, ``k``, ``seed``,
+    ``batch_size``); returns float64 CPU tensors (m, *shape), (m, k, *shape)
+    and (m, *shape) for the m rows, in the order given.
+    """
+    rows = [check_int("rows entry", r, minimum=0) for r in rows]
+    n, k = meta["n"], meta["k"]
+    if not rows or max(rows) >= n:
+        raise ValueError(f"rows must be a non-empty list of rows < {n}, got "
+                         f"{rows[:5]}")
+    rho, draws = _latent_batches(n, k, tuple(latent_shape), meta["seed"],
+                                 meta["batch_size"])
+    found = {}
+    for i, z, v, zp in draws:
+        for r in rows:
+            if i <= r < i + z.shape[0]:
+                found[r] = (z[r - i], v[r - i], zp[r - i])
+        if len(found) == len(set(rows)):
+            break
+    z, v, zp = (torch.stack(t) for t in zip(*(found[r] for r in rows)))
+    shape = (len(rows),) + (1,) * len(tuple(latent_shape))
+    rr = rho[rows].view(shape)
+    return z, v, rr * z + (1 - rr ** 2).sqrt() * zp
 
 
 def stage_count(method: str, steps: int) -> int:
@@ -89,9 +134,9 @@ def probe(velocity, readout, latent_shape, n: int, *, k: int = 4,
     if not (isinstance(eps, (int, float)) and eps > 0):
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     latent_shape = tuple(latent_shape)
-    g = torch.Generator().manual_seed(check_int("seed", seed, minimum=0))
-    perm = torch.randperm(n, generator=g).double()
-    rho_all = ((perm + torch.rand(n, generator=g, dtype=torch.float64)) / n)
+    rho_all, draws = _latent_batches(n, k, latent_shape,
+                                     check_int("seed", seed, minimum=0),
+                                     batch_size)
     keys = ["out", "jvp"] + (["rho", "out_pair", "jvp_pair"] if pairs else []) \
         + (["grad_norm"] if grad_norms else []) + ["paper_change"]
     res = {key: [] for key in keys}
@@ -102,13 +147,10 @@ def probe(velocity, readout, latent_shape, n: int, *, k: int = 4,
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    bar = tqdm(range(0, n, batch_size), disable=not progress or None,
+    bar = tqdm(draws, total=-(-n // batch_size), disable=not progress or None,
                desc="probing", mininterval=2.0)
-    for i in bar:
-        b = min(batch_size, n - i)
-        z = torch.randn(b, *latent_shape, generator=g, dtype=torch.float64)
-        v = torch.randn(b, k, *latent_shape, generator=g, dtype=torch.float64)
-        zp = torch.randn(b, *latent_shape, generator=g, dtype=torch.float64)
+    for i, z, v, zp in bar:
+        b = z.shape[0]
         z, v, zp = (t.to(dev, dtype) for t in (z, v, zp))
 
         def timed_jvp(x, part, v=v):

@@ -49,25 +49,20 @@ def reproduce(velocity, readout, latent_shape, stored: dict, n: int = 2,
               dtype=torch.float32) -> dict:
     """Recompute the first ``n`` stored latents live and return the largest relative errors; "Attribute dependencies through a classifier".
 
-    Redraws the stored run's first batch exactly as ``probing.probe`` drew
-    it (same seed and generator order), keeps its first ``n`` latents and
-    probes, and compares ``out`` and ``jvp``. Returns ``{"out": err,
+    Redraws the stored run's first ``n`` latents and probes exactly as
+    ``probing.probe`` drew them (``probing.redraw``), and compares ``out``
+    and ``jvp``. Returns ``{"out": err,
     "jvp": err, "n": n}`` with err = max |live - stored| / max |stored|.
     """
     from .estimators import attribute_jvp
+    from .probing import redraw
 
     meta = stored["meta"]
     n = check_int("n", n, minimum=1)
-    total, k, bsz = meta["n"], meta["k"], meta["batch_size"]
-    b = min(bsz, total)
+    b = min(meta["batch_size"], meta["n"])
     if n > b:
         raise ValueError(f"n must be <= the stored batch size {b}, got {n}")
-    g = torch.Generator().manual_seed(meta["seed"])
-    torch.randperm(total, generator=g)
-    torch.rand(total, generator=g, dtype=torch.float64)
-    shape = tuple(latent_shape)
-    z = torch.randn(b, *shape, generator=g, dtype=torch.float64)[:n]
-    v = torch.randn(b, k, *shape, generator=g, dtype=torch.float64)[:n]
+    z, v, _ = redraw(meta, latent_shape, range(n))
     with torch.no_grad():
         out, jv = attribute_jvp(velocity, readout, z.to(dtype),
                                 tangents=v.to(dtype), steps=meta["steps"],

@@ -67,3 +67,22 @@ def test_plain_outputs_and_errors(flow):
         probing.stage_count("rk45", 3)
     with pytest.raises(ValueError, match="eps"):
         probing.probe(velocity, readout, (4,), 4, eps=0)
+
+
+def test_redraw_returns_the_rows_that_probe_used(flow):
+    velocity, readout = flow
+    res = probing.probe(velocity, readout, (4,), 7, k=2, steps=3,
+                        method="midpoint", batch_size=3)
+    rows = [5, 0, 3]                       # across batches, in any order
+    z, v, zr = probing.redraw(res["meta"], (4,), rows)
+    assert z.shape == (3, 4) and v.shape == (3, 2, 4) and zr.shape == (3, 4)
+    from flowjac.estimators import attribute_jvp
+    out, d = attribute_jvp(velocity, readout, z, tangents=v, steps=3,
+                           method="midpoint")
+    outp, _ = attribute_jvp(velocity, readout, zr, tangents=v, steps=3,
+                            method="midpoint")
+    assert torch.allclose(out.float(), res["out"][rows], atol=1e-6)
+    assert torch.allclose(d.float(), res["jvp"][rows], atol=1e-5)
+    assert torch.allclose(outp.float(), res["out_pair"][rows], atol=1e-6)
+    with pytest.raises(ValueError, match="rows"):
+        probing.redraw(res["meta"], (4,), [7])
