@@ -141,19 +141,41 @@ class _JointModule(nn.Module):
 
     event_ndim = 1
 
-    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+    num_labels = 0
+
+    def _cond(self, cond, x, unbatched):
+        """The label code (B, num_labels) in {-1, 0, +1}, or None."""
+        if cond is None:
+            return None
+        if not self.num_labels:
+            raise ValueError("cond is only accepted by a network built with "
+                             "num_labels > 0")
+        cond = torch.as_tensor(cond, device=x.device)
+        if unbatched:
+            cond = cond.unsqueeze(0)
+        if cond.ndim != 2 or cond.shape[1] != self.num_labels or \
+                cond.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"cond must have shape (B, {self.num_labels}) with "
+                             f"B = {x.shape[0]} or 1, got {tuple(cond.shape)}")
+        return cond.to(x.dtype).expand(x.shape[0], -1)
+
+    def forward(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
         unbatched = self._check_x(x)
         if unbatched:
             x = x.unsqueeze(0)
         tb = _batch_t(t, x.shape[0], x)
-        y = self._joint(x.unsqueeze(1), tb)[:, 0]
+        cond = self._cond(cond, x, unbatched)
+        y = (self._joint(x.unsqueeze(1), tb) if cond is None else
+             self._joint(x.unsqueeze(1), tb, cond))[:, 0]
         return y[0] if unbatched else y
 
-    def forward_jvp(self, x: torch.Tensor, t, tangents: torch.Tensor):
+    def forward_jvp(self, x: torch.Tensor, t, tangents: torch.Tensor,
+                    cond=None):
         """Return (forward(x, t), D_x forward(x, t) tangents), primal once for k probes."""
         unbatched = self._check_x(x)
         if unbatched:
             x, tangents = x.unsqueeze(0), tangents.unsqueeze(0)
+        cond = self._cond(cond, x, unbatched)
         if tangents.shape == x.shape:
             single, tv = True, tangents.unsqueeze(1)
         elif (tangents.ndim == x.ndim + 1 and tangents.shape[0] == x.shape[0]
@@ -165,7 +187,8 @@ class _JointModule(nn.Module):
                 f"{(x.shape[0], 'k', *x.shape[1:])}, got "
                 f"{tuple(tangents.shape)}")
         tb = _batch_t(t, x.shape[0], x)
-        z = self._joint(torch.cat([x.unsqueeze(1), tv.to(x.dtype)], 1), tb)
+        zin = torch.cat([x.unsqueeze(1), tv.to(x.dtype)], 1)
+        z = self._joint(zin, tb) if cond is None else self._joint(zin, tb, cond)
         y, yd = z[:, 0], z[:, 1:]
         if single:
             yd = yd[:, 0]
@@ -257,6 +280,13 @@ class FlowUNet(_JointModule):
     2^(levels - 1) and the output cropped back (28 x 28 needs no padding for
     three levels, 32 x 32 for four). GroupNorm and SiLU have hand-written
     exact tangents (``forward_jvp``); no attention, no BatchNorm.
+
+    With ``num_labels > 0`` the network is label-conditional: ``forward(x,
+    t, cond)`` takes a code ``cond`` (B, num_labels) whose entries are +1
+    (attribute present), -1 (absent) or 0 (unknown; all zeros is the
+    unconditional velocity used by classifier-free guidance), embedded
+    linearly and added to the time embedding ("Interventions and
+    counterfactuals").
     """
 
     event_ndim = 3
@@ -264,9 +294,10 @@ class FlowUNet(_JointModule):
     def __init__(self, in_channels: int = 1, base_channels: int = 64,
                  channel_mult=(1, 2, 2), time_dim: int = 256,
                  image_size: int = 28, num_res_blocks: int = 1,
-                 norm_groups: int = 8):
+                 norm_groups: int = 8, num_labels: int = 0):
         super().__init__()
         check_int("in_channels", in_channels, minimum=1)
+        self.num_labels = check_int("num_labels", num_labels, minimum=0)
         check_int("base_channels", base_channels, minimum=1)
         check_int("time_dim", time_dim, minimum=2)
         check_int("image_size", image_size, minimum=1)
@@ -291,6 +322,8 @@ class FlowUNet(_JointModule):
                            time_dim=time_dim, image_size=image_size,
                            num_res_blocks=num_res_blocks,
                            norm_groups=norm_groups)
+        if num_labels:
+            self.config["num_labels"] = num_labels
         self.in_channels, self.image_size = in_channels, image_size
         self.time_dim, self.groups = time_dim, norm_groups
         factor = 2 ** (len(channel_mult) - 1)
@@ -300,6 +333,8 @@ class FlowUNet(_JointModule):
         emb_dim = 4 * base_channels
         self.time_mlp = nn.Sequential(nn.Linear(time_dim, emb_dim), nn.SiLU(),
                                       nn.Linear(emb_dim, emb_dim))
+        if num_labels:
+            self.label_emb = nn.Linear(num_labels, emb_dim)
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
@@ -341,8 +376,12 @@ class FlowUNet(_JointModule):
                              f"{event[2]}) or {event}, got {tuple(x.shape)}")
         return x.ndim == 3
 
-    def _joint(self, z, t):
+    def _joint(self, z, t, cond=None):
         emb = self.time_mlp(timestep_embedding(t, self.time_dim))
+        if self.num_labels:
+            emb = emb + self.label_emb(
+                torch.zeros(len(emb), self.num_labels, dtype=emb.dtype,
+                            device=emb.device) if cond is None else cond)
         p0, p1 = self.pad
         if p0 or p1:
             z = F.pad(z, (p0, p1, p0, p1))

@@ -53,6 +53,15 @@ RECIPES = {
         n_train=20_000, train_steps=3000, batch_size=256, lr=4e-4,
         ema_decay=0.999, grad_clip=1.0, seed=0,
         sampler=dict(method="midpoint", steps=10)),
+    "scm-conditional": dict(
+        file="scm_conditional.pt", kind="conditional-flow",
+        data="scm-independent",
+        net=dict(in_channels=3, base_channels=32, channel_mult=[1, 2, 2, 2],
+                 time_dim=128, image_size=32, num_res_blocks=1,
+                 norm_groups=8, num_labels=9),
+        n_train=30_000, train_steps=6000, batch_size=64, lr=3e-4,
+        ema_decay=0.999, grad_clip=1.0, label_dropout=0.1, seed=0,
+        sampler=dict(method="midpoint", steps=10, guidance=1.0)),
     "mnist-digits": dict(
         file="mnist_digits.pt", kind="digit-classifier",
         net=dict(n_attr=10, in_channels=1, width=16, stages=3,
@@ -123,7 +132,7 @@ def build(part: str) -> torch.nn.Module:
 
     check_choice("part", part, tuple(RECIPES))
     r = RECIPES[part]
-    if r["kind"] == "flow":
+    if r["kind"] in ("flow", "conditional-flow"):
         net = dict(r["net"], channel_mult=tuple(r["net"]["channel_mult"]))
         return FlowUNet(**net)
     return AttributeNet(**r["net"])
@@ -215,6 +224,15 @@ def _training_data(part: str, split: str):
         images = torch.cat([render(labels[i:i + 4096], r["size"], generator=g)
                             for i in range(0, len(labels), 4096)])
         return images * 2 - 1, labels
+    if part == "scm-conditional":     # independent fair-coin attributes
+        seed = r["seed"] + (0 if split == "train" else 70_000)
+        g = torch.Generator().manual_seed(seed)
+        n = r["n_train"] if split == "train" else 4000
+        labels = torch.randint(0, 2, (n, 9), generator=g)
+        images = torch.cat([render(labels[i:i + 4096], r["net"]["image_size"],
+                                   generator=g)
+                            for i in range(0, n, 4096)])
+        return images * 2 - 1, labels
     if part == "scm-flow":
         size = r["net"]["image_size"]
         n = r["n_train"] if split == "train" else 4000
@@ -269,7 +287,9 @@ def train_part(part: str, out_dir, *, device="cpu", train_steps=None,
     model = build(part)
     start = time.perf_counter()
     record = dict(part=part, file=r["file"], recipe=r, hardware=hardware())
-    if r["kind"] == "flow":
+    if r["kind"] in ("flow", "conditional-flow"):
+        cond = (dict(labels=labels, label_dropout=r["label_dropout"])
+                if r["kind"] == "conditional-flow" else {})
         work = out_dir / f".{part}-training.pt"
         work.unlink(missing_ok=True)
         done, chunk_times = 0, []
@@ -281,7 +301,7 @@ def train_part(part: str, out_dir, *, device="cpu", train_steps=None,
                               ema_decay=r["ema_decay"], grad_clip=r["grad_clip"],
                               seed=r["seed"], device=dev, checkpoint_path=work,
                               checkpoint_every=chunk, progress=progress,
-                              log_every=50)
+                              log_every=50, **cond)
             chunk_times.append((time.perf_counter() - t0) / (target - done))
             done = target
             if on_chunk is not None:
@@ -353,6 +373,8 @@ def evaluate_part(part: str, model, *, device="cpu", n: int = 2000,
     from .train import velocity_fn
 
     smp = dict(sampler or r["sampler"])
+    if part == "scm-conditional":
+        return _conditional_gates(model, classifier, smp, n, seed, device)
     net = r["net"]
     shape = (net["in_channels"], net["image_size"], net["image_size"])
     model.to(device).eval()
@@ -371,6 +393,34 @@ def evaluate_part(part: str, model, *, device="cpu", n: int = 2000,
     gates["sampler"] = smp
     gates["samples"] = samples
     return gates
+
+
+def _conditional_gates(model, classifier, smp, n, seed, device) -> dict:
+    """Labels drawn independently (fair coins); the classifier reads them back."""
+    from . import quality
+    from .classifiers import predict_logits
+    from .conditional import LabelVelocity, sample_given
+
+    g = torch.Generator().manual_seed(seed + 1000)
+    labels = torch.randint(0, 2, (n, 9), generator=g)
+    model.to(device).eval()
+    samples = sample_given(LabelVelocity(model), labels, seed=seed,
+                           device=device, **smp)
+    read = (predict_logits(classifier, samples) > 0).long()
+    agree = (read == labels).float()
+    per_attr = agree.mean(0)
+    floor = quality.GATES["conditional_min_accuracy"]
+    train_x, _ = training_data("scm-conditional", "train")
+    test_x, _ = training_data("scm-conditional", "test")
+    return dict(accuracy_per_attribute=per_attr.tolist(),
+                min_accuracy=float(per_attr.min()),
+                all_attributes=float(agree.all(1).float().mean()),
+                in_range=float(((samples >= -1.05) & (samples <= 1.05))
+                               .float().mean()),
+                memorization=quality.memorization(samples, train_x, test_x,
+                                                  device=device),
+                sampler=smp, passed=bool(per_attr.min() >= floor),
+                samples=samples, labels=labels)
 
 
 def write_manifest(records: dict, weights_dir=None) -> Path:

@@ -275,7 +275,8 @@ def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
                grad_clip=1.0, checkpoint_path=None,
                checkpoint_every: int = 1000, resume: bool = True,
                seed: int = 0, device="cpu", progress: bool = True,
-               log_every: int = 1, allow_config_change: bool = False) -> dict:
+               log_every: int = 1, allow_config_change: bool = False,
+               labels=None, label_dropout: float = 0.0) -> dict:
     """Train ``model`` with the CFM loss, AdamW, clipping, optional EMA; "Neural flows on Gaussians".
 
     ``sample_x1(n, generator)`` returns n targets (or pass a tensor whose
@@ -298,6 +299,13 @@ def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
     random stream then continues from the checkpoint's), and a ``steps``
     smaller than the checkpoint's step. The checkpoint's folder is created
     and checked for writing before the first step.
+
+    With ``labels`` (N, m) of 0/1 beside a tensor ``sample_x1`` of N rows,
+    the model is label-conditional (``model(x, t, cond)``, e.g. a
+    ``FlowUNet(num_labels=m)``): each drawn row comes with its code
+    cond = 2 labels - 1, replaced by zeros ("unknown") with probability
+    ``label_dropout`` so that the same network also learns the unconditional
+    velocity ("Interventions and counterfactuals").
     """
     steps = check_int("steps", steps, minimum=1)
     batch_size = check_int("batch_size", batch_size, minimum=1)
@@ -319,6 +327,21 @@ def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
                          f"{grad_clip!r}")
     dev = get_device(device) if isinstance(device, str) else device
     draw = _sampler(sample_x1, dev)
+    if labels is not None:
+        if not torch.is_tensor(sample_x1):
+            raise ValueError("labels need sample_x1 as a tensor of rows")
+        labels = torch.as_tensor(labels)
+        if labels.ndim != 2 or len(labels) != len(sample_x1) or not bool(
+                ((labels == 0) | (labels == 1)).all()):
+            raise ValueError(f"labels must be a (N, m) tensor of 0/1 with N = "
+                             f"{len(sample_x1)}, got shape "
+                             f"{tuple(labels.shape)}")
+        if not (isinstance(label_dropout, (int, float))
+                and 0 <= label_dropout < 1):
+            raise ValueError(f"label_dropout must be a number in [0, 1), got "
+                             f"{label_dropout!r}")
+        label_dropout = float(label_dropout)
+        codes = (2 * labels.to(sample_x1.dtype) - 1).to(sample_x1.device)
     if checkpoint_path is not None:
         _check_writable(checkpoint_path)
     model.to(dev).train()
@@ -332,6 +355,8 @@ def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
                   weight_decay=weight_decay, ema_decay=ema_decay,
                   grad_clip=grad_clip, seed=seed,
                   parameterization=parameterization)
+    if labels is not None:
+        config.update(label_dropout=label_dropout, num_labels=labels.shape[1])
     if checkpoint_path is not None and resume and Path(checkpoint_path).exists():
         payload = load_checkpoint(checkpoint_path, model, opt)
         start = payload["step"]
@@ -369,10 +394,20 @@ def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
                desc="CFM training", mininterval=1.0, initial=start,
                total=steps)
     for step in bar:
-        x1 = draw(batch_size, gen).to(dev)
+        if labels is None:
+            x1 = draw(batch_size, gen).to(dev)
+            net = model
+        else:
+            idx = torch.randint(len(sample_x1), (batch_size,), generator=gen)
+            x1 = sample_x1[idx.to(sample_x1.device)].to(dev)
+            keep = torch.rand(batch_size, generator=gen) >= label_dropout
+            cond = (codes[idx.to(codes.device)] * keep.to(codes)[:, None]).to(dev)
+
+            def net(x, t, cond=cond):
+                return model(x, t, cond)
         x0 = torch.randn(x1.shape, generator=gen, dtype=x1.dtype).to(dev)
         t = torch.rand(batch_size, generator=gen, dtype=x1.dtype).to(dev)
-        loss = cfm_loss(model, x0, x1, t, parameterization)
+        loss = cfm_loss(net, x0, x1, t, parameterization)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip is not None:
@@ -397,6 +432,7 @@ def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
 
 
 _RESUME_KEYS = ("batch_size", "lr", "weight_decay", "ema_decay", "grad_clip",
+                "label_dropout",
                 "seed", "parameterization")
 
 

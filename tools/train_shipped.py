@@ -25,7 +25,8 @@ from flowjac import pretrained  # noqa: E402
 from flowjac.train import load_checkpoint  # noqa: E402
 from flowjac.utils import save_json  # noqa: E402
 
-CLASSIFIER_OF = {"scm-flow": "scm-classifier", "mnist-fives": "mnist-digits"}
+CLASSIFIER_OF = {"scm-flow": "scm-classifier", "scm-conditional": "scm-classifier",
+                 "mnist-fives": "mnist-digits"}
 
 
 def to_uint8(samples, part):
@@ -75,13 +76,15 @@ def main(argv=None):
             g = pretrained.evaluate_part(part, model, device=args.device,
                                          n=min(args.n_gate, 1000), classifier=clf)
             g.pop("samples")
+            g.pop("labels", None)
             g["step"] = step
             g["eval_seconds"] = time.perf_counter() - t0
             along.append(g)
             print(json.dumps({k: v for k, v in g.items()
                               if k in ("step", "readable", "marginal_error",
                                        "corr_mae", "share", "in_range",
-                                       "memorization", "eval_seconds")}),
+                                       "memorization", "eval_seconds",
+                                       "min_accuracy", "all_attributes")}),
                   flush=True)
 
         rec = pretrained.train_part(part, args.out, device=args.device,
@@ -105,6 +108,7 @@ def main(argv=None):
                                              n=args.n_gate, classifier=clf,
                                              sampler=smp)
                 samples = g.pop("samples")
+                g.pop("labels", None)
                 g["eval_seconds"] = time.perf_counter() - t0
                 if i == 0:
                     rec["gates"], rec["sampler"] = g, smp
