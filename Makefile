@@ -31,6 +31,7 @@ chapter: venv
 	$(VENV)/bin/python tools/build_book.py book --profile $(PROFILE) --only $(CH) $(if $(DEVICE),--device $(DEVICE)) $(PARAM_FLAGS)
 
 test: venv
+	$(VENV)/bin/ruff check flowjac tests tools benchmarks
 	$(VENV)/bin/python -m pytest tests notebooks --nbval-lax -p no:cacheprovider
 
 golden: venv

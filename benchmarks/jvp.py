@@ -18,12 +18,12 @@ import json
 import sys
 
 import torch
-
 from _timing import bench  # benchmarks/_timing.py
-from flowjac.jvp import fd_jvp, flow_jvp, random_probes, reference_jvp
-from flowjac.nets import FlowUNet, MLPFlow
-from flowjac.ode import integrate
-from flowjac.train import velocity_fn
+
+from flowjac.engine.jvp import fd_jvp, flow_jvp, random_probes, reference_jvp
+from flowjac.engine.ode import integrate
+from flowjac.engine.velocity import velocity_fn
+from flowjac.models.nets import FlowUNet, MLPFlow
 from flowjac.utils import hardware
 
 

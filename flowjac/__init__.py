@@ -1,23 +1,36 @@
 """flowjac: how small latent perturbations propagate through flow-matching models.
 
 The package holds the reusable code of the book; each public function's
-docstring names the chapter that explains it. The map:
+docstring names the chapter that explains it. The map (imports run downward
+only: pipelines -> models, estimators -> engine -> closedform, data ->
+causal -> utils -> _checks; the engine never imports an estimator, closed
+forms never import training code, nothing imports a chapter):
 
-- closed forms: ``gaussian``, ``mixture``, ``empirical``, ``unified``,
-  ``symbolic`` (SymPy derivations)
-- engine: ``ode`` (fixed-grid solvers), ``jvp`` (exact and finite-difference
-  JVPs of the flow map), ``train`` (CFM training, EMA, checkpoints)
-- models: ``nets`` (MLPFlow, FlowUNet with exact fast tangents),
-  ``classifiers`` (attribute and digit classifiers, CelebA ResNet50),
-  ``pretrained`` (shipped, sha256-checked models: ``available()``, ``load()``)
-- data: ``data`` (MNIST, CelebA), ``scm`` (the causal model, its image
-  renderer, causal discovery)
-- estimators: ``estimators`` (moments, correlations, bootstrap, attribute
-  JVPs), ``covariance`` (exact covariances from JVPs: the interpolation
-  identity and its bounds), ``quality`` (quality gates of learned models)
-- runs: ``probing`` (JVPs, pair JVPs, gradient norms and the paper's rule at
-  scale), ``stored`` (stored GPU runs: load, reproduce live, group spreads)
-- utilities: ``utils`` (seeding, devices, chapter parameters, files)
+- ``closedform``: exact objects, no training (``gaussian``, ``mixture``,
+  ``empirical``, ``unified``; ``symbolic`` is the one place SymPy lives)
+- ``engine``: ``velocity`` (the velocity protocol), ``ode`` (one
+  Runge-Kutta stage loop), ``jvp`` (exact and finite-difference JVPs of the
+  flow map, derived from that loop), ``composite`` (classifier-flow JVPs),
+  ``probing`` (JVPs at scale), ``train`` (CFM, EMA), ``checkpoints``
+- ``models``: ``nets`` (MLPFlow, FlowUNet with exact fast tangents),
+  ``conditional`` (label-conditional velocities), ``classifiers``,
+  ``quality`` (the gates), ``pretrained`` (shipped, sha256-checked models:
+  ``available()``, ``load()``)
+- ``data``: ``images`` (MNIST, CelebA), ``scm_images`` (the SCM renderer)
+- ``causal``: ``scm`` (the binary SCM, exact by enumeration),
+  ``discovery`` (PC, CPDAG, SHD)
+- ``estimators``: ``moments``, ``covariance`` (exact covariances from JVPs),
+  ``intervals`` (bootstrap and heavy-tail-aware intervals)
+- ``pipelines``: ``stored`` (stored GPU runs), ``celeba`` (the CelebA study)
+- ``cli``: the ``flowjac`` command line (``train``, ``sample``, ``probe``),
+  on one process or many under torchrun (``python -m flowjac``)
+- ``plotting``: figures shared by chapters
+- ``utils``: seeding, devices, chapter parameters (``setup``), files,
+  hardware; ``_checks``: the argument checks behind every error message
+
+Chapters import subpackages under readable names, e.g.
+``from flowjac.closedform import gaussian``; see CONTRIBUTING.md for the
+vocabulary (one name per concept).
 """
 from .utils import Run, get_device, load_results, seed_everything, setup
 

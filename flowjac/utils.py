@@ -5,16 +5,16 @@ Defined in the landing page, "How to run the book" (``book/index.md``).
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
+
+from flowjac._checks import check_choice, check_int
 
 PROFILES = ("quick", "full")
 DEVICES = ("auto", "cpu", "cuda")
@@ -27,7 +27,9 @@ def repo_root() -> Path:
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA); see "How to run the book"."""
-    check_int("seed", seed, minimum=0)
+    seed = check_int("seed", seed, minimum=0)
+    if seed >= 2 ** 63:
+        raise ValueError(f"seed must be < 2**63 (torch's limit), got {seed}")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -49,42 +51,6 @@ def get_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if has_cuda else "cpu")
     return torch.device(device)
-
-
-def check_int(name: str, value: Any, minimum: int | None = None) -> int:
-    """Raise ValueError unless ``value`` is an int >= ``minimum``; "How to run the book"."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def value_range(value: Any, name: str) -> tuple[float, float] | None:
-    """(min, max) of a number or tensor, None if empty; ValueError unless numeric and finite; "How to run the book"."""
-    if torch.is_tensor(value):
-        if value.numel() == 0:
-            return None
-        v = value.detach().double()
-        if not torch.isfinite(v).all():
-            raise ValueError(f"{name} must be finite, got a tensor with "
-                             "nan or inf entries")
-        return float(v.min()), float(v.max())
-    try:
-        lo = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number or a tensor, got "
-                         f"{value!r}") from None
-    if not math.isfinite(lo):
-        raise ValueError(f"{name} must be finite, got {lo}")
-    return lo, lo
-
-
-def check_choice(name: str, value: Any, choices) -> Any:
-    """Raise ValueError unless ``value`` is one of ``choices``; "How to run the book"."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-    return value
 
 
 @dataclass

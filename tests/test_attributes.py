@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from flowjac import classifiers as C
-from flowjac import estimators as E
+from flowjac.engine import composite
+from flowjac.estimators import moments
+from flowjac.models import classifiers
 
 D, P = 5, 3
 
@@ -27,11 +28,11 @@ def test_attribute_jvp_is_exact(linear):
     velocity, clf, J = linear
     z = torch.randn(6, D, dtype=torch.float64)
     v = torch.randn(6, 4, D, dtype=torch.float64)
-    logits, delta = E.attribute_jvp(velocity, clf, z, tangents=v, steps=40)
+    logits, delta = composite.attribute_jvp(velocity, clf, z, tangents=v, steps=40)
     assert logits.shape == (6, P) and delta.shape == (6, 4, P)
     assert torch.allclose(delta, v @ J.T, atol=1e-8)
     assert torch.allclose(logits, z @ J.T, atol=1e-8)
-    _, d1 = E.attribute_jvp(velocity, clf, z, tangents=v[:, 0], steps=40)
+    _, d1 = composite.attribute_jvp(velocity, clf, z, tangents=v[:, 0], steps=40)
     assert d1.shape == (6, 1, P) and torch.allclose(d1[:, 0], delta[:, 0])
 
 
@@ -40,7 +41,7 @@ def test_attribute_jvp_of_a_single_point_with_several_probes(linear):
     velocity, clf, J = linear
     z = torch.randn(1, D, dtype=torch.float64)
     v = torch.randn(1, 3, D, dtype=torch.float64)
-    _, delta = E.attribute_jvp(velocity, clf, z, tangents=v, steps=40)
+    _, delta = composite.attribute_jvp(velocity, clf, z, tangents=v, steps=40)
     assert torch.allclose(delta, v @ J.T, atol=1e-8)
 
 
@@ -48,40 +49,40 @@ def test_random_probes_give_jjt(linear):
     velocity, clf, J = linear
     z = torch.zeros(2000, D, dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
-    _, delta = E.attribute_jvp(velocity, clf, z, k=8, steps=10, generator=g)
-    m = E.second_moment(delta.reshape(-1, P))
+    _, delta = composite.attribute_jvp(velocity, clf, z, k=8, steps=10, generator=g)
+    m = moments.second_moment(delta.reshape(-1, P))
     jjt = J @ J.T
     assert torch.allclose(m, jjt, rtol=0.06, atol=0.06 * jjt.diag().max())
-    corr = E.jvp_corr(delta)
-    assert torch.allclose(corr, E.moment_to_corr(jjt), atol=0.03)
+    corr = moments.jvp_corr(delta)
+    assert torch.allclose(corr, moments.moment_to_corr(jjt), atol=0.03)
 
 
 def test_grad_norm_reverse_and_probe(linear):
     velocity, clf, J = linear
     z = torch.randn(4, D, dtype=torch.float64)
-    norm, logits = E.attribute_grad_norm(velocity, clf, z, attr=1, steps=40)
+    norm, logits = composite.attribute_grad_norm(velocity, clf, z, attr=1, steps=40)
     assert torch.allclose(norm, J[1].norm().expand(4), atol=1e-8)
     assert torch.allclose(logits, z @ J.T, atol=1e-8)
     g = torch.Generator().manual_seed(2)
-    _, delta = E.attribute_jvp(velocity, clf, z, k=20_000, steps=10, generator=g)
-    est = E.probe_grad_norm(delta, attr=1)
+    _, delta = composite.attribute_jvp(velocity, clf, z, k=20_000, steps=10, generator=g)
+    est = moments.probe_grad_norm(delta, attr=1)
     assert torch.allclose(est, norm, rtol=0.03)
-    assert E.probe_grad_norm(delta).shape == (4, P)
+    assert moments.probe_grad_norm(delta).shape == (4, P)
 
 
 def test_directional_change_is_eps_times_directional_derivative(linear):
     velocity, clf, J = linear
     z = torch.randn(5, D, dtype=torch.float64)
     v = torch.randn(5, D, dtype=torch.float64)
-    d = E.directional_logit_change(velocity, clf, z, v, attr=2, eps=1e-2, steps=40)
+    d = composite.directional_logit_change(velocity, clf, z, v, attr=2, eps=1e-2, steps=40)
     assert torch.allclose(d, 1e-2 * (v @ J[2]).abs(), atol=1e-9)
 
 
 def test_below_threshold_value_and_quantile():
     x = torch.arange(10.0)
-    assert E.below_threshold(x, threshold=2.5).sum() == 3
-    assert E.below_threshold(x, quantile=0.5).sum() == 5
-    assert E.below_threshold(x, quantile=1.0).all()
+    assert moments.below_threshold(x, threshold=2.5).sum() == 3
+    assert moments.below_threshold(x, quantile=0.5).sum() == 5
+    assert moments.below_threshold(x, quantile=1.0).all()
 
 
 def test_jvp_corr_on_a_mask():
@@ -90,7 +91,7 @@ def test_jvp_corr_on_a_mask():
     delta = torch.cat([a, a + 0.01 * torch.randn(4000, 2, 1, generator=g)], 2)
     mask = torch.zeros(4000, dtype=torch.bool)
     mask[:100] = True
-    c = E.jvp_corr(delta, mask)
+    c = moments.jvp_corr(delta, mask)
     assert c.shape == (2, 2) and c[0, 1] > 0.99
 
 
@@ -98,21 +99,21 @@ def test_bad_estimator_inputs(linear):
     velocity, clf, _ = linear
     z = torch.randn(3, D, dtype=torch.float64)
     with pytest.raises(ValueError, match="k"):
-        E.attribute_jvp(velocity, clf, z, k=0)
+        composite.attribute_jvp(velocity, clf, z, k=0)
     with pytest.raises(ValueError, match="tangents"):
-        E.attribute_jvp(velocity, clf, z, tangents=torch.randn(3, 2, D + 1))
+        composite.attribute_jvp(velocity, clf, z, tangents=torch.randn(3, 2, D + 1))
     with pytest.raises(ValueError, match="attr"):
-        E.attribute_grad_norm(velocity, clf, z, attr=P, steps=2)
+        composite.attribute_grad_norm(velocity, clf, z, attr=P, steps=2)
     with pytest.raises(ValueError, match="attr"):
-        E.probe_grad_norm(torch.randn(3, 2, P), attr=P)
+        moments.probe_grad_norm(torch.randn(3, 2, P), attr=P)
     with pytest.raises(ValueError, match="eps"):
-        E.directional_logit_change(velocity, clf, z, z, attr=0, eps=0.0)
+        composite.directional_logit_change(velocity, clf, z, z, attr=0, eps=0.0)
     with pytest.raises(ValueError, match="exactly one"):
-        E.below_threshold(torch.arange(3.0))
+        moments.below_threshold(torch.arange(3.0))
     with pytest.raises(ValueError, match="quantile"):
-        E.below_threshold(torch.arange(3.0), quantile=1.5)
+        moments.below_threshold(torch.arange(3.0), quantile=1.5)
     with pytest.raises(ValueError, match="mask"):
-        E.jvp_corr(torch.randn(3, 2, P), torch.zeros(3, dtype=torch.bool))
+        moments.jvp_corr(torch.randn(3, 2, P), torch.zeros(3, dtype=torch.bool))
 
 
 def test_attribute_net_learns_a_visible_attribute():
@@ -122,16 +123,16 @@ def test_attribute_net_learns_a_visible_attribute():
     x = 0.1 * torch.randn(512, 3, 16, 16, generator=g)
     x[:, 0] += y[:, :1, None].float()                 # red channel on/off
     x[:, 2, :8] += y[:, 1:, None].float()             # blue top half on/off
-    net = C.AttributeNet(n_attr=2, width=8, stages=2)
-    hist = C.train_classifier(net, x, y, steps=150, batch_size=64, lr=3e-3)
+    net = classifiers.AttributeNet(n_attr=2, width=8, stages=2)
+    hist = classifiers.train_classifier(net, x, y, steps=150, batch_size=64, lr=3e-3)
     assert hist["loss"][-1] < hist["loss"][0]
-    acc = C.per_attribute_accuracy(net, x, y)
+    acc = classifiers.per_attribute_accuracy(net, x, y)
     assert acc.shape == (2,) and bool((acc > 0.95).all())
 
 
 def test_attribute_net_has_exact_forward_ad():
     torch.manual_seed(0)
-    net = C.AttributeNet(n_attr=3, width=8, stages=2).double()
+    net = classifiers.AttributeNet(n_attr=3, width=8, stages=2).double()
     for p in net.parameters():       # make the residual branches non-trivial
         p.data.add_(0.1 * torch.randn_like(p))
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
@@ -145,22 +146,22 @@ def test_classifier_cache_round_trip(tmp_path):
     torch.manual_seed(0)
     x, y = torch.rand(32, 3, 8, 8), torch.randint(0, 2, (32, 2))
     path = tmp_path / "clf.pt"
-    a, trained = C.load_or_train_classifier(
-        path, C.AttributeNet(2, width=4, stages=1), x, y, steps=2, batch_size=8)
+    a, trained = classifiers.load_or_train_classifier(
+        path, classifiers.AttributeNet(2, width=4, stages=1), x, y, steps=2, batch_size=8)
     assert trained and path.exists()
-    b, trained = C.load_or_train_classifier(
-        path, C.AttributeNet(2, width=4, stages=1), x, y, steps=2, batch_size=8)
+    b, trained = classifiers.load_or_train_classifier(
+        path, classifiers.AttributeNet(2, width=4, stages=1), x, y, steps=2, batch_size=8)
     assert not trained
-    assert torch.equal(C.predict_logits(a, x), C.predict_logits(b, x))
+    assert torch.equal(classifiers.predict_logits(a, x), classifiers.predict_logits(b, x))
 
 
 def test_bad_classifier_inputs():
-    net = C.AttributeNet(2, width=4, stages=1)
+    net = classifiers.AttributeNet(2, width=4, stages=1)
     with pytest.raises(ValueError, match="width"):
-        C.AttributeNet(2, width=0)
+        classifiers.AttributeNet(2, width=0)
     with pytest.raises(ValueError, match="labels"):
-        C.train_classifier(net, torch.rand(4, 3, 8, 8), torch.zeros(3, 2), steps=1)
+        classifiers.train_classifier(net, torch.rand(4, 3, 8, 8), torch.zeros(3, 2), steps=1)
     with pytest.raises(ValueError, match="steps"):
-        C.train_classifier(net, torch.rand(4, 3, 8, 8), torch.zeros(4, 2), steps=0)
+        classifiers.train_classifier(net, torch.rand(4, 3, 8, 8), torch.zeros(4, 2), steps=0)
     with pytest.raises(ValueError, match="images"):
-        C.predict_logits(net, torch.rand(3, 8, 8))
+        classifiers.predict_logits(net, torch.rand(3, 8, 8))

@@ -3,13 +3,14 @@ import pytest
 import torch
 from PIL import Image
 
-from flowjac import classifiers as C
-from flowjac import data as D
+from flowjac import data
+from flowjac.models import classifiers
+from flowjac.pipelines import celeba as celeba_study
 
 N_IMAGES = 6
 
 
-def make_fake_celeba(root, n=N_IMAGES, names=D.CELEBA_ATTRIBUTES, seed=0):
+def make_fake_celeba(root, n=N_IMAGES, names=data.CELEBA_ATTRIBUTES, seed=0):
     """Write the five text files and n 178x218 JPEGs that torchvision reads."""
     base = root / "celeba"
     (base / "img_align_celeba").mkdir(parents=True)
@@ -41,8 +42,8 @@ def make_fake_celeba(root, n=N_IMAGES, names=D.CELEBA_ATTRIBUTES, seed=0):
 
 def test_fake_celeba_loads_with_names_and_paper_indices(tmp_path):
     attrs, parts = make_fake_celeba(tmp_path)
-    d = D.celeba(tmp_path, split="all", check_md5=False, verbose=False)
-    assert len(d) == N_IMAGES and d.attr_names == list(D.CELEBA_ATTRIBUTES)
+    d = data.celeba(tmp_path, split="all", check_md5=False, verbose=False)
+    assert len(d) == N_IMAGES and d.attr_names == list(data.CELEBA_ATTRIBUTES)
     assert torch.equal(d.labels, attrs)
     x, y = d.tensors(3)
     assert x.shape == (3, 3, 64, 64) and x.dtype == torch.float32
@@ -52,15 +53,15 @@ def test_fake_celeba_loads_with_names_and_paper_indices(tmp_path):
     assert d.attr_names[d.paper_index(28)] == "Pointy_Nose"
     assert d.attr_names[d.paper_index(30)] == "Rosy_Cheeks"
     assert d.index("Heavy_Makeup") == 18
-    train = D.celeba(tmp_path, split="train", check_md5=False, verbose=False)
+    train = data.celeba(tmp_path, split="train", check_md5=False, verbose=False)
     assert len(train) == parts.count(0)
 
 
 def test_paper_indices_are_mapped_by_name_not_position(tmp_path):
-    names = list(D.CELEBA_ATTRIBUTES)
+    names = list(data.CELEBA_ATTRIBUTES)
     names.reverse()                  # a file with another column order
     attrs, _ = make_fake_celeba(tmp_path, names=names)
-    d = D.celeba(tmp_path, split="all", image_size=32, check_md5=False,
+    d = data.celeba(tmp_path, split="all", image_size=32, check_md5=False,
                  verbose=False)
     j = d.paper_index(19)
     assert d.attr_names[j] == "Heavy_Makeup" and j == 40 - 19
@@ -71,12 +72,12 @@ def test_paper_indices_are_mapped_by_name_not_position(tmp_path):
 def test_fake_files_fail_the_md5_check_clearly(tmp_path):
     make_fake_celeba(tmp_path)
     with pytest.raises(ValueError, match="check_md5=False"):
-        D.celeba(tmp_path, verbose=False)
+        data.celeba(tmp_path, verbose=False)
 
 
 def test_missing_files_say_where_to_put_them(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
-        D.celeba(tmp_path, verbose=False)
+        data.celeba(tmp_path, verbose=False)
     msg = str(err.value)
     assert str(tmp_path / "celeba") in msg and "list_attr_celeba.txt" in msg
     assert "img_align_celeba" in msg
@@ -86,12 +87,12 @@ def test_missing_files_say_where_to_put_them(tmp_path):
                                 dict(image_size=64.0)])
 def test_bad_arguments(tmp_path, kw):
     with pytest.raises(ValueError):
-        D.celeba(tmp_path, **kw)
+        data.celeba(tmp_path, **kw)
 
 
 def test_bad_paper_index(tmp_path):
     make_fake_celeba(tmp_path)
-    d = D.celeba(tmp_path, split="all", check_md5=False, verbose=False)
+    d = data.celeba(tmp_path, split="all", check_md5=False, verbose=False)
     with pytest.raises(ValueError, match="one_based"):
         d.paper_index(0)
     with pytest.raises(ValueError, match="name"):
@@ -100,14 +101,14 @@ def test_bad_paper_index(tmp_path):
 
 def test_resnet50_head_and_one_training_step(tmp_path):
     make_fake_celeba(tmp_path)
-    d = D.celeba(tmp_path, split="all", check_md5=False, verbose=False)
+    d = data.celeba(tmp_path, split="all", check_md5=False, verbose=False)
     x, y = d.tensors(4)
     torch.manual_seed(0)
-    net = C.celeba_resnet50()
+    net = classifiers.celeba_resnet50()
     assert net(x).shape == (4, 40)
-    hist = C.train_classifier(net, x, y, steps=1, batch_size=2, lr=C.CELEBA_LR)
+    hist = classifiers.train_classifier(net, x, y, steps=1, batch_size=2, lr=classifiers.CELEBA_LR)
     assert len(hist["loss"]) == 1 and hist["loss"][0] > 0
-    assert C.CELEBA_BATCH_SIZE == 128 and C.CELEBA_LR == 2e-4
+    assert classifiers.CELEBA_BATCH_SIZE == 128 and classifiers.CELEBA_LR == 2e-4
 
 
 def test_resnet50_loads_user_weights(tmp_path):
@@ -117,21 +118,20 @@ def test_resnet50_loads_user_weights(tmp_path):
     ref = resnet50(weights=None)
     path = tmp_path / "r50.pt"
     torch.save(ref.state_dict(), path)
-    net = C.celeba_resnet50(path)
+    net = classifiers.celeba_resnet50(path)
     assert torch.equal(net[1].conv1.weight, ref.conv1.weight)
     assert net[1].fc.out_features == 40
     with pytest.raises(FileNotFoundError, match="weights_path"):
-        C.celeba_resnet50(tmp_path / "nope.pt")
+        classifiers.celeba_resnet50(tmp_path / "nope.pt")
     torch.save({"foo": torch.zeros(1)}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="weights_path"):
-        C.celeba_resnet50(tmp_path / "bad.pt")
+        classifiers.celeba_resnet50(tmp_path / "bad.pt")
 
 
 def test_celeba_pipeline_end_to_end_on_a_fake_folder(tmp_path):
     """Flow, ResNet50, probes, Table 6, Figure 5 and PC on a fake CelebA at toy sizes."""
     import numpy as np
 
-    from flowjac import celeba_study
 
     make_fake_celeba(tmp_path, n=24)
     out = celeba_study.run_celeba(tmp_path, tmp_path / "out", config="toy",

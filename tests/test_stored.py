@@ -1,10 +1,11 @@
-"""flowjac.stored: stored probe runs load, reproduce live, and summarize."""
+"""flowjac.pipelines.stored: stored probe runs load, reproduce live, and summarize."""
 import pytest
 import torch
 
-from flowjac import probing, stored
-from flowjac.nets import MLPFlow
-from flowjac.train import velocity_fn
+from flowjac.engine import probing
+from flowjac.engine.velocity import velocity_fn
+from flowjac.models.nets import MLPFlow
+from flowjac.pipelines import stored
 
 
 def _run(tmp_path):

@@ -1,12 +1,13 @@
-"""Tests of flowjac.train: CFM loss, velocity, reproducibility, checkpoints."""
+"""Tests of flowjac.engine.train: CFM loss, velocity, reproducibility, checkpoints."""
 import pytest
 import torch
 
-from flowjac import gaussian as G
-from flowjac.nets import MLPFlow
-from flowjac.ode import integrate
-from flowjac.train import (cfm_loss, load_checkpoint, save_checkpoint,
-                           train_flow, velocity_fn)
+from flowjac.closedform import gaussian
+from flowjac.engine.checkpoints import load_checkpoint, save_checkpoint
+from flowjac.engine.ode import integrate
+from flowjac.engine.train import cfm_loss, train_flow
+from flowjac.engine.velocity import velocity_fn
+from flowjac.models.nets import MLPFlow
 
 F64 = torch.float64
 COV = torch.tensor([[1.0, 0.55], [0.55, 1.0]], dtype=F64)
@@ -32,7 +33,7 @@ class GaussianModel(torch.nn.Module):
 
     def forward(self, x, t):
         t = torch.as_tensor(t, dtype=x.dtype)
-        d = G.drift(x, t, MEAN, COV)
+        d = gaussian.drift(x, t, MEAN, COV)
         tb = t if t.ndim == 0 else t[:, None]
         return d if self.parameterization == "velocity" else x + (1 - tb) * d
 
@@ -60,7 +61,7 @@ def test_velocity_fn_of_exact_regressor_gives_gaussian_flow(par):
     z = torch.randn(6, 2, dtype=F64)
     x1 = integrate(velocity_fn(GaussianModel(par), par, t_max=0.9999), z, 100)
     tol = 1e-6 if par == "velocity" else 1e-5  # x1: O(1 - t_max) last stage
-    assert (x1 - G.flow_map(z, 1.0, MEAN, COV)).abs().max() < tol
+    assert (x1 - gaussian.flow_map(z, 1.0, MEAN, COV)).abs().max() < tol
 
 
 def test_seeded_cpu_training_is_reproducible_and_learns():

@@ -6,6 +6,8 @@ import torch
 
 import flowjac as fj
 from flowjac import utils
+from flowjac.closedform import mixture, unified
+from flowjac.estimators import intervals
 
 
 def test_setup_valid(tmp_path):
@@ -53,7 +55,7 @@ def test_save_json_atomic(tmp_path):
 
 
 def test_value_range_of_numbers_and_tensors():
-    from flowjac.utils import value_range
+    from flowjac._checks import value_range
     assert value_range(0.25, "t") == (0.25, 0.25)
     assert value_range(torch.tensor([0.5, 0.1, 0.9]), "t") == pytest.approx((0.1, 0.9))
     assert value_range(torch.tensor([3, 1]), "t") == (1.0, 3.0)
@@ -69,7 +71,6 @@ def test_numpy_integers_are_accepted_where_a_count_is_meant():
     import numpy as np
     import torch
 
-    from flowjac import estimators, mixture, unified
 
     gm = mixture.GaussianMixture(torch.tensor([0.5, 0.5]),
                                  torch.tensor([[-1.0], [1.0]]),
@@ -77,7 +78,7 @@ def test_numpy_integers_are_accepted_where_a_count_is_meant():
     assert gm.sample(np.int64(5)).shape == (5, 1)
     assert gm.sample_base(np.int32(3)).shape == (3, 1)
     assert unified.sample_times(np.int64(5)).shape == (5,)
-    ci = estimators.bootstrap_ci(lambda x: x.mean(), torch.randn(20, 2),
+    ci = intervals.bootstrap_ci(lambda x: x.mean(), torch.randn(20, 2),
                                  n_boot=np.int64(50),
                                  generator=torch.Generator().manual_seed(0))
     assert len(ci) == 3

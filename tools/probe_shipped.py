@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from flowjac import pretrained, probing  # noqa: E402
+from flowjac.engine import probing  # noqa: E402
+from flowjac.models import pretrained
 from flowjac.utils import atomic_write_bytes, hardware  # noqa: E402
 
 PATCH = [r * 28 + c for r in range(6, 12) for c in range(12, 18)]

@@ -1,4 +1,4 @@
-"""Train the shipped models (flowjac.pretrained.RECIPES) and measure their gates.
+"""Train the shipped models (flowjac.models.pretrained.RECIPES) and measure their gates.
 
     python tools/train_shipped.py scm-classifier mnist-digits --out DIR
     python tools/train_shipped.py scm-flow --device cuda --out DIR \
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from flowjac import pretrained  # noqa: E402
-from flowjac.train import load_checkpoint  # noqa: E402
+from flowjac.engine.checkpoints import load_checkpoint  # noqa: E402
+from flowjac.models import pretrained  # noqa: E402
 from flowjac.utils import save_json  # noqa: E402
 
 CLASSIFIER_OF = {"scm-flow": "scm-classifier", "scm-conditional": "scm-classifier",

@@ -1,0 +1,10 @@
+"""``python -m flowjac ...`` (and ``torchrun ... -m flowjac ...``): the command line of ``flowjac.cli``.
+
+Explained in "Running at scale".
+"""
+import sys
+
+from flowjac.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

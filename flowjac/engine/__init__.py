@@ -1,0 +1,17 @@
+"""The engine: how a flow is run, differentiated and trained.
+
+- ``velocity``: the velocity protocol (``__call__(x, t)``, optional exact
+  ``jvp(x, t, tangents)``) and ``velocity_fn`` for trained networks
+- ``ode``: fixed-grid Runge-Kutta solvers; one stage loop (``rk_solve``)
+  from which the JVP engine is derived
+- ``jvp``: exact and finite-difference JVPs of the flow map
+- ``composite``: JVPs and gradient norms of a classifier composed with the flow
+- ``probing``: JVPs, pair JVPs, gradient norms and the paper's rule at scale
+- ``train``: the CFM loss, EMA and a trainer with exact resume
+- ``distributed``: one process or many (torchrun): per-rank seeds,
+  sharding, exact float64 reductions, rank-0 writes, DDP training
+- ``checkpoints``: atomic saves, ``weights_only=True`` loads, resume rules
+"""
+from . import checkpoints, composite, distributed, jvp, ode, probing, train, velocity
+
+__all__ = ["checkpoints", "composite", "distributed", "jvp", "ode", "probing", "train", "velocity"]

@@ -1,0 +1,176 @@
+"""Checkpoints: atomic saves, ``weights_only=True`` loads, and the errors a user can act on.
+
+A checkpoint holds the model's state and config as plain JSON-able values,
+and optionally the optimizer, the EMA weights and training extras (the
+generator state and losses for exact resume). A load failure keeps torch's
+whole reason, names an unsafe pickle as such (never suggesting
+``weights_only=False``), and gives one clear error for a missing, empty or
+directory path. Explained in "Neural flows on Gaussians".
+"""
+from __future__ import annotations
+
+import copy
+import io
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flowjac._checks import check_int
+from flowjac.utils import atomic_write_bytes
+
+__all__ = ["save_checkpoint", "load_checkpoint", "load_or_train"]
+
+
+def _plain(value, where: str):
+    """``value`` as plain Python (numpy/torch scalars to numbers, paths to
+    strings, tuples to lists), or ValueError naming ``where``."""
+    import numbers
+    import os
+
+    import numpy as np
+
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (np.bool_,)):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if torch.is_tensor(value) and value.numel() == 1 and value.ndim == 0:
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise ValueError(f"{where} must hold plain values (numbers, strings, "
+                     f"lists, dicts, paths), got {type(value).__name__}")
+
+
+def _model_config(model):
+    return {"class": type(model).__name__,
+            "config": copy.deepcopy(getattr(model, "config", None))}
+
+
+def save_checkpoint(path, model: nn.Module, optimizer=None, step: int = 0,
+                    config: dict | None = None, ema=None, **extra) -> Path:
+    """Write model/optimizer/EMA/step atomically with torch.save; "Neural flows on Gaussians".
+
+    ``ema`` is an ``EMA``, a state dict or None; ``config`` a dict of plain
+    Python values; ``extra`` further tensors or plain values (the trainer
+    stores its RNG state and loss history). Load with ``load_checkpoint``.
+    """
+    step = check_int("step", step, minimum=0)
+    if ema is not None and not isinstance(ema, dict):
+        ema = ema.state_dict()
+    payload = {"format": "flowjac-checkpoint-1", "model": model.state_dict(),
+               "arch": _model_config(model), "step": step,
+               "config": _plain(dict(config or {}), "config"),
+               "optimizer": optimizer.state_dict() if optimizer else None,
+               "ema": ema, "extra": extra}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path, model: nn.Module, optimizer=None) -> dict:
+    """Load a checkpoint into ``model`` (and ``optimizer``), weights_only; "Neural flows on Gaussians".
+
+    Returns the payload dict (``step``, ``config``, ``ema``, ``extra``).
+    Raises FileNotFoundError for a missing file and ValueError for a
+    directory, an empty file, a corrupted file (with torch's full reason),
+    a file holding arbitrary pickled objects (named as such) or one saved
+    from a different architecture.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {str(path)!r} is a directory, not a "
+                         "checkpoint file")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {str(path)!r} is empty (0 bytes): an "
+                         "interrupted write or a truncated copy")
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        raise ValueError(f"checkpoint {str(path)!r} is a Git LFS pointer, not "
+                         "the file itself; fetch it with `git lfs pull`")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling/zip errors of many kinds
+        text = str(err)
+        if "WeightsUnpickler error:" in text:
+            # keep torch's reason, not its advice to load with weights_only=False
+            text = text.split("WeightsUnpickler error:", 1)[1]
+            text = " ".join(text.split("Check the documentation")[0].split())
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            raise ValueError(
+                f"checkpoint {str(path)!r} holds pickled Python objects "
+                f"beyond tensors and plain containers (it names "
+                f"{found.group(1)}), which flowjac refuses to load because "
+                "unpickling them can execute arbitrary code; flowjac never "
+                "writes such files") from None
+        raise ValueError(f"checkpoint {str(path)!r} is corrupted or not a "
+                         f"flowjac checkpoint ({type(err).__name__}: "
+                         f"{text})") from None
+    if not isinstance(payload, dict) or payload.get("format") != \
+            "flowjac-checkpoint-1":
+        raise ValueError(f"checkpoint {str(path)!r} is not a flowjac "
+                         "checkpoint (no 'flowjac-checkpoint-1' format tag)")
+    want, have = _model_config(model), payload["arch"]
+    if want != have:
+        raise ValueError(f"checkpoint {str(path)!r} holds a {have['class']} "
+                         f"with config {have['config']}, but the model is a "
+                         f"{want['class']} with config {want['config']}")
+    state = payload["model"]
+    own = model.state_dict()
+    bad = sorted(set(own) ^ set(state)) + sorted(
+        k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if bad:
+        raise ValueError(f"checkpoint {str(path)!r} does not match the model "
+                         f"architecture; mismatched entries: {bad[:10]}")
+    model.load_state_dict(state)
+    if optimizer is not None and payload.get("optimizer") is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+    return payload
+
+
+def _check_writable(path) -> None:
+    """Fail before training, not after it, when ``path`` cannot be written."""
+    import os
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint_path {str(path)!r} is a directory; give "
+                         "a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"checkpoint_path {str(path)!r}: its folder cannot be "
+                         f"created ({err})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise ValueError(f"checkpoint_path {str(path)!r}: its folder "
+                         f"{str(path.parent)!r} is not writable")
+
+
+def load_or_train(path, model: nn.Module, train, *, step: int = 0,
+                  config: dict | None = None) -> tuple:
+    """The one load-or-train cache: load ``model`` from ``path`` if it exists, else ``train(model)`` and save it atomically; "Neural flows on Gaussians".
+
+    Returns ``(model, trained_now)``. ``step`` and ``config`` are stored
+    with a fresh checkpoint (config as plain JSON-able values).
+    """
+    path = Path(path)
+    if path.exists():
+        load_checkpoint(path, model)
+        return model, False
+    _check_writable(path)
+    train(model)
+    save_checkpoint(path, model, step=step, config=config)
+    return model, True

@@ -1,0 +1,224 @@
+"""Probe a flow composed with a readout: outputs, JVPs, exact gradient norms, the paper's rule, and latent pairs.
+
+A *readout* maps flow outputs (B, C, H, W) to a few numbers (B, p): an
+attribute classifier's logits, or the pixels of a patch. For n latents
+z ~ N(0, I) (seeded, drawn batch by batch on the CPU) ``probe`` records
+
+* ``out``       (n, p)    the readout r(φ(z));
+* ``jvp``       (n, k, p) J_{r∘φ}(z) v for k probes v ~ N(0, I);
+* ``rho``, ``jvp_pair``, ``out_pair``: for a second latent z' and
+  ρ ∈ [0, 1], the JVPs at z_ρ = ρ z + sqrt(1 - ρ²) z' along the *same*
+  probes, the ingredients of the covariance identity of "Exact covariances
+  from JVPs" (ρ is stratified over [0, 1]: ρ_i = (π_i + U_i) / n for a
+  random permutation π);
+* ``grad_norm`` (n, m)    the true ‖∇_z r_a(φ(z))‖ of the m outputs listed in
+  ``grad_outputs``, by reverse mode (the quantity the paper's rule stands
+  in for);
+* ``paper_change`` (n, p) the authors' rule as they ran it:
+  |r(φ(z + ε u)) - r(φ(z))| along one *unit-norm* direction u (the first
+  probe normalized), ε = 1e-2 by default; they kept |Δ| < 1e-4.
+
+``plain_outputs`` draws r(φ(z)) for fresh latents: the plain-sample
+estimate to compare at equal compute. ``evaluations`` counts velocity
+evaluations in units of one primal evaluation per latent (a JVP stage with
+k probes counts 1 + k). Explained in "Attribute dependencies through a
+classifier" and "Pixel correlations on MNIST fives".
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm import tqdm
+
+from flowjac._checks import check_choice, check_int
+
+__all__ = ["probe", "plain_outputs", "stage_count", "redraw"]
+
+_STAGES = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+
+
+def _latent_batches(n, k, latent_shape, seed, batch_size):
+    """The stratified rho of every pair, and the batches (start, z, v, z') in
+    the order ``probe`` draws them (float64, on the CPU)."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g).double()
+    rho = (perm + torch.rand(n, generator=g, dtype=torch.float64)) / n
+
+    def batches():
+        for i in range(0, n, batch_size):
+            b = min(batch_size, n - i)
+            z = torch.randn(b, *latent_shape, generator=g, dtype=torch.float64)
+            v = torch.randn(b, k, *latent_shape, generator=g,
+                            dtype=torch.float64)
+            zp = torch.randn(b, *latent_shape, generator=g, dtype=torch.float64)
+            yield i, z, v, zp
+    return rho, batches()
+
+
+def redraw(meta: dict, latent_shape, rows) -> tuple:
+    """The latents z, probes v and partners z_rho of the given rows of a probe run, redrawn from its ``meta``; "Attribute dependencies through a classifier".
+
+    ``meta`` is the run's ``meta`` dict (``n``, ``k``, ``seed``,
+    ``batch_size``); returns float64 CPU tensors (m, *shape), (m, k, *shape)
+    and (m, *shape) for the m rows, in the order given.
+    """
+    rows = [check_int("rows entry", r, minimum=0) for r in rows]
+    n, k = meta["n"], meta["k"]
+    if not rows or max(rows) >= n:
+        raise ValueError(f"rows must be a non-empty list of rows < {n}, got "
+                         f"{rows[:5]}")
+    rho, draws = _latent_batches(n, k, tuple(latent_shape), meta["seed"],
+                                 meta["batch_size"])
+    found = {}
+    for i, z, v, zp in draws:
+        for r in rows:
+            if i <= r < i + z.shape[0]:
+                found[r] = (z[r - i], v[r - i], zp[r - i])
+        if len(found) == len(set(rows)):
+            break
+    z, v, zp = (torch.stack(t) for t in zip(*(found[r] for r in rows)))
+    shape = (len(rows),) + (1,) * len(tuple(latent_shape))
+    rr = rho[rows].view(shape)
+    return z, v, rr * z + (1 - rr ** 2).sqrt() * zp
+
+
+def stage_count(method: str, steps: int) -> int:
+    """Velocity evaluations of one solve; "Attribute dependencies through a classifier"."""
+    check_choice("method", method, tuple(_STAGES))
+    return _STAGES[method] * check_int("steps", steps, minimum=1)
+
+
+def _grad_norms(velocity, readout, z, steps, method, outputs, chunk):
+    from flowjac.engine.ode import integrate
+
+    rows = []
+    for i in range(0, z.shape[0], chunk):
+        with torch.enable_grad():
+            zz = z[i:i + chunk].detach().clone().requires_grad_(True)
+            out = readout(integrate(velocity, zz, steps, method=method))
+            norms = []
+            for j, a in enumerate(outputs):
+                (g,) = torch.autograd.grad(out[:, a].sum(), zz,
+                                           retain_graph=j + 1 < len(outputs))
+                norms.append(g.flatten(1).norm(dim=1))
+        rows.append(torch.stack(norms, 1).detach())
+    return torch.cat(rows)
+
+
+def probe(velocity, readout, latent_shape, n: int, *, k: int = 4,
+          steps: int = 10, method: str = "midpoint", seed: int = 0,
+          device="cpu", dtype=torch.float64, batch_size: int = 256,
+          pairs: bool = True, grad_outputs=(), grad_batch: int = 32,
+          eps: float = 1e-2, progress: bool = False) -> dict:
+    """Outputs, JVPs, pair JVPs, true gradient norms and the paper's change for n latents; "Attribute dependencies through a classifier".
+
+    ``velocity`` and ``readout`` must already be on ``device`` in
+    ``dtype``. ``grad_outputs`` lists the readout columns whose true
+    gradient norms are computed by reverse mode (``grad_norm`` is then
+    (n, len(grad_outputs))), ``grad_batch`` latents at a time (reverse mode
+    stores every solver stage). Results come back as float32 CPU tensors,
+    with ``meta`` (settings, seconds and evaluation counts of each part).
+    """
+    from flowjac.engine.composite import attribute_jvp
+    from flowjac.engine.ode import integrate
+
+    n = check_int("n", n, minimum=2)
+    k = check_int("k", k, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    stages = stage_count(method, steps)
+    grad_outputs = [check_int("grad_outputs entry", a, minimum=0)
+                    for a in grad_outputs]
+    grad_batch = check_int("grad_batch", grad_batch, minimum=1)
+    grad_norms = bool(grad_outputs)
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    latent_shape = tuple(latent_shape)
+    rho_all, draws = _latent_batches(n, k, latent_shape,
+                                     check_int("seed", seed, minimum=0),
+                                     batch_size)
+    keys = ["out", "jvp"] + (["rho", "out_pair", "jvp_pair"] if pairs else []) \
+        + (["grad_norm"] if grad_norms else []) + ["paper_change"]
+    res = {key: [] for key in keys}
+    secs = {"jvp": 0.0, "pair": 0.0, "grad_norm": 0.0, "paper": 0.0}
+    dev = torch.device(device)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    bar = tqdm(draws, total=-(-n // batch_size), disable=not progress or None,
+               desc="probing", mininterval=2.0)
+    for i, z, v, zp in bar:
+        b = z.shape[0]
+        z, v, zp = (t.to(dev, dtype) for t in (z, v, zp))
+
+        def timed_jvp(x, part, v=v):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                fx, dx = attribute_jvp(velocity, readout, x, tangents=v,
+                                       steps=steps, method=method)
+            sync()
+            secs[part] += time.perf_counter() - t0
+            return fx, dx
+
+        out, d = timed_jvp(z, "jvp")
+        res["out"].append(out)
+        res["jvp"].append(d)
+        if pairs:
+            rho = rho_all[i:i + b].to(dev, dtype)
+            shape = (b,) + (1,) * len(latent_shape)
+            zr = rho.view(shape) * z + (1 - rho.view(shape) ** 2).sqrt() * zp
+            outp, dp = timed_jvp(zr, "pair")
+            res["rho"].append(rho)
+            res["out_pair"].append(outp)
+            res["jvp_pair"].append(dp)
+        if grad_norms:
+            t0 = time.perf_counter()
+            res["grad_norm"].append(_grad_norms(velocity, readout, z, steps,
+                                                method, grad_outputs,
+                                                grad_batch))
+            sync()
+            secs["grad_norm"] += time.perf_counter() - t0
+        u = v[:, 0] / v[:, 0].flatten(1).norm(dim=1).view(
+            (b,) + (1,) * len(latent_shape))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            moved = readout(integrate(velocity, z + eps * u, steps,
+                                      method=method))
+        sync()
+        secs["paper"] += time.perf_counter() - t0
+        res["paper_change"].append((moved - out).abs())
+    out = {key: torch.cat(val).float().cpu() for key, val in res.items()}
+    out["meta"] = dict(n=n, k=k, steps=steps, method=method, seed=seed,
+                       grad_outputs=grad_outputs,
+                       eps=eps, batch_size=batch_size, dtype=str(dtype),
+                       device=str(dev), seconds=secs,
+                       evaluations=dict(
+                           jvp=n * stages * (1 + k),
+                           pair=n * stages * (1 + k) if pairs else 0,
+                           plain_sample=n * stages))
+    return out
+
+
+def plain_outputs(velocity, readout, latent_shape, n: int, *,
+                  steps: int = 10, method: str = "midpoint", seed: int = 1,
+                  device="cpu", dtype=torch.float64,
+                  batch_size: int = 1024) -> tuple:
+    """r(φ(z)) for n fresh latents (the plain-sample estimate) and the seconds it took; "Attribute dependencies through a classifier"."""
+    from flowjac.engine.ode import integrate
+
+    n = check_int("n", n, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    g = torch.Generator().manual_seed(check_int("seed", seed, minimum=0))
+    dev = torch.device(device)
+    outs, t0 = [], time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            b = min(batch_size, n - i)
+            z = torch.randn(b, *tuple(latent_shape), generator=g,
+                            dtype=torch.float64).to(dev, dtype)
+            outs.append(readout(integrate(velocity, z, steps, method=method)))
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return torch.cat(outs).float().cpu(), time.perf_counter() - t0

@@ -1,0 +1,263 @@
+"""Conditional flow matching (CFM): loss, EMA, and a trainer with exact resume.
+
+Interpolation x_t = (1 - t) x0 + t x1 with x0 ~ N(0, I) and x1 from the data.
+
+* ``parameterization="velocity"``: the network regresses x1 - x0, and its
+  output is the drift E[X1 - X0 | X_t = x].
+* ``parameterization="x1"``: the network regresses x1, i.e. predicts
+  g(x, t) = E[X1 | X_t = x] (the authors' 2D experiment); the drift is then
+  (g - x) / (1 - t), because E[X0 | X_t = x] = (x - t g) / (1 - t).
+
+Explained in "Neural flows on Gaussians" (``book/neural_gaussian.md``); the
+image model is trained in "Pixel correlations on MNIST fives".
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from flowjac._checks import check_choice, check_finite, check_int
+from flowjac.engine.checkpoints import _check_writable, _plain, load_checkpoint, save_checkpoint
+from flowjac.engine.velocity import PARAMETERIZATIONS, _bcast_t
+from flowjac.utils import get_device
+
+__all__ = ["cfm_loss", "EMA", "train_flow"]
+
+
+
+def cfm_loss(model: nn.Module, x0: torch.Tensor, x1: torch.Tensor, t,
+             parameterization: str = "velocity") -> torch.Tensor:
+    """Mean squared CFM error at x_t = (1 - t) x0 + t x1; "Neural flows on Gaussians".
+
+    Target x1 - x0 for ``"velocity"``, x1 for ``"x1"``. ``t`` is a scalar
+    or a (B,) tensor.
+    """
+    check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+    if not (torch.is_tensor(x0) and torch.is_tensor(x1)) or x0.shape != x1.shape:
+        raise ValueError("x0 and x1 must be tensors of the same shape, got "
+                         f"{getattr(x0, 'shape', x0)} and "
+                         f"{getattr(x1, 'shape', x1)}")
+    tb = _bcast_t(t, x0)
+    xt = (1 - tb) * x0 + tb * x1
+    target = x1 - x0 if parameterization == "velocity" else x1
+    tt = torch.as_tensor(t, dtype=x0.dtype, device=x0.device)
+    return ((model(xt, tt) - target) ** 2).mean()
+
+
+class EMA:
+    """Exponential moving average of a model's floating parameters and buffers; "Neural flows on Gaussians"."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not (isinstance(decay, (int, float)) and 0 < decay < 1):
+            raise ValueError(f"ema_decay must be a number in (0, 1), got "
+                             f"{decay!r}")
+        self.decay = float(decay)
+        self.shadow = {k: v.detach().clone()
+                       for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """shadow <- decay * shadow + (1 - decay) * current."""
+        floats, targets = [], []
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                floats.append(self.shadow[k])
+                targets.append(v)
+            else:
+                self.shadow[k].copy_(v)
+        if floats:      # one fused call instead of one kernel per tensor
+            torch._foreach_lerp_(floats, targets, 1 - self.decay)
+
+    def state_dict(self) -> dict:
+        """The averaged weights, loadable into the model."""
+        return self.shadow
+
+
+def _sampler(sample_x1, device):
+    if torch.is_tensor(sample_x1):
+        data = check_finite("sample_x1", sample_x1)
+        if data.ndim < 2 or len(data) == 0:
+            raise ValueError("sample_x1 as a tensor must have shape (N, ...) "
+                             f"with N >= 1, got {tuple(data.shape)}")
+
+        def draw(n, generator):
+            idx = torch.randint(len(data), (n,), generator=generator)
+            return data[idx.to(data.device)]
+        return draw
+    if not callable(sample_x1):
+        raise ValueError("sample_x1 must be a callable sample_x1(n, generator) "
+                         f"or a tensor of rows, got {type(sample_x1).__name__}")
+    return sample_x1
+
+
+def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
+               lr: float, weight_decay: float = 0.0,
+               parameterization: str = "velocity", ema_decay=None,
+               grad_clip=1.0, checkpoint_path=None,
+               checkpoint_every: int = 1000, resume: bool = True,
+               seed: int = 0, device="cpu", progress: bool = True,
+               log_every: int = 1, allow_config_change: bool = False,
+               labels=None, label_dropout: float = 0.0) -> dict:
+    """Train ``model`` with the CFM loss, AdamW, clipping, optional EMA; "Neural flows on Gaussians".
+
+    ``sample_x1(n, generator)`` returns n targets (or pass a tensor whose
+    rows are sampled uniformly). Sources x0 ~ N(0, I) and times
+    t ~ U(0, 1) come from a CPU ``torch.Generator`` seeded with ``seed``, so
+    a seeded CPU run is reproducible bit for bit (the initial weights are the
+    caller's: seed before building the model). With ``checkpoint_path`` a
+    checkpoint (model, optimizer, EMA, generator state, losses) is written
+    atomically every ``checkpoint_every`` steps and at the end; if it exists
+    and ``resume`` is true, training continues from it and the result equals
+    an uninterrupted run. With ``ema_decay`` the model ends holding the EMA
+    weights. Returns ``{"loss": [...], "step": [...], "lr": lr, ...}``
+    with the loss every ``log_every`` steps and ``resumed_from`` (the
+    checkpoint's step, 0 for a fresh run).
+
+    Resuming refuses a checkpoint whose ``batch_size``, ``lr``,
+    ``weight_decay``, ``ema_decay``, ``grad_clip``, ``seed`` or
+    ``parameterization`` differ from the call's (pass
+    ``allow_config_change=True`` to continue with the new values; the
+    random stream then continues from the checkpoint's), and a ``steps``
+    smaller than the checkpoint's step. The checkpoint's folder is created
+    and checked for writing before the first step.
+
+    With ``labels`` (N, m) of 0/1 beside a tensor ``sample_x1`` of N rows,
+    the model is label-conditional (``model(x, t, cond)``, e.g. a
+    ``FlowUNet(num_labels=m)``): each drawn row comes with its code
+    cond = 2 labels - 1, replaced by zeros ("unknown") with probability
+    ``label_dropout`` so that the same network also learns the unconditional
+    velocity ("Interventions and counterfactuals").
+    """
+    steps = check_int("steps", steps, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    checkpoint_every = check_int("checkpoint_every", checkpoint_every, minimum=1)
+    log_every = check_int("log_every", log_every, minimum=1)
+    seed = check_int("seed", seed, minimum=0)
+    check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    # plain floats: numpy scalars would be pickled into the optimizer state
+    lr, weight_decay = float(lr), float(weight_decay)
+    if ema_decay is not None and isinstance(ema_decay, (int, float)):
+        ema_decay = float(ema_decay)
+    if grad_clip is not None and isinstance(grad_clip, (int, float)):
+        grad_clip = float(grad_clip)
+    if grad_clip is not None and not (isinstance(grad_clip, (int, float))
+                                      and grad_clip > 0):
+        raise ValueError(f"grad_clip must be None or a positive number, got "
+                         f"{grad_clip!r}")
+    dev = get_device(device) if isinstance(device, str) else device
+    draw = _sampler(sample_x1, dev)
+    if labels is not None:
+        if not torch.is_tensor(sample_x1):
+            raise ValueError("labels need sample_x1 as a tensor of rows")
+        labels = torch.as_tensor(labels)
+        if labels.ndim != 2 or len(labels) != len(sample_x1) or not bool(
+                ((labels == 0) | (labels == 1)).all()):
+            raise ValueError(f"labels must be a (N, m) tensor of 0/1 with N = "
+                             f"{len(sample_x1)}, got shape "
+                             f"{tuple(labels.shape)}")
+        if not (isinstance(label_dropout, (int, float))
+                and 0 <= label_dropout < 1):
+            raise ValueError(f"label_dropout must be a number in [0, 1), got "
+                             f"{label_dropout!r}")
+        label_dropout = float(label_dropout)
+        codes = (2 * labels.to(sample_x1.dtype) - 1).to(sample_x1.device)
+    if checkpoint_path is not None:
+        _check_writable(checkpoint_path)
+    model.to(dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr,
+                            weight_decay=weight_decay)
+    ema = EMA(model, ema_decay) if ema_decay is not None else None
+    gen = torch.Generator().manual_seed(seed)
+    hist = {"loss": [], "step": []}
+    start = 0
+    config = dict(steps=steps, batch_size=batch_size, lr=lr,
+                  weight_decay=weight_decay, ema_decay=ema_decay,
+                  grad_clip=grad_clip, seed=seed,
+                  parameterization=parameterization)
+    if labels is not None:
+        config.update(label_dropout=label_dropout, num_labels=labels.shape[1])
+    if checkpoint_path is not None and resume and Path(checkpoint_path).exists():
+        payload = load_checkpoint(checkpoint_path, model, opt)
+        start = payload["step"]
+        if start > steps:
+            raise ValueError(f"steps ({steps}) is smaller than the step of the "
+                             f"checkpoint {str(checkpoint_path)!r} ({start}); "
+                             "ask for at least that many steps, or pass "
+                             "resume=False to start afresh")
+        old = payload["config"]
+        changed = {k: (old.get(k), _plain(config[k], k)) for k in _RESUME_KEYS
+                   if k in old and old.get(k) != _plain(config[k], k)}
+        if changed and not allow_config_change:
+            raise ValueError(
+                f"checkpoint {str(checkpoint_path)!r} was trained with other "
+                "settings: " + ", ".join(f"{k} {a!r} there, {b!r} now"
+                                         for k, (a, b) in changed.items())
+                + "; pass allow_config_change=True to continue with the new "
+                "values, or resume=False to start afresh")
+        if changed:
+            for group in opt.param_groups:
+                group["lr"], group["weight_decay"] = lr, weight_decay
+        extra = payload["extra"]
+        gen.set_state(extra["rng"])
+        hist = {"loss": list(extra["loss"]), "step": list(extra["loss_step"])}
+        if ema is not None and payload["ema"] is not None:
+            ema.shadow = {k: v.to(dev) for k, v in payload["ema"].items()}
+        model.to(dev)
+
+    def save(step):
+        save_checkpoint(checkpoint_path, model, opt, step, config, ema,
+                        rng=gen.get_state(), loss=hist["loss"],
+                        loss_step=hist["step"])
+
+    bar = tqdm(range(start, steps), disable=not progress or None,
+               desc="CFM training", mininterval=1.0, initial=start,
+               total=steps)
+    for step in bar:
+        if labels is None:
+            x1 = draw(batch_size, gen).to(dev)
+            net = model
+        else:
+            idx = torch.randint(len(sample_x1), (batch_size,), generator=gen)
+            x1 = sample_x1[idx.to(sample_x1.device)].to(dev)
+            keep = torch.rand(batch_size, generator=gen) >= label_dropout
+            cond = (codes[idx.to(codes.device)] * keep.to(codes)[:, None]).to(dev)
+
+            def net(x, t, cond=cond):
+                return model(x, t, cond)
+        x0 = torch.randn(x1.shape, generator=gen, dtype=x1.dtype).to(dev)
+        t = torch.rand(batch_size, generator=gen, dtype=x1.dtype).to(dev)
+        loss = cfm_loss(net, x0, x1, t, parameterization)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        if ema is not None:
+            ema.update(model)
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            hist["loss"].append(float(loss.detach()))
+            hist["step"].append(step + 1)
+            bar.set_postfix(loss=f"{hist['loss'][-1]:.4f}", refresh=False)
+        if checkpoint_path is not None and (
+                (step + 1) % checkpoint_every == 0 or step + 1 == steps):
+            save(step + 1)
+    if ema is not None:
+        model.load_state_dict(ema.state_dict())
+    model.eval()
+    hist.update(config)
+    hist["ema"] = ema is not None
+    hist["resumed_from"] = start
+    return hist
+
+
+_RESUME_KEYS = ("batch_size", "lr", "weight_decay", "ema_decay", "grad_clip",
+                "label_dropout",
+                "seed", "parameterization")
+
+

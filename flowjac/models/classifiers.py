@@ -1,0 +1,258 @@
+"""Attribute classifiers: a small ResNet-style network trained from scratch on
+the generated SCM images, and the paper's ResNet50 for CelebA's 40 attributes.
+
+Both output one logit per attribute and are trained with BCE-with-logits.
+Neither uses BatchNorm in a way that breaks forward-mode AD: the small
+network has no normalization layers at all, and the ResNet50 is used in
+``eval()`` mode, where BatchNorm is an affine map.
+
+Explained in "Attribute dependencies through a classifier"
+(``book/attributes.md``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from flowjac._checks import check_int
+
+__all__ = [
+    "ResBlock", "AttributeNet", "celeba_resnet50", "train_classifier",
+    "predict_logits", "per_attribute_accuracy", "load_or_train_classifier",
+    "CELEBA_BATCH_SIZE", "CELEBA_LR", "random_shift", "class_accuracy",
+]
+
+CELEBA_BATCH_SIZE = 128     # the paper's CelebA classifier settings
+CELEBA_LR = 2e-4
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block without normalization; "Attribute dependencies through a classifier"."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
+        nn.init.zeros_(self.conv2.weight)      # starts as the identity path
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = (nn.Identity() if c_in == c_out and stride == 1
+                     else nn.Conv2d(c_in, c_out, 1, stride))
+
+    def forward(self, x):
+        h = self.conv1(F.silu(x))
+        h = self.conv2(F.silu(h))
+        return self.skip(x) + h
+
+
+class AttributeNet(nn.Module):
+    """Small ResNet-style multi-label classifier, one logit per attribute; "Attribute dependencies through a classifier".
+
+    ``width`` channels at full resolution, doubled at each of the stages
+    after the first, each of which halves the resolution (the stem itself
+    downsamples by ``stem_stride``); global average pooling and a linear
+    head. No BatchNorm, so forward-mode AD and vmap
+    are exact and cheap.
+    """
+
+    def __init__(self, n_attr: int = 9, in_channels: int = 3, width: int = 16,
+                 stages: int = 3, blocks_per_stage: int = 1,
+                 stem_stride: int = 1):
+        super().__init__()
+        check_int("n_attr", n_attr, minimum=1)
+        check_int("in_channels", in_channels, minimum=1)
+        check_int("width", width, minimum=1)
+        check_int("stages", stages, minimum=1)
+        check_int("blocks_per_stage", blocks_per_stage, minimum=1)
+        check_int("stem_stride", stem_stride, minimum=1)
+        self.config = dict(n_attr=n_attr, in_channels=in_channels, width=width,
+                           stages=stages, blocks_per_stage=blocks_per_stage,
+                           stem_stride=stem_stride)
+        self.stem = nn.Conv2d(in_channels, width, 3, stem_stride, 1)
+        layers, c = [], width
+        for s in range(stages):
+            c_out = width * 2 ** s
+            for b in range(blocks_per_stage):
+                stride = 2 if (s > 0 and b == 0) else 1
+                layers.append(ResBlock(c, c_out, stride))
+                c = c_out
+        self.blocks = nn.Sequential(*layers)
+        self.head = nn.Linear(c, n_attr)
+
+    def forward(self, x):
+        h = self.blocks(self.stem(x))
+        return self.head(F.silu(h).mean(dim=(2, 3)))
+
+
+class _ImageNetNormalize(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def celeba_resnet50(weights_path=None, n_attr: int = 40) -> nn.Module:
+    """The paper's CelebA classifier: ResNet50 (ImageNet weights from a user file) with a 40-logit head; "Attribute dependencies through a classifier".
+
+    ``weights_path`` is a torchvision ``resnet50`` ImageNet ``state_dict``
+    saved with ``torch.save`` (nothing is downloaded); ``None`` starts from
+    random weights. Inputs are images in [0, 1]; ImageNet normalization is
+    the model's first layer. Train with ``train_classifier(...,
+    batch_size=CELEBA_BATCH_SIZE, lr=CELEBA_LR)``.
+    """
+    from torchvision.models import resnet50
+
+    check_int("n_attr", n_attr, minimum=1)
+    net = resnet50(weights=None)
+    if weights_path is not None:
+        path = Path(weights_path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"weights_path {path} does not exist; save torchvision's "
+                "ResNet50_Weights.IMAGENET1K_V2 state_dict there with "
+                "torch.save(model.state_dict(), path) on a machine with internet")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"weights_path {path} is not a torchvision resnet50 state_dict: "
+                f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    net.fc = nn.Linear(net.fc.in_features, n_attr)
+    return nn.Sequential(_ImageNetNormalize(), net)
+
+
+def _check_data(images, labels):
+    if not torch.is_tensor(images) or images.ndim != 4:
+        raise ValueError(f"images must be a (N, C, H, W) tensor, got "
+                         f"{getattr(images, 'shape', type(images))}")
+    if not torch.is_tensor(labels) or labels.ndim != 2 or \
+            labels.shape[0] != images.shape[0]:
+        raise ValueError(f"labels must be a (N, n_attr) tensor with N = "
+                         f"{images.shape[0]}, got {getattr(labels, 'shape', type(labels))}")
+
+
+def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                     *, steps: int, batch_size: int = CELEBA_BATCH_SIZE,
+                     lr: float = CELEBA_LR, weight_decay: float = 0.0,
+                     seed: int = 0, device="cpu", progress: bool = False,
+                     loss: str = "bce", shift: int = 0) -> dict:
+    """Train a classifier with Adam: multi-label BCE or multi-class cross-entropy; "Attribute dependencies through a classifier".
+
+    Minibatches are drawn with replacement from ``images`` (N, C, H, W) and
+    ``labels``: 0/1 (N, n_attr) for ``loss="bce"`` (one logit per
+    attribute), class indices (N,) for ``loss="ce"`` (one logit per class).
+    ``shift`` > 0 translates each training image by a random whole number
+    of pixels in [-shift, shift] along each axis (zero fill), the usual
+    augmentation for digits. Returns ``{"loss": [...]}`` per step.
+    """
+    if loss not in ("bce", "ce"):
+        raise ValueError(f"loss must be 'bce' or 'ce', got {loss!r}")
+    shift = check_int("shift", shift, minimum=0)
+    if loss == "ce":
+        if not torch.is_tensor(labels) or labels.ndim != 1:
+            raise ValueError("labels must be a (N,) tensor of class indices "
+                             f"for loss='ce', got {getattr(labels, 'shape', type(labels))}")
+        _check_data(images, labels[:, None])
+    else:
+        _check_data(images, labels)
+    steps = check_int("steps", steps, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    device = torch.device(device)
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    it = range(steps)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, mininterval=5, disable=None, desc="classifier")
+    for _ in it:
+        idx = torch.randint(0, images.shape[0], (batch_size,), generator=g)
+        x = images[idx]
+        if shift:
+            x = random_shift(x, shift, g)
+        x = x.to(device)
+        if loss == "ce":
+            value = F.cross_entropy(model(x), labels[idx].to(device).long())
+        else:
+            value = F.binary_cross_entropy_with_logits(
+                model(x), labels[idx].to(device).float())
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        losses.append(value.item())
+    model.eval()
+    return {"loss": losses}
+
+
+def random_shift(images: torch.Tensor, shift: int,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Translate each image by random whole pixels in [-shift, shift] per axis, zero fill; "Pixel correlations on MNIST fives"."""
+    shift = check_int("shift", shift, minimum=0)
+    if shift == 0:
+        return images
+    n, _, h, w = images.shape
+    padded = F.pad(images, (shift, shift, shift, shift))
+    off = torch.randint(0, 2 * shift + 1, (n, 2), generator=generator)
+    rows = (off[:, 0, None] + torch.arange(h))[:, None, :, None]
+    cols = (off[:, 1, None] + torch.arange(w))[:, None, None, :]
+    idx_n = torch.arange(n)[:, None, None, None]
+    idx_c = torch.arange(images.shape[1])[None, :, None, None]
+    return padded[idx_n, idx_c, rows, cols]
+
+
+def class_accuracy(model: nn.Module, images: torch.Tensor,
+                   labels: torch.Tensor, batch_size: int = 256) -> float:
+    """Fraction of images whose arg-max logit is the label (multi-class); "Pixel correlations on MNIST fives"."""
+    if not torch.is_tensor(labels) or labels.ndim != 1 or \
+            labels.shape[0] != images.shape[0]:
+        raise ValueError(f"labels must be a (N,) tensor with N = "
+                         f"{images.shape[0]}, got {getattr(labels, 'shape', labels)}")
+    pred = predict_logits(model, images, batch_size).argmax(1)
+    return float((pred == labels.long().cpu()).float().mean())
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor,
+                   batch_size: int = 256) -> torch.Tensor:
+    """Logits of ``model`` on ``images``, in batches, on the model's device; "Attribute dependencies through a classifier"."""
+    if not torch.is_tensor(images) or images.ndim != 4:
+        raise ValueError(f"images must be a (N, C, H, W) tensor, got "
+                         f"{getattr(images, 'shape', type(images))}")
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    model.eval()
+    dev = next(model.parameters()).device
+    return torch.cat([model(images[i:i + batch_size].to(dev)).cpu()
+                      for i in range(0, images.shape[0], batch_size)])
+
+
+def per_attribute_accuracy(model: nn.Module, images: torch.Tensor,
+                           labels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Fraction of correct 0/1 predictions (logit > 0) per attribute; "Attribute dependencies through a classifier"."""
+    _check_data(images, labels)
+    pred = (predict_logits(model, images, batch_size) > 0).long()
+    return (pred == labels.long().cpu()).float().mean(0)
+
+
+def load_or_train_classifier(path, model: nn.Module, images, labels, **train_kwargs):
+    """Load ``model`` from ``path`` if it exists, else train it and save it atomically; "Attribute dependencies through a classifier".
+
+    Returns ``(model, trained)`` where ``trained`` says whether it was
+    trained now. ``train_kwargs`` go to ``train_classifier``.
+    """
+    from flowjac.engine.checkpoints import load_or_train
+
+    model, trained = load_or_train(
+        path, model, lambda m: train_classifier(m, images, labels, **train_kwargs),
+        config=getattr(model, "config", None))
+    model.eval()
+    return model, trained

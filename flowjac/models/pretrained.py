@@ -1,0 +1,458 @@
+"""Shipped models: flows and classifiers that passed their quality gates.
+
+``available()`` lists the names, ``load(name)`` returns the models ready to
+use, after checking each file's sha256 against ``weights/manifest.json``:
+
+* ``"scm"`` — a FlowUNet on the 32x32 SCM images (flow space [-1, 1]) and
+  the attribute classifier trained on *independent* attribute renders (so
+  that no attribute can be read off another), 9 logits in SCM order;
+* ``"mnist-fives"`` — a FlowUNet on MNIST fives (pixel space [0, 1]);
+* ``"mnist-digits"`` — a ten-class digit classifier on [0, 1] pixels;
+* ``"scm-conditional"`` — a label-conditional FlowUNet on the SCM images,
+  trained on independent attribute renders; its ``velocity`` is a
+  ``LabelVelocity``: ``velocity(x, t, labels)`` with labels (B, 9) of 0/1 in
+  SCM order, ``velocity.given(labels)`` an ordinary velocity (x, t); with
+  the same attribute classifier.
+
+Every file was made by ``train(part, ...)`` from the recipe in ``RECIPES``
+(``tools/train_shipped.py`` runs it; the manifest records the settings, the
+training steps and time, the hardware and the measured gates), so a
+chapter's ``retrain=True`` reruns the recipe that produced the shipped file.
+
+Explained in "Attribute dependencies through a classifier" and "Pixel
+correlations on MNIST fives".
+
+Longer than 400 lines because the recipes, the training that realises
+them and the gates that accept them are one contract per shipped file.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from flowjac._checks import check_choice, check_int
+from flowjac.utils import hardware
+
+__all__ = ["WEIGHTS_DIR", "RECIPES", "NAMES", "Pretrained", "available",
+           "load", "manifest", "sha256", "build", "train_part",
+           "training_data", "sample", "evaluate_part", "write_manifest"]
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+
+# One recipe per shipped file. ``net`` builds the network, the rest trains it.
+RECIPES = {
+    "scm-classifier": dict(
+        file="scm_classifier.pt", kind="attribute-classifier",
+        net=dict(n_attr=9, in_channels=3, width=16, stages=3,
+                 blocks_per_stage=1, stem_stride=1),
+        size=32, n_independent=30_000, n_scm=10_000, train_steps=3000,
+        batch_size=128, lr=2e-3, seed=0),
+    "scm-flow": dict(
+        file="scm_flow.pt", kind="flow", data="scm",
+        net=dict(in_channels=3, base_channels=32, channel_mult=[1, 2, 2, 2],
+                 time_dim=128, image_size=32, num_res_blocks=1,
+                 norm_groups=8),
+        n_train=20_000, train_steps=3000, batch_size=256, lr=4e-4,
+        ema_decay=0.999, grad_clip=1.0, seed=0,
+        sampler=dict(method="midpoint", steps=10)),
+    "scm-conditional": dict(
+        file="scm_conditional.pt", kind="conditional-flow",
+        data="scm-independent",
+        net=dict(in_channels=3, base_channels=32, channel_mult=[1, 2, 2, 2],
+                 time_dim=128, image_size=32, num_res_blocks=1,
+                 norm_groups=8, num_labels=9),
+        n_train=30_000, train_steps=6000, batch_size=64, lr=3e-4,
+        ema_decay=0.999, grad_clip=1.0, label_dropout=0.1, seed=0,
+        sampler=dict(method="midpoint", steps=10, guidance=1.0)),
+    "mnist-digits": dict(
+        file="mnist_digits.pt", kind="digit-classifier",
+        net=dict(n_attr=10, in_channels=1, width=16, stages=3,
+                 blocks_per_stage=1, stem_stride=1),
+        train_steps=4000, batch_size=128, lr=2e-3, shift=2, seed=0),
+    "mnist-fives": dict(
+        file="mnist_fives.pt", kind="flow", data="mnist-fives",
+        net=dict(in_channels=1, base_channels=32, channel_mult=[1, 2, 2],
+                 time_dim=128, image_size=28, num_res_blocks=1,
+                 norm_groups=8),
+        train_steps=4000, batch_size=64, lr=2e-4, ema_decay=0.999,
+        grad_clip=1.0, seed=0, sampler=dict(method="midpoint", steps=10)),
+}
+
+# Public names and the files each one loads.
+NAMES = {"scm": ("scm-flow", "scm-classifier"),
+         "scm-conditional": ("scm-conditional", "scm-classifier"),
+         "mnist-fives": ("mnist-fives",),
+         "mnist-digits": ("mnist-digits",)}
+
+
+@dataclass
+class Pretrained:
+    """What ``load(name)`` returns; unused fields are None; "Attribute dependencies through a classifier".
+
+    ``velocity(x, t)`` is the flow's drift (with an exact ``jvp``),
+    ``latent_shape`` the shape of one latent, ``sampler`` the solver
+    settings the gates were measured with (``method``, ``steps``),
+    ``classifier`` maps flow-space images (B, C, H, W) to logits,
+    ``attr_names`` names the logits, ``manifest`` holds each file's entry.
+    """
+
+    name: str
+    velocity: object = None
+    flow: torch.nn.Module | None = None
+    latent_shape: tuple | None = None
+    sampler: dict | None = None
+    classifier: torch.nn.Module | None = None
+    attr_names: tuple | None = None
+    manifest: dict = field(default_factory=dict)
+
+
+def available() -> list:
+    """Names that ``load`` accepts; "Attribute dependencies through a classifier"."""
+    return sorted(NAMES)
+
+
+def sha256(path) -> str:
+    """Hex sha256 of a file; "Attribute dependencies through a classifier"."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest(weights_dir=None) -> dict:
+    """The shipped manifest ``{part: entry}`` (empty if none); "Attribute dependencies through a classifier"."""
+    path = Path(weights_dir or WEIGHTS_DIR) / "manifest.json"
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())["parts"]
+
+
+def build(part: str) -> torch.nn.Module:
+    """The untrained network of a recipe part; "Attribute dependencies through a classifier"."""
+    from flowjac.models.classifiers import AttributeNet
+    from flowjac.models.nets import FlowUNet
+
+    check_choice("part", part, tuple(RECIPES))
+    r = RECIPES[part]
+    if r["kind"] in ("flow", "conditional-flow"):
+        net = dict(r["net"], channel_mult=tuple(r["net"]["channel_mult"]))
+        return FlowUNet(**net)
+    return AttributeNet(**r["net"])
+
+
+def load(name: str, device="cpu", weights_dir=None) -> Pretrained:
+    """Load a shipped model by name, verifying sha256, with ``weights_only=True``; "Attribute dependencies through a classifier".
+
+    ``name`` is one of ``available()``. Raises ValueError for an unknown
+    name or a file whose sha256 differs from the manifest (altered or
+    truncated), FileNotFoundError for a missing file or manifest.
+    """
+    from flowjac.causal.scm import ATTRIBUTES
+    from flowjac.engine.checkpoints import load_checkpoint
+    from flowjac.engine.velocity import velocity_fn
+
+    if not isinstance(name, str) or name not in NAMES:
+        raise ValueError(f"name must be one of {available()}, got {name!r}")
+    wdir = Path(weights_dir or WEIGHTS_DIR)
+    if not (wdir / "manifest.json").is_file():
+        raise FileNotFoundError(f"no manifest.json in {wdir}: the shipped "
+                                "models are missing; retrain them with "
+                                "tools/train_shipped.py")
+    entries = manifest(wdir)
+    out = Pretrained(name=name)
+    for part in NAMES[name]:
+        entry = entries.get(part)
+        if entry is None:
+            raise FileNotFoundError(f"manifest.json in {wdir} has no entry "
+                                    f"for {part!r}")
+        path = wdir / entry["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"shipped model file {path} is missing; "
+                                    "restore it from the repository or "
+                                    "retrain it with tools/train_shipped.py")
+        digest = sha256(path)
+        if digest != entry["sha256"]:
+            raise ValueError(f"shipped model file {path} has sha256 {digest}, "
+                             f"but the manifest says {entry['sha256']}: the "
+                             "file was altered or truncated; restore it or "
+                             "retrain it")
+        model = build(part)
+        load_checkpoint(path, model)
+        model.to(device).eval().requires_grad_(False)
+        out.manifest[part] = entry
+        kind = RECIPES[part]["kind"]
+        if kind == "conditional-flow":
+            from flowjac.models.conditional import LabelVelocity
+
+            out.flow, out.velocity = model, LabelVelocity(model)
+            net = RECIPES[part]["net"]
+            out.latent_shape = (net["in_channels"], net["image_size"],
+                                net["image_size"])
+            out.sampler = dict(entry.get("sampler") or RECIPES[part]["sampler"])
+        elif kind == "flow":
+            out.flow, out.velocity = model, velocity_fn(model)
+            net = RECIPES[part]["net"]
+            out.latent_shape = (net["in_channels"], net["image_size"],
+                                net["image_size"])
+            out.sampler = dict(entry.get("sampler") or RECIPES[part]["sampler"])
+        else:
+            out.classifier = model
+            out.attr_names = (tuple(ATTRIBUTES) if kind == "attribute-classifier"
+                              else tuple(str(d) for d in range(10)))
+    return out
+
+
+def training_data(part: str, split: str = "train"):
+    """The data a recipe part trains on (``split="train"``) or is checked against (``"test"``); "Attribute dependencies through a classifier".
+
+    Returns ``(images, labels)`` in the model's space: SCM images in
+    [-1, 1] with (N, 9) labels, MNIST in [0, 1] with (N,) digits (fives
+    only for ``"mnist-fives"``). For ``"scm-classifier"`` the training set
+    mixes independent fair-coin attributes and SCM samples; its test split
+    is independent attributes only.
+    """
+    check_choice("part", part, tuple(RECIPES))
+    check_choice("split", split, ("train", "test"))
+    images, labels = _training_data(part, split)
+    return images.clone(), labels.clone()
+
+
+@functools.lru_cache(maxsize=4)
+def _training_data(part: str, split: str):
+    from flowjac.causal.scm import default_scm
+    from flowjac.data.images import mnist
+    from flowjac.data.scm_images import SCMImages, render
+
+    check_choice("part", part, tuple(RECIPES))
+    check_choice("split", split, ("train", "test"))
+    r = RECIPES[part]
+    if part == "scm-classifier":
+        seed = r["seed"] + (0 if split == "train" else 50_000)
+        g = torch.Generator().manual_seed(seed)
+        n_ind = r["n_independent"] if split == "train" else 4000
+        labels = torch.randint(0, 2, (n_ind, 9), generator=g)
+        if split == "train":
+            labels = torch.cat([labels, default_scm().sample(r["n_scm"], g)])
+        images = torch.cat([render(labels[i:i + 4096], r["size"], generator=g)
+                            for i in range(0, len(labels), 4096)])
+        return images * 2 - 1, labels
+    if part == "scm-conditional":     # independent fair-coin attributes
+        seed = r["seed"] + (0 if split == "train" else 70_000)
+        g = torch.Generator().manual_seed(seed)
+        n = r["n_train"] if split == "train" else 4000
+        labels = torch.randint(0, 2, (n, 9), generator=g)
+        images = torch.cat([render(labels[i:i + 4096], r["net"]["image_size"],
+                                   generator=g)
+                            for i in range(0, n, 4096)])
+        return images * 2 - 1, labels
+    if part == "scm-flow":
+        size = r["net"]["image_size"]
+        n = r["n_train"] if split == "train" else 4000
+        ds = SCMImages(n, size, seed=r["seed"] + (0 if split == "train" else 20_000))
+        return ds.images * 2 - 1, ds.labels
+    digit = 5 if part == "mnist-fives" else None
+    d = mnist(digit=digit, split=split, verbose=False)
+    return d.images, d.labels
+
+
+def sample(velocity, latent_shape, n: int, *, method: str = "midpoint",
+           steps: int = 10, seed: int = 0, batch_size: int = 500,
+           device="cpu") -> torch.Tensor:
+    """Draw n flow samples phi(z), z ~ N(0, I) seeded on the CPU; "Attribute dependencies through a classifier"."""
+    from flowjac.engine.ode import integrate
+
+    n = check_int("n", n, minimum=1)
+    g = torch.Generator().manual_seed(check_int("seed", seed, minimum=0))
+    z = torch.randn(n, *latent_shape, generator=g)
+    out = []
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            out.append(integrate(velocity, z[i:i + batch_size].to(device),
+                                 steps, method).cpu())
+    return torch.cat(out)
+
+
+def train_part(part: str, out_dir, *, device="cpu", train_steps=None,
+               time_budget: float | None = None, chunk: int = 2000,
+               progress: bool = False, on_chunk=None) -> dict:
+    """Train one recipe part and write its checkpoint to ``out_dir``; "Attribute dependencies through a classifier".
+
+    ``train_steps`` overrides the recipe (for tests and smoke runs). Flows
+    train in chunks of ``chunk`` steps through ``train_flow``'s exact resume,
+    so a ``time_budget`` (seconds) can stop after the last chunk that fits;
+    ``on_chunk(model, step)`` is called after each chunk with the EMA
+    weights loaded (for measurements along training). Returns the record
+    that goes into the manifest (without sha256).
+    """
+    from flowjac.engine.checkpoints import load_checkpoint, save_checkpoint
+    from flowjac.engine.train import train_flow
+    from flowjac.models.classifiers import train_classifier
+
+    check_choice("part", part, tuple(RECIPES))
+    r = copy.deepcopy(RECIPES[part])
+    steps = r["train_steps"] if train_steps is None else check_int(
+        "train_steps", train_steps, minimum=1)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device)
+    images, labels = training_data(part, "train")
+    torch.manual_seed(r["seed"])
+    model = build(part)
+    start = time.perf_counter()
+    record = dict(part=part, file=r["file"], recipe=r, hardware=hardware())
+    if r["kind"] in ("flow", "conditional-flow"):
+        cond = (dict(labels=labels, label_dropout=r["label_dropout"])
+                if r["kind"] == "conditional-flow" else {})
+        work = out_dir / f".{part}-training.pt"
+        work.unlink(missing_ok=True)
+        done, chunk_times = 0, []
+        while done < steps:
+            target = min(steps, done + chunk)
+            t0 = time.perf_counter()
+            hist = train_flow(model, images.to(dev), steps=target,
+                              batch_size=r["batch_size"], lr=r["lr"],
+                              ema_decay=r["ema_decay"], grad_clip=r["grad_clip"],
+                              seed=r["seed"], device=dev, checkpoint_path=work,
+                              checkpoint_every=chunk, progress=progress,
+                              log_every=50, **cond)
+            chunk_times.append((time.perf_counter() - t0) / (target - done))
+            done = target
+            if on_chunk is not None:
+                on_chunk(model, done)
+            if done < steps and time_budget is not None and (
+                    time.perf_counter() - start
+                    + chunk * max(chunk_times) > time_budget):
+                break
+            if done < steps:      # resume from the raw weights, not the EMA
+                load_checkpoint(work, model)
+        record.update(train_steps=done, loss_tail=float(
+            sum(hist["loss"][-20:]) / len(hist["loss"][-20:])),
+            seconds_per_step=sum(chunk_times) / len(chunk_times))
+        work.unlink(missing_ok=True)
+    else:
+        hist = train_classifier(model, images, labels, steps=steps,
+                                batch_size=r["batch_size"], lr=r["lr"],
+                                seed=r["seed"], device=dev, progress=progress,
+                                loss="bce" if r["kind"] == "attribute-classifier" else "ce",
+                                shift=r.get("shift", 0))
+        record.update(train_steps=steps, loss_tail=float(
+            sum(hist["loss"][-50:]) / 50))
+    model.cpu().eval()
+    record["train_seconds"] = time.perf_counter() - start
+    save_checkpoint(out_dir / r["file"], model, step=record["train_steps"],
+                    config=json.loads(json.dumps(r)))
+    return record
+
+
+def evaluate_part(part: str, model, *, device="cpu", n: int = 2000,
+                  classifier=None, sampler: dict | None = None,
+                  seed: int = 1) -> dict:
+    """Measure a part's gates: held-out accuracy for classifiers, sample gates and memorization for flows; "Attribute dependencies through a classifier".
+
+    Flows need the matching ``classifier`` (the attribute classifier for
+    ``"scm-flow"``, the digit classifier for ``"mnist-fives"``). Returns the
+    gate dict (``passed`` says whether every gate holds) and, for flows,
+    the samples under ``"samples"``.
+    """
+    from flowjac.causal.scm import default_scm
+    from flowjac.models import quality
+    from flowjac.models.classifiers import class_accuracy, per_attribute_accuracy, predict_logits
+
+    check_choice("part", part, tuple(RECIPES))
+    r = RECIPES[part]
+    if part == "scm-classifier":
+        x, y = training_data(part, "test")
+        acc = per_attribute_accuracy(model, x, y)
+        from flowjac.data.scm_images import SCMImages
+        scm_test = SCMImages(4000, r["size"], seed=r["seed"] + 60_000)
+        acc_scm = per_attribute_accuracy(model, scm_test.images * 2 - 1,
+                                         scm_test.labels)
+        edges = quality.edge_disagreement_accuracy(model, default_scm(),
+                                                   r["size"], seed=r["seed"] + 70_000)
+        worst_edge = min(min(v["parent"], v["child"]) for v in edges.values())
+        return dict(accuracy_independent=acc.tolist(),
+                    accuracy_scm=acc_scm.tolist(), edges=edges,
+                    min_accuracy=float(acc.min()), min_edge_accuracy=worst_edge,
+                    passed=bool(acc.min() >= quality.GATES["classifier_min_accuracy"]
+                                and worst_edge >= quality.GATES["classifier_min_accuracy"]))
+    if part == "mnist-digits":
+        x, y = training_data(part, "test")
+        acc = class_accuracy(model, x, y)
+        return dict(accuracy=acc, n_test=int(len(y)),
+                    passed=bool(acc >= quality.GATES["digit_min_accuracy"]))
+    if classifier is None:
+        raise ValueError(f"classifier is required to evaluate {part!r}")
+    from flowjac.engine.velocity import velocity_fn
+
+    smp = dict(sampler or r["sampler"])
+    if part == "scm-conditional":
+        return _conditional_gates(model, classifier, smp, n, seed, device)
+    net = r["net"]
+    shape = (net["in_channels"], net["image_size"], net["image_size"])
+    model.to(device).eval()
+    samples = sample(velocity_fn(model), shape, n, seed=seed, device=device,
+                     **smp)
+    logits = predict_logits(classifier, samples)
+    train_x, _ = training_data(part, "train")
+    test_x, _ = training_data(part, "test")
+    if part == "scm-flow":
+        gates = quality.attribute_sample_gates(logits, default_scm())
+        gates.pop("corr")
+    else:
+        gates = quality.digit_sample_gates(logits, samples)
+    gates["memorization"] = quality.memorization(samples, train_x, test_x,
+                                                 device=device)
+    gates["sampler"] = smp
+    gates["samples"] = samples
+    return gates
+
+
+def _conditional_gates(model, classifier, smp, n, seed, device) -> dict:
+    """Labels drawn independently (fair coins); the classifier reads them back."""
+    from flowjac.models import quality
+    from flowjac.models.classifiers import predict_logits
+    from flowjac.models.conditional import LabelVelocity, sample_given
+
+    g = torch.Generator().manual_seed(seed + 1000)
+    labels = torch.randint(0, 2, (n, 9), generator=g)
+    model.to(device).eval()
+    samples = sample_given(LabelVelocity(model), labels, seed=seed,
+                           device=device, **smp)
+    read = (predict_logits(classifier, samples) > 0).long()
+    agree = (read == labels).float()
+    per_attr = agree.mean(0)
+    floor = quality.GATES["conditional_min_accuracy"]
+    train_x, _ = training_data("scm-conditional", "train")
+    test_x, _ = training_data("scm-conditional", "test")
+    return dict(accuracy_per_attribute=per_attr.tolist(),
+                min_accuracy=float(per_attr.min()),
+                all_attributes=float(agree.all(1).float().mean()),
+                in_range=float(((samples >= -1.05) & (samples <= 1.05))
+                               .float().mean()),
+                memorization=quality.memorization(samples, train_x, test_x,
+                                                  device=device),
+                sampler=smp, passed=bool(per_attr.min() >= floor),
+                samples=samples, labels=labels)
+
+
+def write_manifest(records: dict, weights_dir=None) -> Path:
+    """Write ``manifest.json`` for the given ``{part: record}``, adding each file's sha256; "Attribute dependencies through a classifier"."""
+    from flowjac.utils import save_json
+
+    wdir = Path(weights_dir or WEIGHTS_DIR)
+    parts = {}
+    for part, rec in records.items():
+        check_choice("part", part, tuple(RECIPES))
+        rec = dict(rec)
+        rec["sha256"] = sha256(wdir / rec["file"])
+        parts[part] = rec
+    return save_json(wdir / "manifest.json", {"format": "flowjac-manifest-1",
+                                              "parts": parts})

@@ -1,0 +1,196 @@
+"""Quality gates for learned models: is the flow's output the data, and can the classifier read it?
+
+A learned model's numbers are interpreted only after it passes gates that
+are measured, printed and asserted. This module computes them:
+
+* ``attribute_sample_gates``: a classifier's reading of flow samples of the
+  SCM images: the fraction of *readable* samples (every attribute's
+  probability <= 0.1 or >= 0.9), every attribute marginal against the exact
+  one, and the off-diagonal MAE of the predicted-label correlations against
+  the exact correlations (with the all-zeros matrix as a baseline);
+* ``edge_disagreement_accuracy``: for every edge of the DAG, the
+  classifier's accuracy on images whose parent and child disagree (a
+  classifier that reads one attribute off another fails here);
+* ``digit_sample_gates``: the share of flow samples that a digit classifier
+  calls the target digit with high probability, and the pixel range;
+* ``memorization``: nearest-neighbour distances of samples to the training
+  set against those of held-out real images.
+
+Thresholds are in ``GATES``. Explained in "Attribute dependencies through a
+classifier" and "Pixel correlations on MNIST fives".
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from flowjac._checks import check_int
+from flowjac.closedform.empirical import nearest_distances
+
+__all__ = ["GATES", "attribute_sample_gates", "edge_disagreement_accuracy",
+           "digit_sample_gates", "memorization",
+           "offdiag_mae",
+           "check_gates"]
+
+GATES = {
+    # attribute classifier, on independent-attribute images
+    "classifier_min_accuracy": 0.95,
+    # attribute flow, read by that classifier
+    "readable_min": 0.90,
+    "marginal_max_error": 0.05,
+    "corr_max_mae": 0.05,
+    # label-conditional flow: labels drawn independently, read back per attribute
+    "conditional_min_accuracy": 0.95,
+    # digit classifier, held out
+    "digit_min_accuracy": 0.97,
+    # flow of fives
+    "fives_min_share": 0.90,
+    "fives_min_prob": 0.9,
+    "pixel_range": (-0.05, 1.05),
+    "pixel_in_range_min": 0.999,
+}
+
+
+def offdiag_mae(a, b) -> float:
+    """Mean absolute difference of the off-diagonal entries of two square matrices; "Attribute dependencies through a classifier"."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 2 or a.shape[0] != a.shape[1]:
+        raise ValueError(f"a and b must be square matrices of one shape, got "
+                         f"{a.shape} and {b.shape}")
+    mask = ~np.eye(a.shape[0], dtype=bool)
+    return float(np.nanmean(np.abs(a - b)[mask]))
+
+
+def _probs(logits: torch.Tensor) -> torch.Tensor:
+    if not torch.is_tensor(logits) or logits.ndim != 2:
+        raise ValueError(f"logits must be a (n, d) tensor, got "
+                         f"{getattr(logits, 'shape', type(logits))}")
+    if not torch.isfinite(logits).all():
+        raise ValueError("logits must be finite")
+    return torch.sigmoid(logits.double().cpu())
+
+
+def attribute_sample_gates(logits: torch.Tensor, scm) -> dict:
+    """Gates of flow samples read by the attribute classifier (logits (n, d)); "Attribute dependencies through a classifier".
+
+    Returns ``readable`` (share of samples with every probability <= 0.1 or
+    >= 0.9), ``marginals`` and ``exact_marginals``, ``marginal_error`` (the
+    largest absolute difference), ``corr`` (predicted-label correlations),
+    ``corr_mae`` (off-diagonal MAE against ``scm.correlation()``),
+    ``zeros_mae`` (the same for a matrix of zeros) and ``passed`` with the
+    thresholds of ``GATES``.
+    """
+    p = _probs(logits)
+    if p.shape[1] != len(scm.nodes):
+        raise ValueError(f"logits must have {len(scm.nodes)} columns, got "
+                         f"{p.shape[1]}")
+    if p.shape[0] < 2:
+        raise ValueError("logits must hold at least 2 samples")
+    readable = float(((p <= 0.1) | (p >= 0.9)).all(1).double().mean())
+    labels = (p > 0.5).double().numpy()
+    marg = labels.mean(0)
+    exact_m = scm.marginals()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.corrcoef(labels.T)
+    exact = scm.correlation()
+    out = dict(n=int(p.shape[0]), readable=readable, marginals=marg.tolist(),
+               exact_marginals=exact_m.tolist(),
+               marginal_error=float(np.abs(marg - exact_m).max()),
+               corr=corr.tolist(), corr_mae=offdiag_mae(corr, exact),
+               zeros_mae=offdiag_mae(np.zeros_like(exact), exact))
+    out["passed"] = bool(readable >= GATES["readable_min"]
+                         and out["marginal_error"] <= GATES["marginal_max_error"]
+                         and out["corr_mae"] <= GATES["corr_max_mae"])
+    return out
+
+
+def edge_disagreement_accuracy(classifier, scm, size: int = 32, n: int = 4000,
+                               seed: int = 0) -> dict:
+    """For every DAG edge, the classifier's accuracy on images where parent and child disagree; "Attribute dependencies through a classifier".
+
+    Images are rendered with *independent* fair-coin attributes (seeded),
+    mapped to the flow's space 2x - 1, and the rows where parent != child
+    kept. Returns ``{"parent->child": {"parent": acc, "child": acc, "n": m}}``.
+    """
+    from flowjac.data.scm_images import render
+    from flowjac.models.classifiers import predict_logits
+
+    n = check_int("n", n, minimum=2)
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n, len(scm.nodes)), generator=g)
+    x = render(labels, size, generator=g) * 2 - 1
+    pred = (predict_logits(classifier, x) > 0).long()
+    out = {}
+    for parent, child in scm.edges():
+        i, j = scm.index(parent), scm.index(child)
+        rows = labels[:, i] != labels[:, j]
+        out[f"{parent}->{child}"] = dict(
+            n=int(rows.sum()),
+            parent=float((pred[rows, i] == labels[rows, i]).float().mean()),
+            child=float((pred[rows, j] == labels[rows, j]).float().mean()))
+    return out
+
+
+def digit_sample_gates(logits: torch.Tensor, samples: torch.Tensor,
+                       digit: int = 5) -> dict:
+    """Gates of a flow of one digit: the classifier's confident share and the pixel range; "Pixel correlations on MNIST fives".
+
+    ``logits`` (n, 10) from the digit classifier on ``samples`` (n, 1, H, W)
+    in pixel space [0, 1]. Returns ``share`` (P(digit) >= 0.9), ``in_range``
+    (share of pixels within ``GATES["pixel_range"]``), ``pixel_min``,
+    ``pixel_max``, ``class_histogram`` and ``passed``.
+    """
+    if not torch.is_tensor(logits) or logits.ndim != 2 or logits.shape[1] != 10:
+        raise ValueError(f"logits must be a (n, 10) tensor, got "
+                         f"{getattr(logits, 'shape', type(logits))}")
+    if not torch.is_tensor(samples) or samples.shape[0] != logits.shape[0]:
+        raise ValueError("samples must be a tensor with one row per logit row")
+    if not torch.isfinite(samples).all():
+        raise ValueError("samples must be finite")
+    prob = torch.softmax(logits.double().cpu(), 1)
+    lo, hi = GATES["pixel_range"]
+    s = samples.detach().cpu().double()
+    out = dict(n=int(s.shape[0]),
+               share=float((prob[:, digit] >= GATES["fives_min_prob"]).double().mean()),
+               in_range=float(((s >= lo) & (s <= hi)).double().mean()),
+               pixel_min=float(s.min()), pixel_max=float(s.max()),
+               class_histogram=torch.bincount(prob.argmax(1), minlength=10).tolist())
+    out["passed"] = bool(out["share"] >= GATES["fives_min_share"]
+                         and out["in_range"] >= GATES["pixel_in_range_min"])
+    return out
+
+
+def memorization(samples: torch.Tensor, train: torch.Tensor,
+                 heldout: torch.Tensor, device="cpu") -> dict:
+    """Nearest-neighbour distances of samples and of held-out images to the training set; "Pixel correlations on MNIST fives".
+
+    All three in one space (flattened). Returns the medians of the nearest
+    distance (``sample_nn``, ``heldout_nn``), their ratio ``nn_ratio``
+    (near 1: samples are as far from the training set as new real images;
+    near 0: copies), and the share of samples (``copy_share``) and of
+    held-out images (``heldout_copy_share``) whose nearest training image is
+    under a third of the second nearest (a common copy criterion).
+    """
+    for name, x in (("samples", samples), ("train", train), ("heldout", heldout)):
+        if not torch.is_tensor(x) or x.ndim < 2 or x.shape[0] < 2:
+            raise ValueError(f"{name} must be a tensor of at least 2 rows")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name} must be finite")
+    if not (samples.shape[1:] == train.shape[1:] == heldout.shape[1:]):
+        raise ValueError("samples, train and heldout must share one shape per row")
+    ds = nearest_distances(samples, train, device=device)
+    dh = nearest_distances(heldout, train, device=device)
+    out = dict(sample_nn=float(ds[:, 0].median()),
+               heldout_nn=float(dh[:, 0].median()),
+               copy_share=float((ds[:, 0] < ds[:, 1] / 3).double().mean()),
+               heldout_copy_share=float((dh[:, 0] < dh[:, 1] / 3).double().mean()))
+    out["nn_ratio"] = out["sample_nn"] / out["heldout_nn"]
+    return out
+
+
+def check_gates(name: str, gates: dict) -> None:
+    """Raise AssertionError naming the model and the failing gate unless ``gates['passed']``; "Attribute dependencies through a classifier"."""
+    if not gates.get("passed", False):
+        shown = {k: v for k, v in gates.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        raise AssertionError(f"{name} fails its quality gates: {shown}")

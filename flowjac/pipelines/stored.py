@@ -1,0 +1,101 @@
+"""Stored probe runs: load them, check them against a live recomputation, summarize them honestly.
+
+``tools/probe_shipped.py`` pushes N = 10,000 latents through a shipped flow
+and a readout on a GPU and stores the raw tensors under ``results/``
+(``attributes_probes.pt``, ``mnist_probes.pt``). The chapters compute every
+number from those tensors, and first recompute a few latents live on the
+CPU (``reproduce``) so that a reader sees that the stored file belongs to
+the shipped model. ``group_spread`` gives the spread of a statistic over
+disjoint groups of latents: for heavy-tailed JVP statistics it is the
+honest picture of how unstable an estimate of that size is, where a
+percentile bootstrap of the whole sample understates it.
+
+Explained in "Attribute dependencies through a classifier".
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flowjac._checks import check_int
+from flowjac.utils import repo_root
+
+__all__ = ["load_probes", "reproduce", "group_spread", "label_corr"]
+
+_KEYS = ("out", "jvp", "rho", "out_pair", "jvp_pair", "plain", "meta")
+
+
+def load_probes(name: str, results_dir=None) -> dict:
+    """Load ``results/<name>.pt`` (a stored probe run) with ``weights_only=True``; "Attribute dependencies through a classifier"."""
+    path = Path(results_dir or repo_root() / "results") / f"{name}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"stored probe run {path} is missing; make it "
+                                "with tools/probe_shipped.py (see "
+                                "results/README.md)")
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    missing = [k for k in _KEYS if k not in data]
+    if missing:
+        raise ValueError(f"stored probe run {path} lacks {missing}")
+    n = data["meta"]["n"]
+    for key in ("out", "jvp", "rho", "out_pair", "jvp_pair"):
+        if data[key].shape[0] != n:
+            raise ValueError(f"stored probe run {path}: {key} has "
+                             f"{data[key].shape[0]} rows, meta says n = {n}")
+    return data
+
+
+def reproduce(velocity, readout, latent_shape, stored: dict, n: int = 2,
+              dtype=torch.float32) -> dict:
+    """Recompute the first ``n`` stored latents live and return the largest relative errors; "Attribute dependencies through a classifier".
+
+    Redraws the stored run's first ``n`` latents and probes exactly as
+    ``probing.probe`` drew them (``probing.redraw``), and compares ``out``
+    and ``jvp``. Returns ``{"out": err,
+    "jvp": err, "n": n}`` with err = max |live - stored| / max |stored|.
+    """
+    from flowjac.engine.composite import attribute_jvp
+    from flowjac.engine.probing import redraw
+
+    meta = stored["meta"]
+    n = check_int("n", n, minimum=1)
+    b = min(meta["batch_size"], meta["n"])
+    if n > b:
+        raise ValueError(f"n must be <= the stored batch size {b}, got {n}")
+    z, v, _ = redraw(meta, latent_shape, range(n))
+    with torch.no_grad():
+        out, jv = attribute_jvp(velocity, readout, z.to(dtype),
+                                tangents=v.to(dtype), steps=meta["steps"],
+                                method=meta["method"])
+    so, sj = stored["out"][:n].double(), stored["jvp"][:n].double()
+    return dict(n=n,
+                out=float((out.double() - so).abs().max() / so.abs().max()),
+                jvp=float((jv.double() - sj).abs().max() / sj.abs().max()))
+
+
+def group_spread(stat, *arrays, groups: int = 10) -> tuple:
+    """``stat`` on the whole sample and its median, min and max over disjoint groups of rows; "Attribute dependencies through a classifier".
+
+    ``arrays`` share their first dimension; ``stat(*arrays)`` returns a
+    number. Returns ``(full, median, low, high)``.
+    """
+    groups = check_int("groups", groups, minimum=2)
+    n = arrays[0].shape[0]
+    if any(a.shape[0] != n for a in arrays) or n < groups:
+        raise ValueError(f"arrays must share a first dimension of at least "
+                         f"{groups} rows")
+    edges = np.linspace(0, n, groups + 1).astype(int)
+    vals = [float(stat(*(a[lo:hi] for a in arrays)))
+            for lo, hi in zip(edges[:-1], edges[1:])]
+    return (float(stat(*arrays)), float(np.nanmedian(vals)),
+            float(np.nanmin(vals)), float(np.nanmax(vals)))
+
+
+def label_corr(labels: torch.Tensor, i: int, j: int) -> float:
+    """Pearson correlation of 0/1 columns i and j (nan if either is constant); "Attribute dependencies through a classifier"."""
+    x = labels[:, i].double()
+    y = labels[:, j].double()
+    if x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(torch.corrcoef(torch.stack([x, y]))[0, 1])

@@ -1,0 +1,267 @@
+"""The ``flowjac`` command line: error paths, agreement with the library,
+and 2-process runs under torchrun (gloo): DDP training with an exact
+resume, and sharded probing equal to the single-process result."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from flowjac import cli
+from flowjac.engine import distributed
+from flowjac.engine.checkpoints import save_checkpoint
+from flowjac.models.classifiers import AttributeNet
+from flowjac.utils import repo_root
+
+# 8x8 SCM images, base channels 8: a few ms per step
+TINY = ["--data", "scm", "--size", "8", "--base-channels", "8",
+        "--n-train", "64", "--batch-size", "8", "--no-progress"]
+
+
+def subprocess_env():
+    """This environment, one thread, and the repository on the path."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(repo_root())] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def run_cli(capsys, *argv):
+    """(exit status, stderr lines) of ``flowjac argv`` run in this process."""
+    capsys.readouterr()
+    code = cli.main([str(a) for a in argv])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return code, err
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A flow trained for 2 steps by ``flowjac train`` and a random classifier."""
+    root = tmp_path_factory.mktemp("models")
+    assert cli.main(["train", *TINY, "--train-steps", "2",
+                     "--out", str(root / "flow")]) == 0
+    torch.manual_seed(0)
+    clf = AttributeNet(n_attr=3, in_channels=3, width=4, stages=2)
+    save_checkpoint(root / "clf.pt", clf)
+    return root / "flow" / "checkpoint.pt", root / "clf.pt"
+
+
+# -- bad input: one line on stderr, non-zero status, no traceback ----------
+
+def test_bad_input_gives_one_line_and_nonzero_status(models, tmp_path, capsys):
+    flow, clf = models
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    out = tmp_path / "p.json"
+    cases = [
+        (["probe", "--checkpoint", tmp_path / "missing.pt", "--n", 4,
+          "--out", out], 1, "does not exist"),
+        (["sample", "--checkpoint", tmp_path / "missing.pt", "--n", 4,
+          "--out", tmp_path / "s.pt"], 1, "does not exist"),
+        (["probe", "--checkpoint", clf, "--n", 4, "--out", out], 1,
+         "AttributeNet, not a flow"),
+        (["probe", "--checkpoint", flow, "--classifier", flow, "--n", 4,
+          "--out", out], 1, "FlowUNet, not an AttributeNet"),
+        (["probe", "--checkpoint", junk, "--n", 4, "--out", out], 1,
+         "corrupted or not a flowjac checkpoint"),
+        (["train", "--data", "cifar", "--train-steps", 2, "--out",
+          tmp_path / "t"], 1, "data must be one of ('mnist', 'scm')"),
+        (["probe", "--checkpoint", flow, "--n", -3, "--out", out], 1,
+         "n must be >= 2, got -3"),
+        (["probe", "--checkpoint", flow, "--n", 4, "--k", 0, "--out", out], 1,
+         "k must be >= 1, got 0"),
+        (["train", *TINY, "--train-steps", -1, "--out", tmp_path / "t"], 1,
+         "train_steps must be >= 1, got -1"),
+        (["sample", "--checkpoint", flow, "--n", 4, "--out",
+          tmp_path / "s.txt"], 1, "out must end with .pt or .png"),
+        (["probe", "--checkpoint", flow, "--n", "four", "--out", out], 2,
+         "expected an integer, got 'four'"),
+        (["train", *TINY, "--steps", 2, "--out", tmp_path / "t"], 2,
+         "give the optimiser steps as --train-steps"),
+        (["train", *TINY, "--train-steps", 2, "--out", flow.parent], 1,
+         "already holds a checkpoint; pass --resume"),
+        (["train", *TINY[:-3], "--batch-size", 16, "--train-steps", 3,
+          "--out", flow.parent, "--resume"], 1,
+         "other settings: batch_size 8 there, 16 now"),
+        (["train", *TINY, "--train-steps", 1, "--out", flow.parent,
+          "--resume"], 1, "train_steps (1) is smaller than the step"),
+        (["train", *TINY[:4], "--base-channels", 16, *TINY[6:],
+          "--train-steps", 3, "--out", flow.parent, "--resume"], 1,
+         "holds a FlowUNet with config"),
+    ]
+    for argv, status, text in cases:
+        code, err = run_cli(capsys, *argv)
+        assert code == status, (argv, code, err)
+        assert len(err) == 1 and text in err[0], (argv, err)
+        assert not out.exists()
+
+
+def test_module_entry_point_reports_errors_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "flowjac", "probe", "--checkpoint",
+         str(tmp_path / "missing.pt"), "--n", "4", "--out",
+         str(tmp_path / "p.json")], capture_output=True, text=True,
+        env=subprocess_env(), timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"flowjac probe: error: checkpoint '{tmp_path / 'missing.pt'}' does "
+        "not exist"]
+
+
+# -- one process: the commands agree with the library -----------------------
+
+def test_one_process_training_is_train_flow_bit_for_bit():
+    from flowjac.engine.train import train_flow
+    from flowjac.models.nets import MLPFlow
+
+    data = torch.randn(50, 3, generator=torch.Generator().manual_seed(1))
+    nets = []
+    for trainer in ("train_flow", "distributed"):
+        torch.manual_seed(0)
+        net = MLPFlow(3, hidden=16, depth=2)
+        kwargs = dict(batch_size=10, lr=1e-2, ema_decay=0.9, seed=3,
+                      progress=False)
+        if trainer == "train_flow":
+            hist = train_flow(net, data, steps=5, **kwargs)
+        else:
+            hist = distributed.train_flow_distributed(net, data, train_steps=5,
+                                                      **kwargs)
+        nets.append((net.state_dict(), hist["loss"]))
+    (a, la), (b, lb) = nets
+    assert la == lb
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_sample_and_probe_equal_the_library(models, tmp_path, capsys):
+    from flowjac.engine.probing import probe
+    from flowjac.estimators.moments import second_moment
+    from flowjac.models.pretrained import sample
+
+    flow, _ = models
+    _, velocity, shape, _ = cli.load_flow(flow)
+    code, err = run_cli(capsys, "sample", "--checkpoint", flow, "--n", 5,
+                        "--batch-size", 2, "--seed", 4, "--out",
+                        tmp_path / "s.pt", "--no-progress")
+    assert code == 0, err
+    got = torch.load(tmp_path / "s.pt", weights_only=True)
+    want = sample(velocity, shape, 5, method="midpoint", steps=10, seed=4,
+                  batch_size=2)
+    assert torch.equal(got["x"], want)
+
+    code, err = run_cli(capsys, "probe", "--checkpoint", flow, "--patch", 2, 3,
+                        2, "--n", 5, "--k", 2, "--batch-size", 2, "--seed", 7,
+                        "--out", tmp_path / "p.json", "--no-progress")
+    assert code == 0, err
+    res = json.loads((tmp_path / "p.json").read_text())
+    _, velocity64, _, _ = cli.load_flow(flow, dtype=torch.float64)
+    lib = probe(velocity64, lambda x: x[:, :, 2:4, 3:5].flatten(1), shape, 5,
+                k=2, steps=10, seed=7, batch_size=2, pairs=False)
+    ref = second_moment(lib["jvp"].reshape(-1, 12).double())
+    assert res["p"] == 12 and res["hardware"]["torch"]
+    torch.testing.assert_close(torch.tensor(res["second_moment"],
+                                            dtype=torch.float64), ref,
+                               rtol=1e-5, atol=1e-7)
+
+
+# -- two processes under torchrun (gloo) -----------------------------------
+
+needs_gloo = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed with the gloo backend is not available in "
+           "this torch build")
+
+# Several `flowjac` commands in one torchrun launch (one process group, which
+# every command reuses): each launch costs about 15 s of start-up on a loaded
+# 2-core machine. `python -m flowjac` itself is tested above.
+DRIVER = textwrap.dedent("""\
+    import json, sys
+    import torch.distributed as dist
+    from flowjac.cli import main
+    dist.init_process_group("gloo")
+    for argv in json.loads(sys.argv[1]):
+        code = main(argv)
+        if code:
+            sys.exit(code)
+    dist.destroy_process_group()
+    """)
+
+
+def torchrun(args, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         "--nproc_per_node=2", *args], capture_output=True, text=True,
+        env=subprocess_env(), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def numbers(res):
+    """The estimates of a probe JSON (not its timing or process count)."""
+    keys = ("second_moment", "second_moment_corr", "mean_output", "covariance")
+    return {key: res[key] for key in keys if key in res}
+
+
+def max_abs_diff(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        return max(max_abs_diff(a[key], b[key]) for key in a)
+    ta, tb = (torch.tensor(json.loads(json.dumps(x).replace("null", "NaN")),
+                           dtype=torch.float64) for x in (a, b))
+    assert ta.shape == tb.shape and torch.equal(ta.isnan(), tb.isnan())
+    return float((ta - tb).nan_to_num().abs().max())
+
+
+@needs_gloo
+def test_two_processes_train_resume_exactly_and_probe_as_one(models, tmp_path,
+                                                             capsys):
+    flow, clf = models
+    train = ["train", *TINY, "--checkpoint-every", "2"]
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    probe = ["probe", "--checkpoint", str(flow), "--classifier", str(clf),
+             "--n", "7", "--k", "2", "--batch-size", "2", "--seed", "5", "--estimator",
+             "covariance", "--no-progress"]
+    (tmp_path / "driver.py").write_text(DRIVER)
+    torchrun(["driver.py", json.dumps([
+        train + ["--train-steps", "3", "--out", str(resumed)],
+        train + ["--train-steps", "5", "--out", str(resumed), "--resume"],
+        train + ["--train-steps", "5", "--out", str(straight)],
+        # as `torchrun ... -m flowjac -- probe ...` passes it ("--" keeps
+        # torchrun's parser off --n)
+        ["--", *probe, "--out", str(tmp_path / "two.json")],
+    ])], tmp_path)
+
+    # training: DDP on 2 ranks, resumed run == uninterrupted run, bit for bit
+    a = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    b = torch.load(straight / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 5 and a["extra"]["world_size"] == 2
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][key], b[part][key]) for key in a[part])
+    assert torch.equal(a["extra"]["rng_ranks"], b["extra"]["rng_ranks"])
+    assert not torch.equal(a["extra"]["rng_ranks"][0], a["extra"]["rng_ranks"][1])
+    assert a["extra"]["loss"] == b["extra"]["loss"]
+    rec = json.loads((resumed / "train.json").read_text())
+    assert rec["resumed_from"] == 3 and rec["world_size"] == 2
+
+    # another world size continues from the weights with re-seeded streams
+    code, err = run_cli(capsys, *train, "--train-steps", "6", "--out", resumed,
+                        "--resume")
+    assert code == 0 and len(err) == 1 and "re-seeded at step 5" in err[0]
+
+    # probing: 2 shards == 1 process, to float round-off
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)            # as in the torchrun workers
+    try:
+        code, err = run_cli(capsys, *probe, "--out",
+                            tmp_path / "one.json")
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert two["covariance"]["cov"] is not None
+    assert max_abs_diff(numbers(one), numbers(two)) < 1e-12
