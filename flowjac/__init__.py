@@ -20,7 +20,8 @@ forms never import training code, nothing imports a chapter):
 - ``causal``: ``scm`` (the binary SCM, exact by enumeration),
   ``discovery`` (PC, CPDAG, SHD)
 - ``estimators``: ``moments``, ``covariance`` (exact covariances from JVPs),
-  ``intervals`` (bootstrap and heavy-tail-aware intervals)
+  ``intervals`` (bootstrap and heavy-tail-aware intervals), ``spectra``
+  (local spectra of the flow map, divergence, log-likelihood, Hutch++)
 - ``pipelines``: ``stored`` (stored GPU runs), ``celeba`` (the CelebA study)
 - ``cli``: the ``flowjac`` command line (``train``, ``sample``, ``probe``),
   on one process or many under torchrun (``python -m flowjac``)

@@ -11,6 +11,8 @@ from flowjac.utils import repo_root
 
 @pytest.mark.parametrize("script, args, key", [
     ("jvp.py", ["--steps", "1", "--repeats", "1", "--threads", "1"], None),
+    ("spectra.py", ["--steps", "1", "--repeats", "1", "--threads", "1", "--unet", "small",
+                    "--mlp-batch", "16"], None),
     ("scaling.py", ["--n", "8", "--batch-size", "4", "--repeats", "1", "--size", "8",
                     "--base-channels", "8", "--steps", "1"], None),
 ])

@@ -48,6 +48,8 @@ def main(argv=None):
     ap.add_argument("--n-gate", type=int, default=2000)
     ap.add_argument("--samplers", default="midpoint:10",
                     help="comma-separated method:steps; the first is the default")
+    ap.add_argument("--no-along", action="store_true",
+                    help="skip the gate measurements after each chunk")
     ap.add_argument("--manifest", action="store_true",
                     help="write OUT/manifest.json from OUT/<part>.json records")
     args = ap.parse_args(argv)
@@ -70,7 +72,7 @@ def main(argv=None):
         along = []
 
         def on_chunk(model, step, part=part, clf=clf):
-            if clf is None:
+            if clf is None or args.no_along:
                 return
             t0 = time.perf_counter()
             g = pretrained.evaluate_part(part, model, device=args.device,

@@ -3,8 +3,10 @@
 - ``moments``: second moments, correlations, gradient norms from probes and
   conditioning on them
 - ``covariance``: exact covariances from JVPs (the interpolation identity)
+- ``spectra``: spectra, divergences and log-likelihoods of flow maps from
+  JVPs and VJPs (randomized subspace iteration, Hutchinson, Hutch++)
 - ``intervals``: bootstrap and heavy-tail-aware intervals and tail diagnostics
 """
-from . import covariance, intervals, moments
+from . import covariance, intervals, moments, spectra
 
-__all__ = ["covariance", "intervals", "moments"]
+__all__ = ["covariance", "intervals", "moments", "spectra"]
