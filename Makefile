@@ -16,8 +16,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 	$(VENV)/bin/python -m pip install -q -r requirements.txt 2>&1 | grep -v "is ignored" || true
+	$(VENV)/bin/python -m pip install -q --no-deps torchcfm==1.0.7 2>&1 | grep -v "is ignored" || true
 	$(VENV)/bin/python -m pip install -q --no-deps -e . 2>&1 | grep -v "is ignored" || true
-	$(VENV)/bin/python -c "import torch, torchvision, flowjac, jupyter_book, nbval, causallearn, mlxtend"
+	$(VENV)/bin/python -c "import torch, torchvision, flowjac, jupyter_book, nbval, causallearn, mlxtend, torchcfm.models.unet, flow_matching.solver, torchdiffeq"
 	touch $@
 
 venv: $(VENV)/.installed

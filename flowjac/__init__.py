@@ -14,6 +14,7 @@ forms never import training code, nothing imports a chapter):
   ``probing`` (JVPs at scale), ``train`` (CFM, EMA), ``checkpoints``
 - ``models``: ``nets`` (MLPFlow, FlowUNet with exact fast tangents),
   ``conditional`` (label-conditional velocities), ``classifiers``,
+  ``adapters`` (torchcfm and flow_matching models as velocities),
   ``quality`` (the gates), ``pretrained`` (shipped, sha256-checked models:
   ``available()``, ``load()``)
 - ``data``: ``images`` (MNIST, CelebA), ``scm_images`` (the SCM renderer)

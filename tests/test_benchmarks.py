@@ -13,6 +13,8 @@ from flowjac.utils import repo_root
     ("jvp.py", ["--steps", "1", "--repeats", "1", "--threads", "1"], None),
     ("spectra.py", ["--steps", "1", "--repeats", "1", "--threads", "1", "--unet", "small",
                     "--mlp-batch", "16"], None),
+    ("interop.py", ["--steps", "1", "--repeats", "1", "--threads", "1", "--batch", "1",
+                    "--mlp-batch", "16", "--mlp-hidden", "16"], None),
     ("scaling.py", ["--n", "8", "--batch-size", "4", "--repeats", "1", "--size", "8",
                     "--base-channels", "8", "--steps", "1"], None),
 ])

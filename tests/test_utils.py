@@ -82,3 +82,10 @@ def test_numpy_integers_are_accepted_where_a_count_is_meant():
                                  n_boot=np.int64(50),
                                  generator=torch.Generator().manual_seed(0))
     assert len(ci) == 3
+
+
+def test_heap_helpers_run_everywhere():
+    from flowjac.utils import bound_heap, release_memory
+
+    assert isinstance(bound_heap(), bool)
+    release_memory()

@@ -4,8 +4,10 @@
 - ``conditional``: label-conditional velocities u(x, t, y), guidance
 - ``classifiers``: attribute and digit classifiers, the CelebA ResNet50
 - ``quality``: the quality gates a learned model must pass
+- ``adapters``: torchcfm, flow_matching and plain callables as velocities
+  with fast exact tangents; their checkpoints
 - ``pretrained``: ``available()`` and ``load(name)`` for the shipped models
 """
-from . import classifiers, conditional, nets, pretrained, quality
+from . import adapters, classifiers, conditional, nets, pretrained, quality
 
-__all__ = ["classifiers", "conditional", "nets", "pretrained", "quality"]
+__all__ = ["adapters", "classifiers", "conditional", "nets", "pretrained", "quality"]

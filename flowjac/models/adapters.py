@@ -1,0 +1,1299 @@
+"""Bring your own model: torchcfm, flow_matching and plain callables as flowjac velocities.
+
+``from_torchcfm(net, y=...)``, ``from_flow_matching(wrapper, **extras)`` and
+``from_callable(fn, order=...)`` return an ``AdaptedVelocity``: a callable
+``velocity(x, t)`` (``t`` a Python number, a 0-dim tensor or a (B,) tensor)
+with an exact ``jvp(x, t, tangents)``, so every solver, JVP, spectrum and
+log-likelihood routine of flowjac accepts the third-party network as it is.
+``load_torchcfm_checkpoint`` reads torchcfm's training checkpoints and
+``load_flow_matching_checkpoint`` loads weights into a flow_matching
+``ModelWrapper`` (or its wrapped network).
+
+Fast exact tangents without touching the model. ``joint_jvp(fn, x,
+tangents)`` runs the user's own forward code on a *tangent-carrying* value
+(``_Joint``, not a torch.Tensor): the primal, computed by the model's own
+operations (so it equals the original output), and its k tangents stacked
+as (k, *shape), as in ``flowjac.models.nets``. Every torch operation the
+code applies to it is intercepted (``__torch_function__``) and replaced by
+its exact tangent rule: linear maps (linear and convolution weights,
+reshapes, concatenation, resampling, pooling, padding, sums) act on the k
+tangents in one batched call without the bias; GroupNorm, LayerNorm,
+softmax, SiLU and the other pointwise functions use their derivatives at
+the primal; bilinear maps (einsum, matmul, attention) use the product rule,
+the attention scores in one product over a doubled contracted axis. The
+network's parameters are read, never copied or modified. ``torch.func.jvp``
+instead computes a second product per layer for the weights' zero
+tangents, decomposes GroupNorm and softmax into many small operations, and
+cannot differentiate fused attention (``scaled_dot_product_attention`` on
+CPU); ``benchmarks/interop.py`` measures the difference.
+
+Safety: the first ``jvp`` call for each input signature (shapes, dtype,
+device, form of t) is checked against ``torch.func.jvp`` of the original
+model on one direction; an operation without a rule (``torch.cumsum``, an
+in-place write into an x-dependent tensor, ...) or a mismatch (code that
+tests ``isinstance(x, torch.Tensor)``) makes that signature fall back to
+``torch.func.jvp`` with a warning; ``velocity.last_path`` says which path
+ran. Like ``torch.func.jvp``, the fast path follows Python branches on
+x-dependent comparisons by the primal's values.
+
+torchcfm, flow_matching and torchdiffeq are optional (the ``interop``
+extra); this module imports them only inside the functions that need them.
+
+Longer than 400 lines because the tangent rules, the adapters that use them
+and the loaders that build the adapters belong together: split, the
+adapters would reach into a rules module's internals.
+Explained in "Bring your own model".
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import re
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flowjac._checks import check_choice
+from flowjac.engine.velocity import func_jvp
+
+__all__ = ["AdaptedVelocity", "joint_jvp", "from_torchcfm",
+           "from_flow_matching", "from_callable", "load_torchcfm_checkpoint",
+           "load_flow_matching_checkpoint", "INSTALL_HINT"]
+
+#: How to install the optional peers (the ``interop`` extra).
+INSTALL_HINT = ("pip install --no-deps torchcfm==1.0.7 flow-matching==1.0.10 "
+                "torchdiffeq==0.2.5 pot==0.9.6.post1 (or pip install "
+                "'flowjac[interop]', which also pulls torchcfm's training stack)")
+
+
+class _Unsupported(Exception):
+    """An operation the tangent-carrying value has no exact rule for."""
+
+
+class _UnsupportedAttr(_Unsupported, AttributeError):
+    """A Tensor attribute the tangent-carrying value does not offer."""
+
+
+class _NoRule(ValueError):
+    """joint_jvp's error: the model used an operation without a tangent rule."""
+
+
+# ---------------------------------------------------------------------------
+# the tangent-carrying value
+
+def _ax(d: int, n: int) -> int:
+    """Primal axis d of a rank-n value, made non-negative."""
+    d = int(d)
+    if not -n <= d < max(n, 1):
+        raise _Unsupported(f"dimension {d} out of range for rank {n}")
+    return d + n if d < 0 else d
+
+
+def _sizes(args) -> tuple:
+    if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)):
+        return tuple(args[0])
+    return tuple(args)
+
+
+def _rank(v) -> int:
+    return v.ndim if isinstance(v, _Joint) or torch.is_tensor(v) else 0
+
+
+def _lift(t: torch.Tensor, ndim: int, rank: int) -> torch.Tensor:
+    """Tangents (k, *shape) of a rank-ndim value, aligned for broadcasting at rank."""
+    return t[(slice(None),) + (None,) * (rank - ndim)] if rank > ndim else t
+
+
+def _primal(v):
+    return v.p if isinstance(v, _Joint) else v
+
+
+def _zeros(v, like: "_Joint") -> torch.Tensor:
+    """The (k, *shape) zero tangents of a plain value, without allocation."""
+    v = torch.as_tensor(v, dtype=like.dtype, device=like.device)
+    return v.new_zeros(()).expand(like.k, *v.shape)
+
+
+def _tangents(v, like: "_Joint") -> torch.Tensor:
+    return v.d if isinstance(v, _Joint) else _zeros(v, like)
+
+
+def _flat(t: torch.Tensor, batched: bool) -> torch.Tensor:
+    """Tangents (k, B, ...) with k folded into the batch axis (or k as the batch)."""
+    return t.flatten(0, 1) if batched else t
+
+
+def _unflat(out: torch.Tensor, k: int, batched: bool) -> torch.Tensor:
+    return out.unflatten(0, (k, -1)) if batched else out
+
+
+class _Joint:
+    """A value that depends on x: the primal ``p`` and its k tangents ``d`` (k, *p.shape).
+
+    Presents the primal's shape, dtype and device to the model's code and
+    answers every torch function through ``__torch_function__``.
+    """
+
+    __slots__ = ("p", "d")
+
+    def __init__(self, p: torch.Tensor, d: torch.Tensor):
+        self.p, self.d = p, d
+
+    def _map(self, fn, *args, **kwargs):
+        """An op that is linear in the value and acts on trailing axes."""
+        return _Joint(fn(self.p, *args, **kwargs), fn(self.d, *args, **kwargs))
+
+    # metadata of the primal
+    shape = property(lambda self: self.p.shape)
+    ndim = property(lambda self: self.p.ndim)
+    dtype = property(lambda self: self.p.dtype)
+    device = property(lambda self: self.p.device)
+    is_cuda = property(lambda self: self.p.is_cuda)
+    requires_grad = property(lambda self: self.p.requires_grad or self.d.requires_grad)
+    k = property(lambda self: self.d.shape[0])
+    T = property(lambda self: self.permute(*reversed(range(self.ndim))))
+
+    def size(self, dim=None):
+        return self.p.size() if dim is None else self.p.size(dim)
+
+    def dim(self) -> int:
+        return self.p.ndim
+
+    ndimension = dim
+
+    def numel(self) -> int:
+        return self.p.numel()
+
+    def is_floating_point(self) -> bool:
+        return self.p.is_floating_point()
+
+    def is_contiguous(self, memory_format=None) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return len(self.p)
+
+    def __repr__(self) -> str:
+        return f"_Joint(shape={tuple(self.shape)}, k={self.k}, dtype={self.dtype})"
+
+    def __bool__(self):
+        raise _Unsupported("bool() of an x-dependent tensor (control flow on x)")
+
+    def __getattr__(self, name):
+        raise _UnsupportedAttr(f"Tensor.{name}")
+
+    __torch_function__ = classmethod(
+        lambda cls, func, types, args=(), kwargs=None:
+        _dispatch(func, args, kwargs or {}))
+
+    def new_zeros(self, *args, **kwargs):
+        return self.p.new_zeros(*args, **kwargs)
+
+    def new_ones(self, *args, **kwargs):
+        return self.p.new_ones(*args, **kwargs)
+
+    def new_empty(self, *args, **kwargs):
+        return self.p.new_empty(*args, **kwargs)
+
+    def new_full(self, *args, **kwargs):
+        return self.p.new_full(*args, **kwargs)
+
+    def new_tensor(self, *args, **kwargs):
+        return self.p.new_tensor(*args, **kwargs)
+
+    def detach(self):
+        return self.p.detach()
+
+    # comparisons are piecewise constant in x: plain results
+    def __gt__(self, other):
+        return self.p > _primal(other)
+
+    def __ge__(self, other):
+        return self.p >= _primal(other)
+
+    def __lt__(self, other):
+        return self.p < _primal(other)
+
+    def __le__(self, other):
+        return self.p <= _primal(other)
+
+    # shape operations: linear, the same on the primal and the tangents
+    def reshape(self, *shape):
+        shape = _sizes(shape)
+        return _Joint(self.p.reshape(shape), self.d.reshape(self.k, *shape))
+
+    view = reshape
+
+    def view_as(self, other):
+        return self.reshape(other.shape)
+
+    reshape_as = view_as
+
+    def expand(self, *sizes):
+        sizes = _sizes(sizes)
+        return _Joint(self.p.expand(*sizes),
+                      _lift(self.d, self.ndim, len(sizes)).expand(self.k, *sizes))
+
+    def expand_as(self, other):
+        return self.expand(*other.shape)
+
+    def repeat(self, *sizes):
+        sizes = _sizes(sizes)
+        return _Joint(self.p.repeat(*sizes),
+                      _lift(self.d, self.ndim, len(sizes)).repeat(1, *sizes))
+
+    def permute(self, *dims):
+        dims = [_ax(d, self.ndim) for d in _sizes(dims)]
+        return _Joint(self.p.permute(dims), self.d.permute(0, *[d + 1 for d in dims]))
+
+    def transpose(self, a, b):
+        a, b = _ax(a, self.ndim), _ax(b, self.ndim)
+        return _Joint(self.p.transpose(a, b), self.d.transpose(a + 1, b + 1))
+
+    swapaxes = transpose
+
+    def movedim(self, source, destination):
+        src = [_ax(s, self.ndim) for s in ([source] if isinstance(source, int) else source)]
+        dst = [_ax(d, self.ndim) for d in
+               ([destination] if isinstance(destination, int) else destination)]
+        return _Joint(self.p.movedim(src, dst),
+                      self.d.movedim([s + 1 for s in src], [d + 1 for d in dst]))
+
+    def t(self):
+        return self if self.ndim < 2 else self.transpose(0, 1)
+
+    def flatten(self, start_dim=0, end_dim=-1):
+        if self.ndim == 0:
+            return self.reshape(1)
+        a, b = _ax(start_dim, self.ndim), _ax(end_dim, self.ndim)
+        return _Joint(self.p.flatten(a, b), self.d.flatten(a + 1, b + 1))
+
+    def unflatten(self, dim, sizes):
+        d = _ax(dim, self.ndim)
+        return _Joint(self.p.unflatten(d, sizes), self.d.unflatten(d + 1, sizes))
+
+    def unsqueeze(self, dim):
+        d = _ax(dim, self.ndim + 1)
+        return _Joint(self.p.unsqueeze(d), self.d.unsqueeze(d + 1))
+
+    def squeeze(self, dim=None):
+        if dim is None:
+            dims = tuple(i for i, s in enumerate(self.shape) if s == 1)
+        else:
+            dims = tuple(_ax(d, self.ndim) for d in ((dim,) if isinstance(dim, int) else dim))
+        if not dims:
+            return self
+        return _Joint(self.p.squeeze(dims), self.d.squeeze(tuple(d + 1 for d in dims)))
+
+    def flip(self, *dims):
+        dims = [_ax(d, self.ndim) for d in _sizes(dims)]
+        return _Joint(self.p.flip(dims), self.d.flip([d + 1 for d in dims]))
+
+    def roll(self, shifts, dims=None):
+        if dims is None:
+            raise _Unsupported("roll without dims")
+        dims = [_ax(d, self.ndim) for d in ((dims,) if isinstance(dims, int) else dims)]
+        return _Joint(self.p.roll(shifts, dims), self.d.roll(shifts, [d + 1 for d in dims]))
+
+    def narrow(self, dim, start, length):
+        d = _ax(dim, self.ndim)
+        return _Joint(self.p.narrow(d, start, length), self.d.narrow(d + 1, start, length))
+
+    def contiguous(self, memory_format=None):
+        return self
+
+    def clone(self, memory_format=None):
+        return _Joint(self.p.clone(), self.d.clone())
+
+    def to(self, *args, **kwargs):
+        args = tuple(a.dtype if isinstance(a, _Joint) else a for a in args)
+        return self._map(lambda a: a.to(*args, **kwargs))
+
+    def type(self, dtype=None, non_blocking=False):
+        if not isinstance(dtype, torch.dtype):
+            raise _Unsupported("Tensor.type without a torch.dtype")
+        return self.to(dtype)
+
+    def type_as(self, other):
+        return self.to(other.dtype)
+
+    def float(self):
+        return self.to(torch.float32)
+
+    def double(self):
+        return self.to(torch.float64)
+
+    def half(self):
+        return self.to(torch.float16)
+
+    def bfloat16(self):
+        return self.to(torch.bfloat16)
+
+    def __getitem__(self, idx):
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if any(isinstance(v, _Joint) for v in idx):
+            raise _Unsupported("indexing by an x-dependent tensor")
+        if any(torch.is_tensor(v) or isinstance(v, list) for v in idx):
+            # advanced indices must stay where they are, after the slot axis too
+            adv = [i for i, v in enumerate(idx) if torch.is_tensor(v) or
+                   isinstance(v, (list, int))]
+            if adv != list(range(adv[0], adv[0] + len(adv))) or \
+                    sum(not isinstance(idx[i], int) for i in adv) > 1:
+                raise _Unsupported("this combination of tensor indices")
+        return _Joint(self.p[idx], self.d[(slice(None),) + idx])
+
+    def __setitem__(self, idx, value):
+        raise _Unsupported("in-place assignment into an x-dependent tensor")
+
+    def _parts(self, method, dim, *args):
+        d = _ax(dim, self.ndim)
+        return tuple(_Joint(a, b) for a, b in zip(getattr(self.p, method)(*args, d),
+                                                  getattr(self.d, method)(*args, d + 1)))
+
+    def chunk(self, chunks, dim=0):
+        return self._parts("chunk", dim, chunks)
+
+    def split(self, split_size, dim=0):
+        return self._parts("split", dim, split_size)
+
+    def unbind(self, dim=0):
+        return self._parts("unbind", dim)
+
+    def _reduce(self, fn, dim, keepdim, dtype):
+        if dim is None:
+            dims = tuple(range(self.ndim))
+        else:
+            dims = tuple(_ax(d, self.ndim) for d in ((dim,) if isinstance(dim, int) else dim))
+        if not dims:
+            return self
+        return _Joint(fn(self.p, dim=dims, keepdim=keepdim, dtype=dtype),
+                      fn(self.d, dim=tuple(d + 1 for d in dims), keepdim=keepdim,
+                         dtype=dtype))
+
+    def sum(self, dim=None, keepdim=False, dtype=None):
+        return self._reduce(torch.sum, dim, keepdim, dtype)
+
+    def mean(self, dim=None, keepdim=False, dtype=None):
+        return self._reduce(torch.mean, dim, keepdim, dtype)
+
+    # arithmetic
+    def __add__(self, other):
+        return _add(self, other)
+
+    def __radd__(self, other):
+        return _add(other, self)
+
+    def __sub__(self, other):
+        return _add(self, other, alpha=-1)
+
+    def __rsub__(self, other):
+        return _add(other, self, alpha=-1)
+
+    def __mul__(self, other):
+        return _mul(self, other)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other):
+        return _div(self, other)
+
+    def __rtruediv__(self, other):
+        return _div(other, self)
+
+    def __neg__(self):
+        return _Joint(-self.p, -self.d)
+
+    def __pos__(self):
+        return self
+
+    def __pow__(self, exponent):
+        return _pow(self, exponent)
+
+    def __matmul__(self, other):
+        return _matmul(self, other)
+
+    def __rmatmul__(self, other):
+        return _matmul(other, self)
+
+    def add(self, other, alpha=1):
+        return _add(self, other, alpha=alpha)
+
+    def sub(self, other, alpha=1):
+        return _add(self, other, alpha=-alpha)
+
+    def mul(self, other):
+        return _mul(self, other)
+
+    def div(self, other):
+        return _div(self, other)
+
+    def matmul(self, other):
+        return _matmul(self, other)
+
+    def pow(self, exponent):
+        return _pow(self, exponent)
+
+    def square(self):
+        return _pow(self, 2)
+
+    # in place: the value object is updated, so that aliases of it see it
+    def _become(self, other: "_Joint") -> "_Joint":
+        self.p, self.d = other.p, other.d
+        return self
+
+    def __iadd__(self, other):
+        return self._become(_add(self, other))
+
+    def __isub__(self, other):
+        return self._become(_add(self, other, alpha=-1))
+
+    def __imul__(self, other):
+        return self._become(_mul(self, other))
+
+    def __itruediv__(self, other):
+        return self._become(_div(self, other))
+
+    # pointwise functions as methods
+    def sigmoid(self):
+        return _unary(torch.sigmoid, self)
+
+    def tanh(self):
+        return _unary(torch.tanh, self)
+
+    def exp(self):
+        return _unary(torch.exp, self)
+
+    def sin(self):
+        return _unary(torch.sin, self)
+
+    def cos(self):
+        return _unary(torch.cos, self)
+
+    def sqrt(self):
+        return _unary(torch.sqrt, self)
+
+    def rsqrt(self):
+        return _unary(torch.rsqrt, self)
+
+    def relu(self):
+        return _unary(torch.relu, self)
+
+    def abs(self):
+        return _unary(torch.abs, self)
+
+    def clamp(self, min=None, max=None):
+        return _clamp(self, min, max)
+
+    def softmax(self, dim, dtype=None):
+        return _softmax(self, dim, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------
+# tangent rules
+
+def _add(a, b, alpha=1):
+    rank = max(_rank(a), _rank(b))
+    p = torch.add(_primal(a), _primal(b), alpha=alpha)
+    if isinstance(a, _Joint) and isinstance(b, _Joint):
+        t = torch.add(_lift(a.d, a.ndim, rank), _lift(b.d, b.ndim, rank), alpha=alpha)
+    elif isinstance(a, _Joint):
+        t = _lift(a.d, a.ndim, rank)
+    else:
+        t = _lift(b.d, b.ndim, rank)
+        t = t if alpha == 1 else alpha * t
+    return _Joint(p, t.expand(t.shape[0], *p.shape))
+
+
+def _mul(a, b):
+    rank = max(_rank(a), _rank(b))
+    if isinstance(a, _Joint) and isinstance(b, _Joint):
+        ta, tb = _lift(a.d, a.ndim, rank), _lift(b.d, b.ndim, rank)
+        return _Joint(a.p * b.p, torch.addcmul(ta * b.p, a.p, tb))
+    if isinstance(b, _Joint):
+        a, b = b, a
+    return _Joint(a.p * b, _lift(a.d, a.ndim, rank) * b)
+
+
+def _div(a, b):
+    rank = max(_rank(a), _rank(b))
+    if not isinstance(b, _Joint):
+        return _Joint(a.p / b, _lift(a.d, a.ndim, rank) / b)
+    p = _primal(a) / b.p
+    t = -p * _lift(b.d, b.ndim, rank)
+    if isinstance(a, _Joint):
+        t = t + _lift(a.d, a.ndim, rank)
+    return _Joint(p, t / b.p)
+
+
+def _pow(j, exponent):
+    if isinstance(exponent, _Joint) or not isinstance(j, _Joint):
+        raise _Unsupported("an x-dependent exponent")
+    return _Joint(j.p ** exponent, j.d * (exponent * j.p ** (exponent - 1)))
+
+
+def _matmul(a, b):
+    if isinstance(b, _Joint) and b.ndim < 2:
+        raise _Unsupported("matmul with an x-dependent vector on the right")
+    p = torch.matmul(_primal(a), _primal(b))
+    if isinstance(a, _Joint) and isinstance(b, _Joint):
+        return _Joint(p, torch.matmul(a.d, b.p) + torch.matmul(a.p, b.d))
+    if isinstance(a, _Joint):
+        return _Joint(p, torch.matmul(a.d, b))
+    return _Joint(p, torch.matmul(a, b.d))
+
+
+def _unary(fn, j, *args, **kwargs):
+    p = fn(j.p, *args, **kwargs)
+    return _Joint(p, j.d * _DERIVATIVES[fn](j.p, p, *args, **kwargs))
+
+
+def _softplus_deriv(x0, out0, beta=1.0, threshold=20.0):
+    return torch.where(x0 * beta > threshold, torch.ones_like(x0),
+                       torch.sigmoid(beta * x0))
+
+
+def _gelu_deriv(x0, out0, approximate="none"):
+    if approximate == "tanh":
+        c = math.sqrt(2 / math.pi)
+        u = torch.tanh(c * (x0 + 0.044715 * x0 ** 3))
+        return 0.5 * (1 + u) + 0.5 * x0 * (1 - u * u) * c * (1 + 3 * 0.044715 * x0 * x0)
+    cdf = 0.5 * (1 + torch.erf(x0 / math.sqrt(2)))
+    return cdf + x0 * torch.exp(-0.5 * x0 * x0) / math.sqrt(2 * math.pi)
+
+
+def _silu_deriv(x0, out0):
+    s = torch.sigmoid(x0)
+    return torch.addcmul(x0, x0, s, value=-1).add_(1).mul_(s)   # s (1 + x0 (1 - s))
+
+
+def _leaky_deriv(x0, out0, negative_slope=0.01):
+    return torch.where(x0 > 0, torch.ones_like(x0), torch.full_like(x0, negative_slope))
+
+
+_DERIVATIVES = {
+    torch.sigmoid: lambda x0, y: torch.addcmul(y, y, y, value=-1),
+    torch.tanh: lambda x0, y: (y * y).neg_().add_(1),
+    torch.exp: lambda x0, y: y,
+    torch.log: lambda x0, y: 1 / x0,
+    torch.sin: lambda x0, y: torch.cos(x0),
+    torch.cos: lambda x0, y: -torch.sin(x0),
+    torch.sqrt: lambda x0, y: 0.5 / y,
+    torch.rsqrt: lambda x0, y: -0.5 * y ** 3,
+    torch.abs: lambda x0, y: torch.sign(x0),
+    torch.erf: lambda x0, y: 2 / math.sqrt(math.pi) * torch.exp(-x0 * x0),
+    torch.relu: lambda x0, y: (x0 > 0).to(x0.dtype),
+    F.relu: lambda x0, y: (x0 > 0).to(x0.dtype),
+    F.silu: _silu_deriv,
+    F.gelu: _gelu_deriv,
+    F.softplus: _softplus_deriv,
+    F.leaky_relu: _leaky_deriv,
+    F.elu: lambda x0, y, alpha=1.0: torch.where(x0 > 0, torch.ones_like(x0), y + alpha),
+    F.tanh: lambda x0, y: (y * y).neg_().add_(1),
+    F.sigmoid: lambda x0, y: torch.addcmul(y, y, y, value=-1),
+}
+
+
+def _unary_rule(fn):
+    def rule(input, *args, **kwargs):
+        inplace = kwargs.pop("inplace", False)
+        out = _unary(fn, input, *args, **kwargs)
+        return input._become(out) if inplace else out   # torch's aliasing
+    return rule
+
+
+def _softmax(j, dim, _stacklevel=3, dtype=None):
+    if dtype is not None:
+        j = j.to(dtype)
+    p = torch.softmax(j.p, dim)
+    d = _ax(dim, j.ndim) + 1
+    pt = p * j.d
+    return _Joint(p, pt.addcmul_(p, pt.sum(d, keepdim=True), value=-1))
+
+
+def _log_softmax(j, dim, _stacklevel=3, dtype=None):
+    if dtype is not None:
+        j = j.to(dtype)
+    p = torch.log_softmax(j.p, dim)
+    d = _ax(dim, j.ndim) + 1
+    return _Joint(p, j.d - (p.exp() * j.d).sum(d, keepdim=True))
+
+
+def _conv(fn, nd):
+    def rule(input, weight, bias=None, *args, **kwargs):
+        if not isinstance(input, _Joint) or isinstance(weight, _Joint) or \
+                isinstance(bias, _Joint):
+            raise _Unsupported(f"{fn.__name__} with x-dependent weights")
+        batched = input.ndim == nd + 2
+        p = fn(input.p, weight, bias, *args, **kwargs)
+        t = fn(_flat(input.d, batched), weight, None, *args, **kwargs)
+        return _Joint(p, _unflat(t, input.k, batched))
+    return rule
+
+
+def _linear(input, weight, bias=None):
+    if not isinstance(input, _Joint) or isinstance(weight, _Joint) or \
+            isinstance(bias, _Joint):
+        raise _Unsupported("linear with x-dependent weights")
+    return _Joint(F.linear(input.p, weight, bias), F.linear(input.d, weight))
+
+
+def _normalized(j: _Joint, p, mean, rstd, groups, weight, wshape) -> _Joint:
+    """Tangents of (x - mean) rstd weight, statistics over the last axis of the
+    primal viewed as ``groups``: rstd (t - mean(t) - z mean(z t)) weight."""
+    mean, rstd = mean.reshape(*groups[:-1], 1), rstd.reshape(*groups[:-1], 1)
+    z = (j.p.reshape(groups) - mean) * rstd
+    t = j.d.reshape(j.k, *groups)
+    zt = (z * t).mean(-1, keepdim=True)
+    td = torch.addcmul(t - t.mean(-1, keepdim=True), z, zt, value=-1) * rstd
+    td = td.reshape(j.d.shape)
+    return _Joint(p, td if weight is None else td * weight.reshape(wshape))
+
+
+def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+    n, c = input.shape[:2]
+    p, mean, rstd = torch.native_group_norm(
+        input.p.contiguous(), weight, bias, n, c, input.p[0, 0].numel(), num_groups, eps)
+    return _normalized(input, p, mean, rstd, (n, num_groups, -1), weight,
+                       (-1,) + (1,) * (input.ndim - 2))
+
+
+def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    shape = tuple(normalized_shape)
+    p, mean, rstd = torch.native_layer_norm(input.p, shape, weight, bias, eps)
+    lead = input.shape[:input.ndim - len(shape)]
+    return _normalized(input, p, mean, rstd, (*lead, -1), weight, shape)
+
+
+def _batch_norm(input, running_mean, running_var, weight=None, bias=None,
+                training=False, momentum=0.1, eps=1e-5):
+    if training or running_mean is None:
+        raise _Unsupported("batch_norm with batch statistics (training mode)")
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    p = F.batch_norm(input.p, running_mean, running_var, weight, bias, False, momentum, eps)
+    return _Joint(p, input.d * scale.reshape((-1,) + (1,) * (input.ndim - 2)))
+
+
+def _resample(fn, min_rank):
+    def rule(input, *args, **kwargs):
+        if not isinstance(input, _Joint):
+            raise _Unsupported(f"{fn.__name__} with an x-dependent argument")
+        batched = input.ndim > min_rank
+        return _Joint(fn(input.p, *args, **kwargs),
+                      _unflat(fn(_flat(input.d, batched), *args, **kwargs),
+                              input.k, batched))
+    return rule
+
+
+def _pad(input, pad, mode="constant", value=None):
+    if mode == "constant":
+        return _Joint(F.pad(input.p, pad, value=value), F.pad(input.d, pad))
+    batched = input.ndim > len(pad) // 2 + 1
+    return _Joint(F.pad(input.p, pad, mode),
+                  _unflat(F.pad(_flat(input.d, batched), pad, mode), input.k, batched))
+
+
+def _dropout(input, p=0.5, training=True, inplace=False):
+    if training and p > 0:
+        raise _Unsupported("dropout in training mode (a random velocity)")
+    return input
+
+
+def _cat(tensors, dim=0, *, out=None):
+    like = next(v for v in tensors if isinstance(v, _Joint))
+    d = _ax(dim, like.ndim)
+    return _Joint(torch.cat([_primal(v) for v in tensors], d),
+                  torch.cat([_tangents(v, like) for v in tensors], d + 1))
+
+
+def _stack(tensors, dim=0, *, out=None):
+    like = next(v for v in tensors if isinstance(v, _Joint))
+    d = _ax(dim, like.ndim + 1)
+    return _Joint(torch.stack([_primal(v) for v in tensors], d),
+                  torch.stack([_tangents(v, like) for v in tensors], d + 1))
+
+
+def _einsum(equation, *operands):
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    eq = equation.replace(" ", "")
+    if "->" not in eq or "." in eq:
+        raise _Unsupported("einsum without an explicit output or with '...'")
+    lhs, rhs = eq.split("->")
+    terms = lhs.split(",")
+    s = next(c for c in "zyxwvutsrqponmlkjihgfedcbaZYXWVUTSRQPONMLKJIHGFEDCBA"
+             if c not in eq)
+    primals = [_primal(v) for v in operands]
+    p = torch.einsum(eq, *primals)
+    joint = [i for i, v in enumerate(operands) if isinstance(v, _Joint)]
+    if len(terms) == 2 and len(joint) == 2:
+        # a (x) b: t = ta (x) b + a (x) tb. When the output is larger than the
+        # inputs (attention scores), one product over a doubled contracted
+        # axis c: [ta, a] (x) [b, tb], instead of two products and a sum.
+        a, b = operands
+        shared = [c for c in terms[0] if c in terms[1] and c not in rhs]
+        if shared and p.numel() > a.p.numel() + b.p.numel():
+            c = shared[0]
+            ia, ib = terms[0].index(c) + 1, terms[1].index(c) + 1
+            ta = torch.cat([a.d, a.p.expand_as(a.d)], ia)
+            tb = torch.cat([b.p.expand_as(b.d), b.d], ib)
+            return _Joint(p, torch.einsum(f"{s}{terms[0]},{s}{terms[1]}->{s}{rhs}", ta, tb))
+    t = None
+    for i in joint:
+        sub = ",".join(s + term if m == i else term for m, term in enumerate(terms))
+        term = torch.einsum(f"{sub}->{s}{rhs}", *primals[:i], operands[i].d, *primals[i + 1:])
+        t = term if t is None else t + term
+    return _Joint(p, t)
+
+
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+          scale=None, enable_gqa=False):
+    """softmax(q k^T scale + mask) v, written out so that each step has its rule."""
+    if dropout_p > 0 or enable_gqa:
+        raise _Unsupported("scaled_dot_product_attention with dropout or GQA")
+    scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
+    w = (query @ key.transpose(-2, -1)) * scale
+    if is_causal:
+        attn_mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool,
+                               device=query.device).tril()
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype,
+                                    device=query.device).masked_fill(~attn_mask,
+                                                                     float("-inf"))
+        w = w + attn_mask
+    return torch.softmax(w, dim=-1) @ value
+
+
+def _where(condition, input, other):
+    if isinstance(condition, _Joint):
+        raise _Unsupported("where with an x-dependent condition")
+    like = input if isinstance(input, _Joint) else other
+    return _Joint(torch.where(condition, _primal(input), _primal(other)),
+                  torch.where(condition, _tangents(input, like), _tangents(other, like)))
+
+
+def _clamp(input, min=None, max=None):
+    keep = torch.ones_like(input.p, dtype=torch.bool)
+    if min is not None:
+        keep = keep & (input.p >= min)
+    if max is not None:
+        keep = keep & (input.p <= max)
+    return _Joint(torch.clamp(input.p, min, max), input.d * keep.to(input.dtype))
+
+
+def _like(fn):
+    def rule(input, *args, **kwargs):
+        return fn(input.p, *args, **kwargs)
+    return rule
+
+
+def _method(name):
+    def rule(self, *args, **kwargs):
+        if not isinstance(self, _Joint):
+            raise _Unsupported(f"torch.{name} with an x-dependent argument "
+                               "other than the first")
+        return getattr(self, name)(*args, **kwargs)
+    return rule
+
+
+def _swap(rule):
+    return lambda a, b, *args, **kwargs: rule(b, a, *args, **kwargs)
+
+
+def _sub(a, b, alpha=1):
+    return _add(a, b, alpha=-alpha)
+
+
+def _build_rules() -> dict:
+    T = torch.Tensor
+    rules = {
+        F.linear: _linear,
+        F.conv1d: _conv(F.conv1d, 1), F.conv2d: _conv(F.conv2d, 2),
+        F.conv3d: _conv(F.conv3d, 3),
+        F.conv_transpose1d: _conv(F.conv_transpose1d, 1),
+        F.conv_transpose2d: _conv(F.conv_transpose2d, 2),
+        F.conv_transpose3d: _conv(F.conv_transpose3d, 3),
+        F.group_norm: _group_norm, F.layer_norm: _layer_norm,
+        F.batch_norm: _batch_norm,
+        F.interpolate: _resample(F.interpolate, 2),
+        F.avg_pool1d: _resample(F.avg_pool1d, 2),
+        F.avg_pool2d: _resample(F.avg_pool2d, 3),
+        F.avg_pool3d: _resample(F.avg_pool3d, 4),
+        F.adaptive_avg_pool1d: _resample(F.adaptive_avg_pool1d, 2),
+        F.adaptive_avg_pool2d: _resample(F.adaptive_avg_pool2d, 3),
+        F.adaptive_avg_pool3d: _resample(F.adaptive_avg_pool3d, 4),
+        F.pixel_shuffle: _resample(F.pixel_shuffle, 3),
+        F.pixel_unshuffle: _resample(F.pixel_unshuffle, 3),
+        F.pad: _pad, torch._C._nn.pad: _pad,
+        F.dropout: _dropout, F.dropout1d: _dropout, F.dropout2d: _dropout,
+        F.dropout3d: _dropout, F.alpha_dropout: _dropout,
+        F.scaled_dot_product_attention: _sdpa,
+        torch.cat: _cat, torch.concat: _cat, torch.concatenate: _cat,
+        torch.stack: _stack, torch.einsum: _einsum,
+        torch.softmax: _softmax, F.softmax: _softmax, T.softmax: _softmax,
+        torch.log_softmax: _log_softmax, F.log_softmax: _log_softmax,
+        T.log_softmax: _log_softmax,
+        torch.where: _where, torch.clamp: _clamp, T.clamp: _clamp,
+        torch.add: _add, T.add: _add, T.__add__: _add, T.__radd__: _swap(_add),
+        torch.sub: _sub, T.sub: _sub, T.__sub__: _sub, T.__rsub__: _swap(_sub),
+        torch.rsub: _swap(_sub),
+        torch.mul: _mul, T.mul: _mul, T.__mul__: _mul, T.__rmul__: _mul,
+        torch.div: _div, T.div: _div, T.__truediv__: _div, torch.true_divide: _div,
+        T.__rtruediv__: _swap(_div),
+        torch.matmul: _matmul, T.matmul: _matmul, T.__matmul__: _matmul,
+        T.__rmatmul__: _swap(_matmul), torch.mm: _matmul, torch.bmm: _matmul,
+        torch.neg: lambda x: -x, torch.pow: _pow,
+        torch.zeros_like: _like(torch.zeros_like), torch.ones_like: _like(torch.ones_like),
+        torch.empty_like: _like(torch.empty_like), torch.full_like: _like(torch.full_like),
+        torch.randn_like: _like(torch.randn_like), torch.rand_like: _like(torch.rand_like),
+    }
+    for fn in _DERIVATIVES:
+        rules[fn] = _unary_rule(fn)
+    for name in ("reshape", "flatten", "unflatten", "permute", "transpose", "swapaxes",
+                 "movedim", "unsqueeze", "squeeze", "chunk", "split", "unbind", "sum",
+                 "mean", "t", "narrow", "flip", "roll"):
+        rules[getattr(torch, name)] = _method(name)
+    return rules
+
+
+_RULES = _build_rules()
+
+
+def _dispatch(func, args, kwargs):
+    rule = _RULES.get(func)
+    if rule is None:
+        name = getattr(func, "__qualname__", None) or getattr(func, "__name__", func)
+        raise _Unsupported(f"no tangent rule for {name}")
+    return rule(*args, **kwargs)
+
+
+def _check_tangents(x, tangents) -> bool:
+    """True for one direction (x's shape), False for (B, k, ...); else ValueError."""
+    if not torch.is_tensor(tangents) or tangents.dtype != x.dtype or \
+            tangents.device != x.device:
+        raise ValueError(f"tangents must be a tensor of x's dtype and device "
+                         f"({x.dtype}, {x.device})")
+    if tangents.shape == x.shape:
+        return True
+    if (x.ndim >= 1 and tangents.ndim == x.ndim + 1 and tangents.shape[0] == x.shape[0]
+            and tangents.shape[1] >= 1 and tangents.shape[2:] == x.shape[1:]):
+        return False
+    raise ValueError(f"tangents must have shape {tuple(x.shape)} or "
+                     f"{(x.shape[0], 'k', *x.shape[1:])}, got {tuple(tangents.shape)}")
+
+
+def joint_jvp(fn: Callable, x: torch.Tensor, tangents: torch.Tensor):
+    """(fn(x), D fn(x) tangents) by running fn once on a tangent-carrying value; "Bring your own model".
+
+    ``tangents`` has x's shape or (B, k, *x.shape[1:]) (k directions, the
+    primal computed once). ``fn`` is the model's own code, run unchanged:
+    every torch operation on x-dependent values uses the exact tangent
+    rules of this module, and the primal operations are the model's own.
+    Raises ValueError naming the first operation without a rule (an
+    in-place write, data-dependent control flow, an unlisted function);
+    ``AdaptedVelocity.jvp`` then falls back to ``torch.func.jvp``.
+    """
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise ValueError("x must be a floating torch tensor, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)}")
+    single = _check_tangents(x, tangents)
+    tv = tangents.unsqueeze(0) if single else tangents.movedim(1, 0)
+    try:
+        out = fn(_Joint(x, tv))
+    except _Unsupported as err:
+        raise _NoRule(f"no exact tangent rule: {err}") from None
+    if isinstance(out, _Joint):
+        y, yd = out.p, out.d
+    elif torch.is_tensor(out):
+        y, yd = out, out.new_zeros((tv.shape[0], *out.shape))
+    else:
+        raise ValueError(f"fn must return a tensor, got {type(out).__name__}")
+    return y, (yd[0] if single else yd.movedim(0, 1)).contiguous()
+
+
+# ---------------------------------------------------------------------------
+# velocities
+
+def _check_x(x, model) -> None:
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise ValueError("x must be a floating torch tensor, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(f"x must have a batch dimension (B, ...), got shape "
+                         f"{tuple(x.shape)}")
+    if not isinstance(model, nn.Module):
+        return
+    w = next(model.parameters(), None)
+    if w is not None and (w.dtype != x.dtype or w.device != x.device):
+        raise ValueError(f"x has dtype {x.dtype} on {x.device} but the model's "
+                         f"weights are {w.dtype} on {w.device}; move one of them "
+                         f"(x.to(...) or model.to(...))")
+    want = getattr(model, "dtype", None)   # torchcfm's UNet casts x to it
+    if isinstance(want, torch.dtype) and want != x.dtype:
+        raise ValueError(f"this {type(model).__name__} computes in {want} (its "
+                         f"forward casts x to model.dtype); pass x of dtype {want}")
+
+
+def _time(t, x: torch.Tensor) -> torch.Tensor:
+    """t as a 0-dim tensor or a (B,) tensor of x's dtype and device."""
+    bsz = x.shape[0]
+    if isinstance(t, bool) or not (torch.is_tensor(t) or isinstance(t, numbers.Real)):
+        raise ValueError(f"t must be a number, a 0-dim tensor or a ({bsz},) "
+                         f"tensor, got {t!r}")
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    if t.ndim == 0 or (t.ndim == 1 and t.shape[0] == bsz):
+        return t
+    raise ValueError(f"t must be a number, a 0-dim tensor or a ({bsz},) tensor, "
+                     f"got shape {tuple(t.shape)}")
+
+
+def _check_eval(model) -> None:
+    """Dropout or batch statistics in training mode make the velocity random
+    or couple the rows: refuse them rather than switch the user's model."""
+    if not isinstance(model, nn.Module):
+        return
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            raise ValueError(f"the model is in training mode and {name or 'it'} "
+                             f"is a dropout with p={m.p}: the velocity would be "
+                             "random; call model.eval() first")
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise ValueError(f"the model is in training mode and {name} is a "
+                             "batch norm using batch statistics: call "
+                             "model.eval() first")
+
+
+def _tolerance(dtype) -> float:
+    return {torch.float64: 1e-8, torch.float32: 1e-3}.get(dtype, 3e-2)
+
+
+class AdaptedVelocity:
+    """A third-party network as velocity(x, t), with an exact fast ``jvp``; "Bring your own model".
+
+    ``velocity(x, t)`` calls the network (``t`` a number, a 0-dim tensor or
+    a (B,) tensor, converted to x's dtype and device). ``jvp(x, t,
+    tangents)`` returns (velocity(x, t), D_x velocity(x, t) tangents), for
+    tangents shaped like x or (B, k, ...), by ``joint_jvp`` on the network's
+    own code (``fast=True``) or by ``torch.func.jvp``. The first fast call
+    for each input signature is checked against ``torch.func.jvp`` on one
+    direction; a missing rule or a mismatch switches that signature to
+    ``torch.func.jvp`` with a warning (a model torch.func.jvp cannot
+    differentiate, such as fused attention on CPU, keeps the fast path, with
+    a warning that it went unchecked). ``last_path`` is ``"fast"`` or
+    ``"torch.func"`` after each ``jvp``; ``fallbacks`` maps signatures to
+    the reason they fell back. Built by ``from_torchcfm``,
+    ``from_flow_matching`` or ``from_callable``; the network is never
+    modified.
+    """
+
+    def __init__(self, call: Callable, *, model=None, source: str = "callable",
+                 fast: bool = True):
+        if not isinstance(fast, bool):
+            raise ValueError(f"fast must be True or False, got {fast!r}")
+        self._call, self.model, self.source, self.fast = call, model, source, fast
+        self.last_path = None
+        self.fallbacks: dict = {}
+        self._checked: set = set()
+
+    def __repr__(self) -> str:
+        name = type(self.model).__name__ if self.model is not None else "callable"
+        return f"AdaptedVelocity({self.source}: {name}, fast={self.fast})"
+
+    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        _check_x(x, self.model)
+        return self._call(x, _time(t, x))
+
+    def jvp(self, x: torch.Tensor, t, tangents: torch.Tensor):
+        """(velocity(x, t), D_x velocity(x, t) tangents): fast joint tangents, else torch.func."""
+        _check_x(x, self.model)
+        tt = _time(t, x)
+        _check_tangents(x, tangents)
+        key = (tuple(x.shape), tuple(tangents.shape), x.dtype, str(x.device), tt.ndim)
+        if self.fast and key not in self.fallbacks:
+            try:
+                out = joint_jvp(lambda z: self._call(z, tt), x, tangents)
+            except (_NoRule, RuntimeError, TypeError, AttributeError, IndexError) as err:
+                # a missing rule, or model code the rules cannot follow
+                self._fall_back(key, f"{type(err).__name__}: {err}")
+            else:
+                if key in self._checked or self._agrees(key, x, tt, tangents, out):
+                    self.last_path = "fast"
+                    return out
+        self.last_path = "torch.func"
+        return func_jvp(self, x, tt, tangents)
+
+    def _fall_back(self, key, reason: str) -> None:
+        self.fallbacks[key] = reason
+        warnings.warn(f"{self!r}: exact tangents by torch.func.jvp (slower) for "
+                      f"inputs of shape {key[0]}: {reason}", RuntimeWarning,
+                      stacklevel=3)
+
+    def _agrees(self, key, x, tt, tangents, out) -> bool:
+        """Check the fast path once per signature against torch.func.jvp."""
+        v1 = tangents if tangents.shape == x.shape else tangents[:, 0]
+        d1 = out[1] if tangents.shape == x.shape else out[1][:, 0]
+        try:
+            with torch.no_grad():
+                ref = func_jvp(lambda z, s: self._call(z, s), x, tt, v1)
+        except (NotImplementedError, RuntimeError) as err:
+            # e.g. fused attention, which forward-mode AD cannot differentiate
+            warnings.warn(f"{self!r}: the fast tangents for inputs of shape {key[0]} "
+                          f"could not be checked, torch.func.jvp fails on this model "
+                          f"({type(err).__name__}: {str(err)[:200]})", RuntimeWarning,
+                          stacklevel=3)
+            self._checked.add(key)
+            return True
+        tol = _tolerance(x.dtype)
+        for name, a, b in (("velocity", out[0], ref[0]), ("tangent", d1, ref[1])):
+            err = float((a.detach() - b).norm() / b.norm().clamp_min(1e-30))
+            if not err <= tol:
+                self._fall_back(key, f"the fast {name} differs from torch.func's "
+                                     f"by {err:.1e} (relative)")
+                return False
+        self._checked.add(key)
+        return True
+
+
+def _unwrap(model):
+    return model.module if isinstance(
+        model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
+
+def _labels(y, model):
+    """torchcfm labels: None, an int, or a (B,)/(1,)/0-dim integer tensor."""
+    num_classes = getattr(model, "num_classes", None)
+    if y is None:
+        if num_classes is not None:
+            raise ValueError(f"this {type(model).__name__} is class-conditional "
+                             f"(num_classes={num_classes}): pass y, a label in "
+                             f"[0, {num_classes}) or a (B,) tensor of labels")
+        return None
+    if num_classes is None and hasattr(model, "num_classes"):
+        raise ValueError(f"y was given but this {type(model).__name__} is not "
+                         "class-conditional (num_classes is None)")
+    if isinstance(y, bool) or not (isinstance(y, numbers.Integral) or (
+            torch.is_tensor(y) and not y.is_floating_point() and y.ndim <= 1)):
+        raise ValueError(f"y must be an integer label or a 1-dim integer tensor, "
+                         f"got {y!r}")
+    y = torch.as_tensor(y, dtype=torch.long)
+    if num_classes is not None and y.numel() and (
+            int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"y must hold labels in [0, {num_classes}), got values in "
+                         f"[{int(y.min())}, {int(y.max())}]")
+    return y
+
+
+def _batch_labels(y, x) -> torch.Tensor:
+    bsz = x.shape[0]
+    if y.ndim == 0 or y.shape[0] == 1:
+        return y.reshape(()).expand(bsz).to(x.device)
+    if y.shape[0] != bsz:
+        raise ValueError(f"y must hold one label or {bsz} labels (one per row "
+                         f"of x), got {y.shape[0]}")
+    return y.to(x.device)
+
+
+def from_torchcfm(model: nn.Module, *, y=None, fast: bool = True) -> AdaptedVelocity:
+    """A torchcfm network (``UNetModelWrapper``, called ``net(t, x, y=None)``) as a flowjac velocity; "Bring your own model".
+
+    ``y``: the class label(s) of a class-conditional UNet (an int for every
+    row, or a (B,) tensor), required exactly when the UNet has
+    ``num_classes``. Any module with torchcfm's calling convention
+    ``net(t, x)`` works. The model must be in eval mode if it has dropout
+    (``model.eval()``; this function does not change it), and x must have
+    its dtype (torchcfm's UNet computes in ``model.dtype``, float32).
+    DistributedDataParallel wrappers are unwrapped.
+    """
+    model = _unwrap(model)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_eval(model)
+    labels = _labels(y, model)
+
+    def call(x, t):
+        if labels is None:
+            return model(t, x)
+        return model(t, x, y=_batch_labels(labels, x))
+
+    return AdaptedVelocity(call, model=model, source="torchcfm", fast=fast)
+
+
+def from_flow_matching(model, *, fast: bool = True, **extras) -> AdaptedVelocity:
+    """A flow_matching velocity model (a ``ModelWrapper``, called ``model(x=x, t=t, **extras)``) as a flowjac velocity; "Bring your own model".
+
+    ``extras`` are passed to every call (e.g. a class label), as
+    ``ODESolver.sample(..., **model_extras)`` does; t reaches the model as
+    ``ODESolver`` gives it, a 0-dim tensor (or the (B,) tensor passed in).
+    """
+    if not callable(model):
+        raise ValueError(f"model must be callable, got {type(model).__name__}")
+    _check_eval(model)
+
+    def call(x, t):
+        return model(x=x, t=t, **extras)
+
+    return AdaptedVelocity(call, model=model if isinstance(model, nn.Module) else None,
+                           source="flow_matching", fast=fast)
+
+
+def from_callable(fn: Callable, *, order: str, fast: bool = True) -> AdaptedVelocity:
+    """A plain callable as a flowjac velocity, its argument order named explicitly; "Bring your own model".
+
+    ``order="x,t"`` for ``fn(x, t)``, ``order="t,x"`` for ``fn(t, x)`` (the
+    torchdiffeq convention); never guessed. t reaches fn as a 0-dim tensor
+    (or the (B,) tensor passed in) of x's dtype.
+    """
+    if not callable(fn):
+        raise ValueError(f"fn must be callable, got {type(fn).__name__}")
+    check_choice("order", order, ("x,t", "t,x"))
+    if order == "x,t":
+        def call(x, t):
+            return fn(x, t)
+    else:
+        def call(x, t):
+            return fn(t, x)
+    _check_eval(fn)
+    return AdaptedVelocity(call, model=fn if isinstance(fn, nn.Module) else None,
+                           source=f"callable({order})", fast=fast)
+
+
+# ---------------------------------------------------------------------------
+# checkpoints
+
+def _read(path):
+    """torch.load(path, weights_only=True) with flowjac's errors."""
+    import argparse
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {str(path)!r} is a directory, not a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {str(path)!r} is empty (0 bytes)")
+    try:   # argparse.Namespace: the 'args' entry of flow_matching's checkpoints
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        text = " ".join(str(err).split("Check the documentation")[0].split())
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            raise ValueError(f"checkpoint {str(path)!r} holds pickled Python "
+                             f"objects beyond tensors (it names {found.group(1)}); "
+                             "flowjac loads weights only, because unpickling "
+                             "them can execute arbitrary code") from None
+        raise ValueError(f"checkpoint {str(path)!r} is corrupted or not a torch "
+                         f"checkpoint ({type(err).__name__}: {text[:300]})") from None
+
+
+def _strip(state: dict) -> dict:
+    """Drop the DDP ('module.') and torch.compile ('_orig_mod.') prefixes."""
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _mismatch(model: nn.Module, state: dict) -> list:
+    own = model.state_dict()
+    missing = [f"missing {k}" for k in own if k not in state]
+    extra = [f"unexpected {k}" for k in state if k not in own]
+    shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in state and torch.is_tensor(state[k])
+             and state[k].shape != own[k].shape]
+    return missing + extra + shape
+
+
+def _state(payload, key: str, path) -> dict:
+    if not isinstance(payload, dict):
+        raise ValueError(f"checkpoint {str(path)!r} holds a {type(payload).__name__}, "
+                         "not a dict")
+    if key is None or all(torch.is_tensor(v) for v in payload.values()):
+        state = payload
+    elif key in payload and isinstance(payload[key], dict):
+        state = payload[key]
+    else:
+        raise ValueError(f"checkpoint {str(path)!r} has no {key!r} entry; its "
+                         f"entries are {sorted(payload)}")
+    return _strip(dict(state))
+
+
+def load_torchcfm_checkpoint(path, *, ema: bool = True, y=None,
+                             **unet_kwargs) -> AdaptedVelocity:
+    """The velocity of a torchcfm training checkpoint (``UNetModelWrapper(**unet_kwargs)``); "Bring your own model".
+
+    Reads the dict torchcfm's image scripts save (``net_model``,
+    ``ema_model``, ``sched``, ``optim``, ``step``) with ``weights_only=True``,
+    takes the EMA weights (``ema=True``) or the raw ones, strips the
+    ``module.`` prefix of DistributedDataParallel, builds
+    ``UNetModelWrapper(**unet_kwargs)`` (the training script's arguments,
+    e.g. ``dim=(3, 32, 32), num_channels=128, num_res_blocks=2,
+    channel_mult=[1, 2, 2, 2], num_heads=4, num_head_channels=64,
+    attention_resolutions="16", dropout=0.1``), loads the weights in eval
+    mode and returns ``from_torchcfm(net, y=y)``; ``velocity.step`` is the
+    checkpoint's training step. A checkpoint of another architecture is one
+    ValueError naming the mismatched keys.
+    """
+    if not isinstance(ema, bool):
+        raise ValueError(f"ema must be True or False, got {ema!r}")
+    try:
+        from torchcfm.models.unet.unet import UNetModelWrapper
+    except ImportError as err:
+        raise ImportError(f"load_torchcfm_checkpoint needs torchcfm ({err}); "
+                          f"install the interop extra: {INSTALL_HINT}") from None
+    payload = _read(path)
+    state = _state(payload, "ema_model" if ema else "net_model", path)
+    try:
+        net = UNetModelWrapper(**unet_kwargs)
+    except (TypeError, ValueError, AssertionError) as err:
+        raise ValueError(f"unet_kwargs do not describe a UNetModelWrapper: {err}"
+                         ) from None
+    bad = _mismatch(net, state)
+    if bad:
+        raise ValueError(f"checkpoint {str(path)!r} does not match "
+                         f"UNetModelWrapper({', '.join(f'{k}={v!r}' for k, v in unet_kwargs.items())}); "
+                         f"mismatched keys ({len(bad)}): {bad[:8]}")
+    net.load_state_dict(state)
+    net.eval()
+    velocity = from_torchcfm(net, y=y)
+    velocity.step = payload.get("step") if isinstance(payload, dict) else None
+    return velocity
+
+
+def load_flow_matching_checkpoint(model: nn.Module, path, *, key: str | None = "model",
+                                  **extras) -> AdaptedVelocity:
+    """Load weights into a flow_matching ``ModelWrapper`` (or its network) and wrap it; "Bring your own model".
+
+    ``model`` is a freshly built instance of the user's own class (a
+    ``ModelWrapper`` subclass, or any module called ``model(x=x, t=t,
+    **extras)``). The checkpoint is read with ``weights_only=True`` (an
+    ``args`` Namespace, as flow_matching's example scripts save, is
+    allowed); its ``key`` entry (``"model"``; ``None`` for a bare state
+    dict) is loaded, after stripping ``module.``/``_orig_mod.`` prefixes,
+    into ``model`` itself or, when the keys are those of the wrapped
+    network, into ``model.model``. The model is put in eval mode and
+    returned as ``from_flow_matching(model, **extras)``; a checkpoint of
+    another architecture is one ValueError naming the mismatched keys.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    state = _state(_read(path), key, path)
+    targets = [model] + ([model.model] if isinstance(getattr(model, "model", None),
+                                                     nn.Module) else [])
+    reports = [(_mismatch(m, state), m) for m in targets]
+    bad, target = min(reports, key=lambda r: len(r[0]))
+    if bad:
+        raise ValueError(f"checkpoint {str(path)!r} does not match "
+                         f"{type(target).__name__}; mismatched keys ({len(bad)}): "
+                         f"{bad[:8]}")
+    target.load_state_dict(state)
+    model.eval()
+    return from_flow_matching(model, **extras)
