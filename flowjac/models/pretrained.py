@@ -68,9 +68,9 @@ RECIPES = {
         net=dict(in_channels=3, base_channels=32, channel_mult=[1, 2, 2, 2],
                  time_dim=128, image_size=32, num_res_blocks=1,
                  norm_groups=8, num_labels=9),
-        n_train=30_000, train_steps=5000, batch_size=64, lr=3e-4,
+        n_train=30_000, train_steps=2500, batch_size=64, lr=6e-4,
         ema_decay=0.999, grad_clip=1.0, label_dropout=0.1, seed=0,
-        sampler=dict(method="midpoint", steps=10, guidance=1.0)),
+        sampler=dict(method="midpoint", steps=10, guidance=2.0)),
     "mnist-digits": dict(
         file="mnist_digits.pt", kind="digit-classifier",
         net=dict(n_attr=10, in_channels=1, width=16, stages=3,

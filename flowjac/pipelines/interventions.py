@@ -119,7 +119,8 @@ def endpoint_corr(labels: torch.Tensor, structures: dict | None = None,
 
 def latent_intervention(velocity, classifier, z: torch.Tensor, target: int,
                         *, value: int, project: bool, sampler: dict,
-                        alphas=(0.5, 1, 2, 4, 8, 16), device="cpu") -> dict:
+                        alphas=(0.5, 1, 2, 4, 8, 16), grad_batch: int = 4,
+                        device="cpu") -> dict:
     """Move each latent along the gradient of one attribute's logit until the classifier reads ``value``: a flow-level intervention without labels; "Interventions and counterfactuals".
 
     The direction is grad_z c_target(phi(z)), with the other attributes'
@@ -130,14 +131,18 @@ def latent_intervention(velocity, classifier, z: torch.Tensor, target: int,
     step and are reported. ``velocity`` is an unconditional velocity (x, t).
     """
     z = z.to(device)
-    zr = z.detach().clone().requires_grad_(True)
-    x = integrate(velocity, zr, sampler["steps"], sampler["method"])
-    logits = classifier(x)
     grads = []
-    for j in range(logits.shape[1]):
-        (g,) = torch.autograd.grad(logits[:, j].sum(), zr, retain_graph=True)
-        grads.append(g.flatten(1))
-    grads = torch.stack(grads, 1).detach()             # (n, 9, D)
+    for i in range(0, len(z), grad_batch):         # bounded memory: one graph per batch
+        zr = z[i:i + grad_batch].detach().clone().requires_grad_(True)
+        logits = classifier(integrate(velocity, zr, sampler["steps"], sampler["method"]))
+        rows = []
+        for j in range(logits.shape[1]):
+            (g,) = torch.autograd.grad(logits[:, j].sum(), zr,
+                                       retain_graph=j + 1 < logits.shape[1])
+            rows.append(g.flatten(1))
+        grads.append(torch.stack(rows, 1))
+        del logits
+    grads = torch.cat(grads).detach()             # (n, 9, D)
     d = grads[:, target]
     if project:
         others = torch.cat([grads[:, :target], grads[:, target + 1:]], 1)
