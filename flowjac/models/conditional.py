@@ -17,7 +17,7 @@ import torch
 
 from flowjac._checks import check_int
 
-__all__ = ["LabelVelocity", "sample_given"]
+__all__ = ["LabelVelocity", "latent_shape", "draw_latents", "sample_given"]
 
 
 def _codes(labels, m: int) -> torch.Tensor:
@@ -98,6 +98,18 @@ class _Given:
         return v0 + w * (v - v0), vd0 + w * (vd - vd0)
 
 
+def latent_shape(velocity: LabelVelocity) -> tuple:
+    """The shape of one latent of a label-conditional velocity; "Interventions and counterfactuals"."""
+    m = velocity.model
+    return (m.in_channels, m.image_size, m.image_size)
+
+
+def draw_latents(velocity: LabelVelocity, n: int, seed: int = 0) -> torch.Tensor:
+    """n latents z ~ N(0, I) from a CPU generator seeded with ``seed``; "Interventions and counterfactuals"."""
+    g = torch.Generator().manual_seed(check_int("seed", seed, minimum=0))
+    return torch.randn(n, *latent_shape(velocity), generator=g)
+
+
 def sample_given(velocity: LabelVelocity, labels, *, method: str = "midpoint",
                  steps: int = 10, guidance: float = 1.0, seed: int = 0,
                  z=None, batch_size: int = 500, device="cpu") -> torch.Tensor:
@@ -106,11 +118,9 @@ def sample_given(velocity: LabelVelocity, labels, *, method: str = "midpoint",
 
     labels = torch.as_tensor(labels)
     n = len(labels)
-    shape = (velocity.model.in_channels, velocity.model.image_size,
-             velocity.model.image_size)
+    shape = latent_shape(velocity)
     if z is None:
-        g = torch.Generator().manual_seed(check_int("seed", seed, minimum=0))
-        z = torch.randn(n, *shape, generator=g)
+        z = draw_latents(velocity, n, seed)
     elif tuple(z.shape) != (n, *shape):
         raise ValueError(f"z must have shape {(n, *shape)}, got {tuple(z.shape)}")
     out = []

@@ -48,14 +48,10 @@ def generate(velocity, labels: torch.Tensor, *, seed: int = 0, z=None,
              method: str = "midpoint", steps: int = 10, guidance: float = 1.0,
              batch_size: int = 250, device="cpu") -> tuple:
     """Images phi(z; labels) in flow space [-1, 1] and their latents z; "Interventions and counterfactuals"."""
-    from flowjac.models.conditional import sample_given
+    from flowjac.models.conditional import draw_latents, sample_given
 
-    n = len(labels)
-    shape = (velocity.model.in_channels, velocity.model.image_size,
-             velocity.model.image_size)
     if z is None:
-        g = torch.Generator().manual_seed(check_int("seed", seed, minimum=0))
-        z = torch.randn(n, *shape, generator=g)
+        z = draw_latents(velocity, len(labels), seed)
     x = sample_given(velocity, labels, z=z, method=method, steps=steps,
                      guidance=guidance, batch_size=batch_size, device=device)
     return x, z
