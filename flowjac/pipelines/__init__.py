@@ -3,8 +3,10 @@
 - ``stored``: the stored GPU probe runs (load, reproduce live, group spreads)
 - ``interventions``: labels, images and readings for seeing, doing and
   imagining with the label-conditional flow
+- ``interventions_study``: that chapter's three studies as functions, shared
+  by the chapter and its stored run (``tools/run_interventions.py``)
 - ``celeba``: the CelebA study (``run_celeba``), for users who have CelebA
 """
-from . import celeba, interventions, stored
+from . import celeba, interventions, interventions_study, stored
 
-__all__ = ["celeba", "interventions", "stored"]
+__all__ = ["celeba", "interventions", "interventions_study", "stored"]

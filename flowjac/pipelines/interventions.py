@@ -1,4 +1,4 @@
-"""The pipeline of "Interventions and counterfactuals": labels, images and readings.
+"""The pipeline of :ref:`sec_interventions`: labels, images and readings.
 
 Seeing, doing and imagining on the SCM images with a label-conditional flow
 u(x, t, y): draw labels from the SCM (observation), from a randomized
@@ -19,13 +19,13 @@ from flowjac.causal import interventions as iv
 from flowjac.causal.scm import STRUCTURES, BinarySCM
 from flowjac.engine.ode import integrate
 
-__all__ = ["draw_labels", "generate", "read", "abduct_latent",
+__all__ = ["draw_labels", "generate", "read", "abduct_latent", "attribute_gradients",
            "counterfactual_images", "endpoint_corr", "latent_intervention"]
 
 
 def draw_labels(scm: BinarySCM, n: int, generator: torch.Generator,
                 randomize=()) -> torch.Tensor:
-    """n label rows from the SCM, with the nodes in ``randomize`` set by fair coins (a randomized experiment: do()); "Interventions and counterfactuals".
+    """n label rows from the SCM, with the nodes in ``randomize`` set by fair coins (a randomized experiment: do()); :ref:`sec_interventions`.
 
     Randomizing a node is do() with a random value per row: every row
     follows the mutilated SCM do(node = its coin). Nodes of disjoint
@@ -47,7 +47,7 @@ def draw_labels(scm: BinarySCM, n: int, generator: torch.Generator,
 def generate(velocity, labels: torch.Tensor, *, seed: int = 0, z=None,
              method: str = "midpoint", steps: int = 10, guidance: float = 1.0,
              batch_size: int = 250, device="cpu") -> tuple:
-    """Images phi(z; labels) in flow space [-1, 1] and their latents z; "Interventions and counterfactuals"."""
+    """Images phi(z; labels) in flow space [-1, 1] and their latents z; :ref:`sec_interventions`."""
     from flowjac.models.conditional import draw_latents, sample_given
 
     if z is None:
@@ -60,7 +60,7 @@ def generate(velocity, labels: torch.Tensor, *, seed: int = 0, z=None,
 @torch.no_grad()
 def read(classifier, images: torch.Tensor, batch_size: int = 500,
          device="cpu") -> torch.Tensor:
-    """The classifier's probabilities (n, 9) for flow-space images; "Interventions and counterfactuals"."""
+    """The classifier's probabilities (n, 9) for flow-space images; :ref:`sec_interventions`."""
     out = []
     for i in range(0, len(images), batch_size):
         out.append(torch.sigmoid(classifier(images[i:i + batch_size].to(device))).cpu())
@@ -71,7 +71,7 @@ def read(classifier, images: torch.Tensor, batch_size: int = 500,
 def abduct_latent(velocity, x: torch.Tensor, labels: torch.Tensor, *,
                   method: str = "midpoint", steps: int = 10, guidance: float = 1.0,
                   batch_size: int = 250, device="cpu") -> torch.Tensor:
-    """z = phi^{-1}(x; labels) by integrating the conditional ODE from t = 1 back to 0; "Interventions and counterfactuals"."""
+    """z = phi^{-1}(x; labels) by integrating the conditional ODE from t = 1 back to 0; :ref:`sec_interventions`."""
     out = []
     for i in range(0, len(x), batch_size):
         v = velocity.given(labels[i:i + batch_size], guidance)
@@ -83,7 +83,7 @@ def abduct_latent(velocity, x: torch.Tensor, labels: torch.Tensor, *,
 def counterfactual_images(velocity, scm: BinarySCM, x: torch.Tensor,
                           labels: torch.Tensor, generator: torch.Generator,
                           *, sampler: dict, device="cpu", **values) -> dict:
-    """The three steps on images: abduct z and the labels' noise, intervene, predict and render; "Interventions and counterfactuals".
+    """The three steps on images: abduct z and the labels' noise, intervene, predict and render; :ref:`sec_interventions`.
 
     Returns the abducted latents, the round trip phi(phi^{-1}(x)), the
     counterfactual labels y' (noise abducted from ``labels``, then
@@ -100,7 +100,7 @@ def counterfactual_images(velocity, scm: BinarySCM, x: torch.Tensor,
 
 def endpoint_corr(labels: torch.Tensor, structures: dict | None = None,
                   given: dict | None = None) -> dict:
-    """corr(endpoints) of each structure from label rows, optionally among rows with middle = value; "Interventions and counterfactuals"."""
+    """corr(endpoints) of each structure from label rows, optionally among rows with middle = value; :ref:`sec_interventions`."""
     from flowjac.causal.scm import ATTRIBUTES
     from flowjac.pipelines.stored import label_corr
 
@@ -113,19 +113,9 @@ def endpoint_corr(labels: torch.Tensor, structures: dict | None = None,
     return out
 
 
-def latent_intervention(velocity, classifier, z: torch.Tensor, target: int,
-                        *, value: int, project: bool, sampler: dict,
-                        alphas=(0.5, 1, 2, 4, 8, 16), grad_batch: int = 4,
-                        device="cpu") -> dict:
-    """Move each latent along the gradient of one attribute's logit until the classifier reads ``value``: a flow-level intervention without labels; "Interventions and counterfactuals".
-
-    The direction is grad_z c_target(phi(z)), with the other attributes'
-    gradients projected out when ``project`` (so that, to first order, no
-    other attribute's logit moves). The step is the smallest of ``alphas``
-    (in units of the latent's norm over the gradient's, scaled) that makes
-    the classifier read ``value``; rows that never flip keep their last
-    step and are reported. ``velocity`` is an unconditional velocity (x, t).
-    """
+def attribute_gradients(velocity, classifier, z: torch.Tensor, *, sampler: dict,
+                        grad_batch: int = 4, device="cpu") -> torch.Tensor:
+    """grad_z c_j(phi(z)) of every logit j at each latent, (n, p, D), by reverse mode through the solver; :ref:`sec_interventions`."""
     z = z.to(device)
     grads = []
     for i in range(0, len(z), grad_batch):         # bounded memory: one graph per batch
@@ -138,7 +128,32 @@ def latent_intervention(velocity, classifier, z: torch.Tensor, target: int,
             rows.append(g.flatten(1))
         grads.append(torch.stack(rows, 1))
         del logits
-    grads = torch.cat(grads).detach()             # (n, 9, D)
+    return torch.cat(grads).detach()
+
+
+def latent_intervention(velocity, classifier, z: torch.Tensor, target: int,
+                        *, value: int, project: bool, sampler: dict,
+                        alphas=(0.5, 1, 2, 4, 8, 16), grad_batch: int = 4,
+                        grads: torch.Tensor | None = None, device="cpu") -> dict:
+    """Move each latent along the gradient of one attribute's logit until the classifier reads ``value``: a flow-level intervention without labels; :ref:`sec_interventions`.
+
+    The direction is grad_z c_target(phi(z)), with the other attributes'
+    gradients projected out when ``project`` (so that, to first order, no
+    other attribute's logit moves). The step is the smallest of ``alphas``
+    (in units of the latent's norm over the gradient's, scaled) that makes
+    the classifier read ``value``; rows that never flip keep their last
+    step and are reported. ``velocity`` is an unconditional velocity (x, t).
+    ``grads``: the latents' ``attribute_gradients`` when already computed
+    (they do not depend on ``value`` or ``project``).
+    """
+    z = z.to(device)
+    if grads is None:
+        grads = attribute_gradients(velocity, classifier, z, sampler=sampler,
+                                    grad_batch=grad_batch, device=device)
+    elif grads.ndim != 3 or grads.shape[0] != len(z) or grads.shape[2] != z[0].numel():
+        raise ValueError(f"grads must be (n, p, D) = ({len(z)}, p, {z[0].numel()}) "
+                         f"for these latents, got {tuple(grads.shape)}")
+    grads = grads.to(device)
     d = grads[:, target]
     if project:
         others = torch.cat([grads[:, :target], grads[:, target + 1:]], 1)
