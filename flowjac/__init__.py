@@ -15,6 +15,7 @@ forms never import training code, nothing imports a chapter):
 - ``models``: ``nets`` (MLPFlow, FlowUNet with exact fast tangents),
   ``conditional`` (label-conditional velocities), ``classifiers``,
   ``adapters`` (torchcfm and flow_matching models as velocities),
+  ``torchcfm_recipe`` (a flow trained with torchcfm's own parts),
   ``quality`` (the gates), ``pretrained`` (shipped, sha256-checked models:
   ``available()``, ``load()``)
 - ``data``: ``images`` (MNIST, CelebA), ``scm_images`` (the SCM renderer)
@@ -23,7 +24,9 @@ forms never import training code, nothing imports a chapter):
 - ``estimators``: ``moments``, ``covariance`` (exact covariances from JVPs),
   ``intervals`` (bootstrap and heavy-tail-aware intervals), ``spectra``
   (local spectra of the flow map, divergence, log-likelihood, Hutch++)
-- ``pipelines``: ``stored`` (stored GPU runs), ``celeba`` (the CelebA study)
+- ``pipelines``: ``stored`` (stored GPU runs), ``interventions`` and
+  ``interventions_study`` (seeing, doing, imagining on the SCM images),
+  ``celeba`` (the CelebA study)
 - ``cli``: the ``flowjac`` command line (``train``, ``sample``, ``probe``),
   on one process or many under torchrun (``python -m flowjac``)
 - ``plotting``: figures shared by chapters

@@ -1,6 +1,6 @@
 """``python -m flowjac ...`` (and ``torchrun ... -m flowjac ...``): the command line of ``flowjac.cli``.
 
-Explained in "Running at scale".
+Explained in :ref:`sec_running_at_scale`.
 """
 import sys
 

@@ -4,7 +4,7 @@ Every check raises one ``ValueError`` whose message names the argument and
 says what is allowed. Numbers may be Python, NumPy or 0-dim torch scalars;
 data tensors must be finite where NaN or inf would otherwise flow through
 silently. Private: the public modules call these, users see their messages.
-Explained in "How to run the book" (``book/index.md``).
+Explained in :ref:`sec_how_to_run` (``book/index.md``).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ __all__ = ["check_int", "check_number", "check_choice", "check_finite",
 
 
 def check_int(name: str, value: Any, minimum: int | None = None) -> int:
-    """Raise ValueError unless ``value`` is an int >= ``minimum``; "How to run the book"."""
+    """Raise ValueError unless ``value`` is an int >= ``minimum``; :ref:`sec_how_to_run`."""
     if torch.is_tensor(value) and value.ndim == 0 and not (
             value.is_floating_point() or value.is_complex()
             or value.dtype == torch.bool):
@@ -33,7 +33,7 @@ def check_int(name: str, value: Any, minimum: int | None = None) -> int:
 
 
 def value_range(value: Any, name: str) -> tuple[float, float] | None:
-    """(min, max) of a number or tensor, None if empty; ValueError unless numeric and finite; "How to run the book"."""
+    """(min, max) of a number or tensor, None if empty; ValueError unless numeric and finite; :ref:`sec_how_to_run`."""
     if torch.is_tensor(value):
         if value.numel() == 0:
             return None
@@ -53,7 +53,7 @@ def value_range(value: Any, name: str) -> tuple[float, float] | None:
 
 
 def check_choice(name: str, value: Any, choices) -> Any:
-    """Raise ValueError unless ``value`` is one of ``choices``; "How to run the book"."""
+    """Raise ValueError unless ``value`` is one of ``choices``; :ref:`sec_how_to_run`."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
     return value
@@ -61,7 +61,7 @@ def check_choice(name: str, value: Any, choices) -> Any:
 
 def check_number(name: str, value: Any, *, minimum=None, maximum=None,
                  strict_min: bool = False, strict_max: bool = False) -> float:
-    """A finite real number (Python, NumPy or 0-dim tensor) as a float, within bounds; "How to run the book"."""
+    """A finite real number (Python, NumPy or 0-dim tensor) as a float, within bounds; :ref:`sec_how_to_run`."""
     if torch.is_tensor(value) and value.numel() == 1 and value.ndim == 0 \
             and value.dtype != torch.bool:
         value = value.item()
@@ -80,7 +80,7 @@ def check_number(name: str, value: Any, *, minimum=None, maximum=None,
 
 
 def check_finite(name: str, x) -> torch.Tensor:
-    """A floating tensor with no NaN or inf entries; "How to run the book"."""
+    """A floating tensor with no NaN or inf entries; :ref:`sec_how_to_run`."""
     if not torch.is_tensor(x):
         raise ValueError(f"{name} must be a torch tensor, got {type(x).__name__}")
     if not x.is_floating_point():

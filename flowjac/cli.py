@@ -4,13 +4,20 @@
     flowjac sample --checkpoint PATH --n N --out FILE.{pt,png}
     flowjac probe  --checkpoint PATH [--classifier PATH] --n N --k K --out FILE.json
 
+``sample`` and ``probe`` also read flows trained with the peers' libraries:
+``--format torchcfm --arch ARCH`` (a torchcfm training checkpoint; ARCH the
+``UNetModelWrapper`` arguments, a JSON file or an inline JSON object) and
+``--format flow_matching --model-class MODULE:CLASS --arch ARCH
+--latent-shape C H W`` (the user's own ``ModelWrapper`` class), both through
+``flowjac.models.adapters``.
+
 The same commands run under ``torchrun --nproc_per_node=N -m flowjac ...``:
 training becomes DDP (the global batch split over the ranks), sampling and
 probing shard the seeded draw by batches and reduce exactly, and rank 0
 alone writes files (``flowjac.engine.distributed``). Bad input prints one
 line on stderr and exits with status 1 (2 for a malformed command line).
 ``--steps`` always means solver steps; optimiser steps are
-``--train-steps``. Explained in "Running at scale" (``book/running_at_scale.md``).
+``--train-steps``. Explained in :ref:`sec_running_at_scale` (``book/running_at_scale.md``).
 
 Longer than 400 lines because it is the whole command line: the three
 commands' flags and help texts, their checks and their runs share one
@@ -25,10 +32,11 @@ import time
 from pathlib import Path
 
 __all__ = ["main", "build_parser", "flow_config", "load_flow",
-           "load_classifier"]
+           "load_classifier", "load_any_flow"]
 
 DATA = ("mnist", "scm")
 METHODS = ("euler", "midpoint", "heun", "rk4")
+FORMATS = ("flowjac", "torchcfm", "flow_matching")
 ESTIMATORS = ("moment", "covariance")
 # the recipe each --data starts from (flowjac.models.pretrained.RECIPES)
 _RECIPE = {"scm": "scm-flow", "mnist": "mnist-fives"}
@@ -71,8 +79,35 @@ def _solver(p):
                         "sampler, else midpoint)")
 
 
+def _formats(p):
+    p.add_argument("--format", choices=FORMATS, default="flowjac",
+                   help="who wrote the checkpoint: 'flowjac' (flowjac train, "
+                        "the shipped weights), 'torchcfm' (its image scripts' "
+                        "dict: net_model, ema_model, step; needs --arch) or "
+                        "'flow_matching' (a state dict of your ModelWrapper "
+                        "class; needs --model-class, --arch, --latent-shape) "
+                        "(default: flowjac)")
+    p.add_argument("--arch", default=None, metavar="JSON",
+                   help="the network's constructor arguments, a .json file or "
+                        "an inline JSON object, e.g. '{\"dim\": [1, 28, 28], "
+                        "\"num_channels\": 32, \"num_res_blocks\": 1}' for "
+                        "torchcfm's UNetModelWrapper")
+    p.add_argument("--model-class", default=None, metavar="MODULE:CLASS",
+                   help="flow_matching only: the importable class to build "
+                        "with --arch, e.g. mypackage.models:MyUNetWrapper")
+    p.add_argument("--latent-shape", type=_integer, nargs="+", default=None,
+                   metavar="N", help="flow_matching only: the shape of one "
+                   "sample, e.g. 1 28 28 (torchcfm's comes from --arch dim)")
+    p.add_argument("--label", type=_integer, default=None,
+                   help="torchcfm only: the class of every sample of a "
+                        "class-conditional UNet")
+    p.add_argument("--raw-weights", action="store_true",
+                   help="torchcfm only: use net_model instead of the EMA "
+                        "weights ema_model")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``flowjac`` with its three commands; "Running at scale"."""
+    """The argument parser of ``flowjac`` with its three commands; :ref:`sec_running_at_scale`."""
     top = _Parser(prog="flowjac", description=(
         "Train flow-matching models, sample them and probe their Jacobians, "
         "on one process or many (torchrun --nproc_per_node=N -m flowjac ...)."),
@@ -153,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--batch-size", type=_integer, default=500,
                     help="latents per solve (default: 500)")
     _solver(sa)
+    _formats(sa)
+    sa.add_argument("--value-range", choices=("0,1", "-1,1"), default=None,
+                    help="pixel range of the samples, for .png output "
+                         "(default: -1,1 for the SCM flows, else 0,1)")
     _common(sa, "seed of the latents (default: 0)")
     sa.set_defaults(func=_sample)
 
@@ -201,10 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=_integer, default=256,
                     help="latents per batch, the unit of sharding; changing "
                          "it changes the draw (default: 256)")
-    pr.add_argument("--dtype", choices=("float64", "float32"), default="float64",
-                    help="precision of the solves (default: float64; sums are "
-                         "always float64)")
+    pr.add_argument("--dtype", choices=("float64", "float32"), default=None,
+                    help="precision of the solves (default: float64, float32 "
+                         "for --format torchcfm, whose UNet computes its time "
+                         "embedding in float32; sums are always float64)")
     _solver(pr)
+    _formats(pr)
     _common(pr, "seed of the latents, probes and rho (default: 0)")
     pr.set_defaults(func=_probe)
     return top
@@ -229,7 +270,7 @@ def _writable_file(name, path: Path, suffixes):
 # -- models -------------------------------------------------------------------
 
 def flow_config(data: str, size=None, base_channels=None) -> dict:
-    """The FlowUNet config for ``--data`` scaled to ``--size`` and ``--base-channels``; "Running at scale".
+    """The FlowUNet config for ``--data`` scaled to ``--size`` and ``--base-channels``; :ref:`sec_running_at_scale`.
 
     Starts from the shipped recipe (``RECIPES["scm-flow"]`` or
     ``["mnist-fives"]``), sets ``image_size``, drops the coarsest levels
@@ -284,7 +325,7 @@ def _read_payload(path: Path, what: str) -> dict:
 
 
 def load_flow(path, device="cpu", dtype=None):
-    """(model, velocity, latent_shape, payload) of a flow checkpoint, EMA weights if stored; "Running at scale".
+    """(model, velocity, latent_shape, payload) of a flow checkpoint, EMA weights if stored; :ref:`sec_running_at_scale`.
 
     Builds the FlowUNet or MLPFlow its stored config describes; raises
     FileNotFoundError for a missing file and ValueError for a file that is
@@ -321,8 +362,126 @@ def load_flow(path, device="cpu", dtype=None):
     return model, velocity, shape, payload
 
 
+def _arch(text) -> dict:
+    """--arch: a JSON file or an inline JSON object of constructor arguments."""
+    import json
+
+    if text is None:
+        return None
+    text = str(text)
+    if text.lstrip().startswith("{"):
+        source, raw = "--arch", text
+    else:
+        path = Path(text)
+        if not path.is_file():
+            raise FileNotFoundError(f"arch {text!r} is neither an inline JSON "
+                                    "object nor an existing .json file")
+        source, raw = f"arch file {text!r}", path.read_text()
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{source} is not valid JSON ({err.msg} at line "
+                         f"{err.lineno} column {err.colno})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{source} must be a JSON object of constructor "
+                         f"arguments, got {type(value).__name__}")
+    return value
+
+
+def _import_class(spec: str):
+    import importlib
+
+    module, sep, name = str(spec).partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"model_class must be MODULE:CLASS, got {spec!r}")
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as err:
+        raise ValueError(f"model_class {spec!r}: cannot import {module!r} ({err})"
+                         ) from None
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"model_class {spec!r}: {module!r} has no {name!r}")
+        obj = getattr(obj, part)
+    if not isinstance(obj, type):
+        raise ValueError(f"model_class {spec!r} is not a class")
+    return obj
+
+
+def load_any_flow(args, device="cpu", dtype=None):
+    """(model, velocity, latent_shape, payload) of a flowjac, torchcfm or flow_matching checkpoint; :ref:`sec_byom`.
+
+    ``args`` carries ``checkpoint``, ``format`` and, for the peers'
+    formats, ``arch``, ``model_class``, ``latent_shape``, ``label`` and
+    ``raw_weights`` (the flags of ``flowjac sample`` and ``flowjac probe``).
+    Third-party networks are read through ``flowjac.models.adapters``
+    (weights only); the payload of a foreign checkpoint is ``{"config":
+    {}}``, so the solver defaults to midpoint with 10 steps.
+    """
+    import torch
+
+    fmt = getattr(args, "format", "flowjac") or "flowjac"
+    from flowjac._checks import check_choice
+    check_choice("format", fmt, FORMATS)
+    foreign = dict(arch=args.arch, model_class=args.model_class,
+                   latent_shape=args.latent_shape, label=args.label,
+                   raw_weights=args.raw_weights or None)
+    if fmt == "flowjac":
+        given = [k for k, v in foreign.items() if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to --format torchcfm or "
+                             "flow_matching only; a flowjac checkpoint stores its "
+                             "architecture")
+        return load_flow(args.checkpoint, device, dtype)
+    from flowjac.models import adapters
+
+    dtype = dtype or torch.float32
+    arch = _arch(args.arch)
+    if arch is None:
+        raise ValueError(f"format {fmt} needs arch: the network's constructor "
+                         "arguments (a JSON file or an inline JSON object)")
+    if not Path(args.checkpoint).exists():
+        raise FileNotFoundError(f"checkpoint {str(args.checkpoint)!r} does not exist")
+    if fmt == "torchcfm":
+        for key in ("model_class", "latent_shape"):
+            if foreign[key] is not None:
+                raise ValueError(f"{key} applies to --format flow_matching only "
+                                 "(torchcfm's shape is arch's dim)")
+        if "dim" not in arch:
+            raise ValueError("arch for torchcfm must give dim, e.g. [1, 28, 28]")
+        arch["dim"] = tuple(arch["dim"])
+        velocity = adapters.load_torchcfm_checkpoint(
+            args.checkpoint, ema=not args.raw_weights, y=args.label, **arch)
+        shape = tuple(int(d) for d in arch["dim"])
+        step = velocity.step
+    else:
+        for key in ("label", "raw_weights"):
+            if foreign[key] is not None:
+                raise ValueError(f"{key} applies to --format torchcfm only")
+        if args.model_class is None:
+            raise ValueError("format flow_matching needs model_class "
+                             "(MODULE:CLASS, your ModelWrapper subclass)")
+        if not args.latent_shape:
+            raise ValueError("format flow_matching needs latent_shape, the "
+                             "shape of one sample, e.g. 1 28 28")
+        cls = _import_class(args.model_class)
+        try:
+            net = cls(**arch)
+        except TypeError as err:
+            raise ValueError(f"arch does not fit {args.model_class}: {err}") from None
+        velocity = adapters.load_flow_matching_checkpoint(net, args.checkpoint)
+        shape = tuple(_count("latent_shape", d) for d in args.latent_shape)
+        step = None
+    model = velocity.model
+    model.to(device, dtype).requires_grad_(False)
+    if isinstance(getattr(model, "dtype", None), torch.dtype):
+        model.dtype = dtype      # torchcfm's UNet casts x to model.dtype
+    payload = {"config": {}, "format": fmt, "step": step}
+    return model, velocity, shape, payload
+
+
 def load_classifier(path, latent_shape, device="cpu", dtype=None):
-    """(AttributeNet, output names) of a classifier checkpoint that reads images of ``latent_shape``; "Running at scale"."""
+    """(AttributeNet, output names) of a classifier checkpoint that reads images of ``latent_shape``; :ref:`sec_running_at_scale`."""
     import torch
 
     from flowjac.engine.checkpoints import load_checkpoint
@@ -503,7 +662,7 @@ def _sample(args, ctx):
     seed = _count("seed", args.seed, 0)
     out = Path(args.out)
     _writable_file("out", out, (".pt", ".png"))
-    model, velocity, shape, payload = load_flow(args.checkpoint, ctx.device)
+    model, velocity, shape, payload = load_any_flow(args, ctx.device)
     steps, method = _solver_settings(args, payload)
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, *shape, generator=g)
@@ -524,12 +683,15 @@ def _sample(args, ctx):
     config = payload.get("config") or {}
     meta = dict(command="sample", checkpoint=str(args.checkpoint), n=n,
                 steps=steps, method=method, seed=seed, batch_size=batch_size,
-                data=config.get("data"), world_size=ctx.world_size,
+                data=config.get("data"), format=args.format,
+                world_size=ctx.world_size,
                 device=str(ctx.device), seconds=seconds, hardware=hardware())
 
     def write():
         if out.suffix.lower() == ".png":
-            _write_png(out, x, config.get("data"))
+            symmetric = (args.value_range == "-1,1" if args.value_range
+                         else config.get("data") == "scm")
+            _write_png(out, x, "scm" if symmetric else None)
         else:
             buf = io.BytesIO()
             torch.save({"x": x, "meta": meta}, buf)
@@ -594,11 +756,17 @@ def _probe(args, ctx):
     seed = _count("seed", args.seed, 0)
     out = Path(args.out)
     _writable_file("out", out, (".json",))
+    if args.dtype is None:
+        args.dtype = "float32" if args.format == "torchcfm" else "float64"
+    elif args.dtype == "float64" and args.format == "torchcfm":
+        raise ValueError("dtype float64 is not available for --format torchcfm: "
+                         "its UNet computes the time embedding in float32; give "
+                         "--dtype float32 or leave --dtype out")
     dtype = getattr(torch, args.dtype)
     if ctx.device.type == "cuda":     # reproducible sums: no TF32
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    _, velocity, shape, payload = load_flow(args.checkpoint, ctx.device, dtype)
+    _, velocity, shape, payload = load_any_flow(args, ctx.device, dtype)
     steps, method = _solver_settings(args, payload)
     if args.classifier is not None:
         if args.patch is not None:
@@ -659,7 +827,7 @@ def _probe(args, ctx):
         command="probe", estimator=args.estimator, readout=kind, outputs=names,
         p=p, n=n, k=k, seed=seed, steps=steps, method=method,
         batch_size=batch_size, dtype=args.dtype, patch=args.patch,
-        checkpoint=str(args.checkpoint),
+        checkpoint=str(args.checkpoint), format=args.format,
         classifier=None if args.classifier is None else str(args.classifier),
         second_moment=_json_matrix(moment),
         second_moment_corr=_json_matrix(moment_to_corr(moment)),
@@ -694,7 +862,7 @@ def _probe(args, ctx):
 # -- entry point ---------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    """Run ``flowjac COMMAND ...`` and return the exit status (0, 1 for bad input, 2 for a bad command line); "Running at scale"."""
+    """Run ``flowjac COMMAND ...`` and return the exit status (0, 1 for bad input, 2 for a bad command line); :ref:`sec_running_at_scale`."""
     import os
     import warnings
 

@@ -1,6 +1,6 @@
 """Small utilities shared by every chapter: seeding, devices, parameters, files.
 
-Defined in the landing page, "How to run the book" (``book/index.md``).
+Defined in the landing page, :ref:`sec_how_to_run` (``book/index.md``).
 """
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def repo_root() -> Path:
-    """The repository root (parent of the package); see "How to run the book"."""
+    """The repository root (parent of the package); see :ref:`sec_how_to_run`."""
     return Path(__file__).resolve().parent.parent
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA); see "How to run the book"."""
+    """Seed Python, NumPy and torch (CPU and CUDA); see :ref:`sec_how_to_run`."""
     seed = check_int("seed", seed, minimum=0)
     if seed >= 2 ** 63:
         raise ValueError(f"seed must be < 2**63 (torch's limit), got {seed}")
@@ -38,7 +38,7 @@ def seed_everything(seed: int) -> None:
 
 
 def get_device(device: str = "auto") -> torch.device:
-    """Resolve "auto", "cpu" or "cuda"; "auto" falls back to the CPU; "How to run the book"."""
+    """Resolve "auto", "cpu" or "cuda"; "auto" falls back to the CPU; :ref:`sec_how_to_run`."""
     if isinstance(device, torch.device):
         device = device.type
     if device not in DEVICES:
@@ -55,7 +55,7 @@ def get_device(device: str = "auto") -> torch.device:
 
 @dataclass
 class Run:
-    """A chapter's validated run settings (profile, seed, device, output_dir); "How to run the book"."""
+    """A chapter's validated run settings (profile, seed, device, output_dir); :ref:`sec_how_to_run`."""
 
     chapter: str
     profile: str
@@ -72,15 +72,60 @@ class Run:
         """Write ``obj`` as JSON under ``output_dir`` (atomically)."""
         return save_json(self.output_dir / name, obj)
 
+    def rel(self, path: str | os.PathLike) -> str:
+        """``path`` as the reader should see it: relative to ``output_dir``'s parent, never absolute."""
+        return display_path(path, self.output_dir.parent)
+
+    def claim(self, key: str, holds: bool | None, value: str = "", *,
+              detail: str = "", section: str | None = None) -> dict:
+        """Record the verdict on one claim of ``flowjac.scorecard.CLAIMS``; :ref:`sec_scorecard`.
+
+        ``holds`` True or False is the verdict the chapter computed (None:
+        untested here, with the reason in ``detail``); ``value`` is the
+        number behind it as text, rounded as the page prints it;
+        ``section`` the label of the section that decides it. The record
+        is merged into ``output_dir/claims.json`` and glued into the
+        notebook as ``claim:<key>`` (and ``verdict:<key>``, the verdict
+        word, for the prose), where the scorecard page reads it.
+        """
+        from flowjac import scorecard
+
+        if key not in {c.key for c in scorecard.CLAIMS}:
+            raise ValueError(f"key must be one of flowjac.scorecard.CLAIMS, "
+                             f"got {key!r}")
+        if holds not in (True, False, None):
+            holds = bool(holds)
+        verdict = {True: "holds", False: "fails", None: "untested-here"}[holds]
+        rec = scorecard.ClaimRecord(key=key, verdict=verdict,
+                                    value=str(value), detail=str(detail),
+                                    section=section, chapter=self.chapter)
+        path = self.output_dir / "claims.json"
+        try:
+            known = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:
+            known = {}
+        known[key] = dict(rec)
+        save_json(path, known)
+        try:
+            from myst_nb import glue
+        except ImportError:        # outside a notebook toolchain
+            return dict(rec)
+        try:
+            glue(f"claim:{key}", rec, display=False)
+            glue(f"verdict:{key}", _Plain(verdict), display=False)
+        except Exception:          # no IPython kernel (a plain script)
+            pass
+        return dict(rec)
+
 
 def setup(chapter: str, profile: str = "quick", seed: int = 0,
           device: str = "auto", output_dir: str | os.PathLike | None = None,
           **counts) -> Run:
-    """Validate a chapter's parameters, seed everything, make output_dir; "How to run the book".
+    """Validate a chapter's parameters, seed everything, make output_dir; :ref:`sec_how_to_run`.
 
     ``counts`` are further integer parameters that must be positive, e.g.
     ``n_samples=10_000``; a bad one raises ValueError naming it.
-    Defined in "How to run the book".
+    Defined in :ref:`sec_how_to_run`.
     """
     check_choice("profile", profile, PROFILES)
     check_int("seed", seed, minimum=0)
@@ -97,8 +142,109 @@ def setup(chapter: str, profile: str = "quick", seed: int = 0,
     return Run(chapter, profile, seed, dev, out, dict(counts))
 
 
+def display_path(path: str | os.PathLike, base: str | os.PathLike | None = None) -> str:
+    """A path for a page: relative to ``base`` (or the repository root) when inside it, else its file name; :ref:`sec_how_to_run`."""
+    path = Path(path)
+    for root in ([Path(base)] if base is not None else []) + [repo_root()]:
+        try:
+            return path.resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            continue
+    return path.name
+
+
+class _Plain(str):
+    """A string whose repr is itself, so that a glued word reads without quotes.
+
+    MyST-NB's text role reads a glued text/plain back with ``ast.literal_eval``;
+    where that would turn the bare text into something else ("3,000" into the
+    tuple ``(3, 0)``), the repr is the quoted string, which reads back intact.
+    """
+
+    def __repr__(self):
+        from ast import literal_eval
+
+        text = str(self)
+        try:
+            parsed = literal_eval(text)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return text
+        return text if str(parsed) == text else str.__repr__(self)
+
+
+def glue(name: str, value, display: bool = False):
+    """``myst_nb.glue`` for the prose of a chapter: strings without quotes, nothing displayed; :ref:`sec_how_to_run`.
+
+    ``{glue:text}`name:.3f``` in the markdown then shows the number that
+    the cell computed. Returns ``value``.
+    """
+    from myst_nb import glue as _glue
+
+    shown = _Plain(value) if isinstance(value, str) else value
+    if isinstance(value, (np.generic, torch.Tensor)):
+        shown = float(value)
+    _glue(name, shown, display=display)
+    return value
+
+
+def page_print(*args, sep: str = " ", end: str = "\n", width: int = 78, **kwargs) -> None:
+    """``print``, with lines longer than ``width`` wrapped at spaces, so that an output fits the page; :ref:`sec_how_to_run`.
+
+    A chapter binds it as ``print`` in its hidden set-up cell; shorter
+    lines (tables, matrices) are printed unchanged, and a wrapped line keeps
+    its indent, continuing two spaces further in.
+    """
+    import builtins
+    import textwrap
+
+    text = sep.join(str(a) for a in args)
+    lines = []
+    for line in text.split("\n"):
+        if len(line) <= width:
+            lines.append(line)
+            continue
+        indent = line[:len(line) - len(line.lstrip())]
+        lines.append(textwrap.fill(line.strip(), width, initial_indent=indent,
+                                   subsequent_indent=indent + "  ",
+                                   break_long_words=False,
+                                   break_on_hyphens=False))
+    builtins.print("\n".join(lines), end=end, **kwargs)
+
+
+def quiet_warnings() -> None:
+    """Silence the known, harmless warnings that chapters would otherwise print; :ref:`sec_how_to_run`.
+
+    torch.func's import of torch.jit.script (a FutureWarning), and
+    PyTorch's and scikit-learn's deprecation notices that say nothing about
+    a chapter's numbers.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*",
+                            category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=r".*IProgress not found.*")
+
+
+def show_table(rows, columns=None, digits: int = 3, index=None):
+    """Display rows (dicts or sequences) as a rounded HTML table in a notebook, and return the DataFrame; :ref:`sec_how_to_run`."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows, columns=columns)
+    if index is not None:
+        df = df.set_index(index)
+    df = df.round(digits)
+    try:
+        from IPython.display import display
+    except ImportError:
+        return df
+    with pd.option_context("display.precision", digits):
+        display(df)
+    return df
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write bytes to ``path`` through a temporary file and ``os.replace``; "How to run the book".
+    """Write bytes to ``path`` through a temporary file and ``os.replace``; :ref:`sec_how_to_run`.
 
     The temporary file is removed on every failure; temporaries that a
     killed process left beside ``path`` are removed by the next write."""
@@ -124,7 +270,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def save_json(path: str | os.PathLike, obj: dict) -> Path:
-    """Write ``obj`` as indented JSON, atomically; "How to run the book"."""
+    """Write ``obj`` as indented JSON, atomically; :ref:`sec_how_to_run`."""
     text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
     return atomic_write_bytes(path, (text + "\n").encode())
 
@@ -140,7 +286,7 @@ def _json_default(o):
 
 
 def load_results(name: str) -> dict | None:
-    """Load ``results/<name>.json`` (stored full-profile numbers) or None; "How to run the book"."""
+    """Load ``results/<name>.json`` (stored full-profile numbers) or None; :ref:`sec_how_to_run`."""
     path = repo_root() / "results" / f"{name}.json"
     if not path.exists():
         return None
@@ -148,7 +294,7 @@ def load_results(name: str) -> dict | None:
 
 
 def bound_heap(threshold: int = 1 << 20) -> bool:
-    """Serve allocations of ``threshold`` bytes and more by mmap, so that freed tensors go back to the OS; "How to run the book".
+    """Serve allocations of ``threshold`` bytes and more by mmap, so that freed tensors go back to the OS; :ref:`sec_how_to_run`.
 
     glibc raises its mmap threshold dynamically after large frees, after
     which big tensors come from the heap and their freed pages keep adding
@@ -167,7 +313,7 @@ def bound_heap(threshold: int = 1 << 20) -> bool:
 
 
 def release_memory() -> None:
-    """Return freed heap memory to the OS (gc, then glibc's malloc_trim where available); "How to run the book".
+    """Return freed heap memory to the OS (gc, then glibc's malloc_trim where available); :ref:`sec_how_to_run`.
 
     A transient allocation (a training step's activations, say) leaves the
     allocator holding its pages; later allocations of other sizes then add
@@ -198,7 +344,7 @@ def _cpu_model() -> str:
 
 
 def hardware() -> dict:
-    """Describe the machine (CPU/GPU, torch version) for results files; "How to run the book"."""
+    """Describe the machine (CPU/GPU, torch version) for results files; :ref:`sec_how_to_run`."""
     info = {"torch": str(torch.__version__), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "cpu": _cpu_model()}
     if torch.cuda.is_available():

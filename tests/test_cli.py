@@ -265,3 +265,173 @@ def test_two_processes_train_resume_exactly_and_probe_as_one(models, tmp_path,
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert two["covariance"]["cov"] is not None
     assert max_abs_diff(numbers(one), numbers(two)) < 1e-12
+
+
+# -- checkpoints written by the peers' libraries (--format) -----------------
+
+CFM_ARCH = {"dim": [1, 8, 8], "num_channels": 32, "num_res_blocks": 1,
+            "channel_mult": [1, 2], "attention_resolutions": "4"}
+
+
+@pytest.fixture(scope="module")
+def torchcfm_checkpoint(tmp_path_factory):
+    """A torchcfm-format training checkpoint (DDP prefixes) of a tiny UNet."""
+    pytest.importorskip("torchcfm")
+    from torchcfm.models.unet.unet import UNetModelWrapper
+
+    root = tmp_path_factory.mktemp("torchcfm")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = UNetModelWrapper(**dict(CFM_ARCH, dim=(1, 8, 8)))
+        ema = UNetModelWrapper(**dict(CFM_ARCH, dim=(1, 8, 8)))
+        with torch.no_grad():
+            for p in list(net.parameters()) + list(ema.parameters()):
+                p.add_(0.1 * torch.randn_like(p))
+    torch.save({"net_model": {f"module.{k}": v for k, v in net.state_dict().items()},
+                "ema_model": {f"module.{k}": v for k, v in ema.state_dict().items()},
+                "step": 7}, root / "cfm.pt")
+    (root / "arch.json").write_text(json.dumps(CFM_ARCH))
+    return root / "cfm.pt", root / "arch.json", net.eval(), ema.eval()
+
+
+def test_torchcfm_checkpoint_sampled_and_probed_without_python(torchcfm_checkpoint,
+                                                               tmp_path, capsys):
+    from flowjac.engine.probing import probe
+    from flowjac.estimators.moments import second_moment
+    from flowjac.models.adapters import from_torchcfm
+    from flowjac.models.pretrained import sample
+
+    path, arch, net, ema = torchcfm_checkpoint
+    code, err = run_cli(capsys, "sample", "--format", "torchcfm", "--arch", arch,
+                        "--checkpoint", path, "--n", 3, "--seed", 2,
+                        "--out", tmp_path / "s.pt", "--no-progress")
+    assert code == 0, err
+    got = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert got["meta"]["format"] == "torchcfm"
+    want = sample(from_torchcfm(ema), (1, 8, 8), 3, seed=2)
+    torch.testing.assert_close(got["x"], want, rtol=1e-5, atol=1e-6)
+    # the raw weights differ from the EMA ones, and --raw-weights takes them
+    code, err = run_cli(capsys, "sample", "--format", "torchcfm", "--arch",
+                        json.dumps(CFM_ARCH), "--raw-weights", "--checkpoint", path,
+                        "--n", 3, "--seed", 2, "--out", tmp_path / "r.pt", "--no-progress")
+    assert code == 0, err
+    raw = torch.load(tmp_path / "r.pt", weights_only=True)["x"]
+    torch.testing.assert_close(raw, sample(from_torchcfm(net), (1, 8, 8), 3, seed=2),
+                               rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(raw, got["x"])
+    code, err = run_cli(capsys, "sample", "--format", "torchcfm", "--arch", arch,
+                        "--checkpoint", path, "--n", 4, "--out", tmp_path / "s.png",
+                        "--no-progress")
+    assert code == 0 and (tmp_path / "s.png").stat().st_size > 0, err
+
+    code, err = run_cli(capsys, "probe", "--format", "torchcfm", "--arch", arch,
+                        "--checkpoint", path, "--patch", 2, 3, 2, "--n", 4, "--k", 2,
+                        "--batch-size", 2, "--seed", 5, "--out", tmp_path / "p.json",
+                        "--no-progress")
+    assert code == 0, err
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert res["format"] == "torchcfm" and res["dtype"] == "float32"
+    lib = probe(from_torchcfm(ema), lambda x: x[:, :, 2:4, 3:5].flatten(1), (1, 8, 8),
+                4, k=2, steps=10, seed=5, batch_size=2, pairs=False, dtype=torch.float32)
+    ref = second_moment(lib["jvp"].reshape(-1, 4).double())
+    torch.testing.assert_close(torch.tensor(res["second_moment"], dtype=torch.float64),
+                               ref, rtol=1e-5, atol=1e-7)
+    code, err = run_cli(capsys, "probe", "--format", "torchcfm", "--arch", arch,
+                        "--checkpoint", path, "--n", 4, "--dtype", "float64",
+                        "--out", tmp_path / "q.json", "--no-progress")
+    assert code == 1 and len(err) == 1 and "float32" in err[0], err
+
+
+def test_flow_matching_checkpoint_through_a_user_class(tmp_path, capsys):
+    pytest.importorskip("flow_matching")
+    from flowjac.models.adapters import from_flow_matching
+    from flowjac.models.pretrained import sample
+
+    module = tmp_path / "my_fm_models.py"
+    module.write_text(textwrap.dedent("""\
+        import torch
+        from flow_matching.utils import ModelWrapper
+
+        class Net(torch.nn.Module):
+            def __init__(self, dim, hidden):
+                super().__init__()
+                self.lin1 = torch.nn.Linear(dim + 1, hidden)
+                self.lin2 = torch.nn.Linear(hidden, dim)
+            def forward(self, x, t):
+                t = t.reshape(-1, 1).expand(x.shape[0], 1)
+                return self.lin2(torch.tanh(self.lin1(torch.cat([x, t], 1))))
+
+        class Wrapped(ModelWrapper):
+            def __init__(self, dim, hidden):
+                super().__init__(Net(dim, hidden))
+        """))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import my_fm_models
+        torch.manual_seed(1)
+        model = my_fm_models.Wrapped(3, 16)
+        torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "fm.pt")
+        code, err = run_cli(capsys, "sample", "--format", "flow_matching",
+                            "--model-class", "my_fm_models:Wrapped",
+                            "--arch", '{"dim": 3, "hidden": 16}', "--latent-shape", 3,
+                            "--checkpoint", tmp_path / "fm.pt", "--n", 5, "--seed", 1,
+                            "--out", tmp_path / "s.pt", "--no-progress")
+        assert code == 0, err
+        got = torch.load(tmp_path / "s.pt", weights_only=True)["x"]
+        want = sample(from_flow_matching(model.eval()), (3,), 5, seed=1)
+        torch.testing.assert_close(got, want)
+        bad = [  # (argv, fragment of the one error line)
+            (["--model-class", "my_fm_models:Nope", "--arch", '{"dim": 3, "hidden": 16}',
+              "--latent-shape", 3], "has no 'Nope'"),
+            (["--model-class", "my_fm_models:Wrapped", "--arch", '{"dim": 3}',
+              "--latent-shape", 3], "arch does not fit"),
+            (["--model-class", "my_fm_models:Wrapped", "--arch", '{"dim": 4, "hidden": 16}',
+              "--latent-shape", 4], "mismatched keys"),
+            (["--model-class", "my_fm_models:Wrapped", "--arch", '{"dim": 3, "hidden": 16}'],
+             "latent_shape"),
+            (["--arch", '{"dim": 3, "hidden": 16}', "--latent-shape", 3], "model_class"),
+        ]
+        for extra, fragment in bad:
+            code, err = run_cli(capsys, "sample", "--format", "flow_matching", *extra,
+                                "--checkpoint", tmp_path / "fm.pt", "--n", 2,
+                                "--out", tmp_path / "x.pt", "--no-progress")
+            assert code == 1 and len(err) == 1 and fragment in err[0], (extra, err)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("my_fm_models", None)
+
+
+def test_foreign_format_errors_are_one_line(models, torchcfm_checkpoint, tmp_path, capsys):
+    flow, _ = models
+    path, arch, _, _ = torchcfm_checkpoint
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+    cases = [
+        (["--format", "torchcfm", "--checkpoint", path], "needs arch"),
+        (["--format", "torchcfm", "--arch", "missing.json", "--checkpoint", path],
+         "neither an inline JSON object"),
+        (["--format", "torchcfm", "--arch", bad_json, "--checkpoint", path],
+         "is not valid JSON"),
+        (["--format", "torchcfm", "--arch", "[1, 2]", "--checkpoint", path],
+         "neither an inline JSON object"),
+        (["--format", "torchcfm", "--arch", '{"dim": [1, 8, 8], "num_channels": 64, '
+          '"num_res_blocks": 1, "channel_mult": [1, 2], "attention_resolutions": "4"}',
+          "--checkpoint", path], "mismatched keys"),
+        (["--format", "torchcfm", "--arch", '{"num_channels": 32}', "--checkpoint", path],
+         "must give dim"),
+        (["--format", "torchcfm", "--arch", arch, "--label", 3, "--checkpoint", path],
+         "not class-conditional"),
+        (["--format", "torchcfm", "--arch", arch, "--checkpoint", flow],
+         "no 'ema_model' entry"),
+        (["--format", "torchcfm", "--arch", arch, "--latent-shape", 1, 8, 8,
+          "--checkpoint", path], "flow_matching only"),
+        (["--arch", arch, "--checkpoint", flow], "apply to --format torchcfm"),
+        (["--format", "flowjac", "--checkpoint", path], "not a flowjac checkpoint"),
+    ]
+    for extra, fragment in cases:
+        code, err = run_cli(capsys, "sample", *extra, "--n", 2, "--out", tmp_path / "x.pt",
+                            "--no-progress")
+        assert code == 1 and len(err) == 1 and fragment in err[0], (extra, err)
+    code, err = run_cli(capsys, "sample", "--format", "keras", "--checkpoint", path,
+                        "--n", 2, "--out", tmp_path / "x.pt")
+    assert code == 2 and "invalid choice" in err[-1]

@@ -131,6 +131,22 @@ def test_shipped_mnist_models_pass_the_gates_on_a_small_sample():
     assert gates["in_range"] >= 0.99
 
 
+def test_shipped_torchcfm_flow_of_fives_passes_the_gates_on_a_small_sample():
+    pytest.importorskip("torchcfm")
+    from flowjac.models.adapters import AdaptedVelocity
+
+    fives = pretrained.load("mnist-fives-torchcfm")
+    assert isinstance(fives.velocity, AdaptedVelocity)        # read by the public loader
+    assert type(fives.flow).__name__ == "UNetModelWrapper"
+    assert fives.velocity.step == fives.manifest["mnist-fives-torchcfm"]["train_steps"]
+    digits = pretrained.load("mnist-digits")
+    x = pretrained.sample(fives.velocity, fives.latent_shape, 32, seed=123,
+                          **fives.sampler)
+    gates = quality.digit_sample_gates(predict_logits(digits.classifier, x), x)
+    assert gates["share"] >= 0.75
+    assert gates["in_range"] >= 0.99
+
+
 def test_gates_fail_on_noise_and_pass_on_real_images():
     scm = default_scm()
     noise = torch.randn(500, 9) * 0.5

@@ -6,6 +6,7 @@ Usage (the Makefile wraps these):
     python tools/build_book.py golden [--only CH ...]
     python tools/build_book.py render-golden [--out DIR]
     python tools/build_book.py check-sync
+    python tools/build_book.py pair [--only CH ...]
 
 ``book`` converts each MyST chapter (the source of truth) to a notebook,
 executes it with papermill into ``_build/executed/``, and renders
@@ -13,11 +14,17 @@ executes it with papermill into ``_build/executed/``, and renders
 ``golden`` executes the quick profile and stores the results as the golden
 notebooks in ``notebooks/`` (used by nbval). ``render-golden`` renders the
 golden notebooks without executing anything. ``check-sync`` fails when a
-chapter and its golden notebook differ in their cells.
+chapter and its golden notebook differ in their cells. ``pair`` carries a
+prose-only edit of a chapter (markdown cells, cell metadata such as tags,
+captions and alt text) into its golden notebook, keeping every output: no
+re-execution; it refuses when a code cell's source changed (``golden``).
+``jupytext.toml`` pairs ``book/X.md`` with ``notebooks/X.ipynb`` for
+Jupyter and ``jupytext --sync`` as well.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -83,6 +90,10 @@ def chapters(only=None) -> list[Path]:
 def _clean(nb):
     """Drop run-specific metadata so that golden notebooks diff cleanly."""
     nb.metadata.pop("papermill", None)
+    # the pairing lives in jupytext.toml; jupytext's save drops these too
+    jt = nb.metadata.get("jupytext", {})
+    for key in ("text_representation", "formats"):
+        jt.pop(key, None)
     for cell in nb.cells:
         cell.metadata.pop("papermill", None)
         cell.metadata.pop("execution", None)
@@ -103,8 +114,17 @@ def execute(md: Path, dest: Path, parameters: dict) -> float:
                             cwd=str(GOLDEN), kernel_name="python3",
                             progress_bar=False, log_output=False)
     out = nbformat.read(dest, as_version=4)
-    nbformat.write(_clean(out), dest)
+    nbformat.write(_hide_tooling(_clean(out)), dest)
     return time.perf_counter() - start
+
+
+def _hide_tooling(nb):
+    """Keep papermill's injected ``# Parameters`` cell out of the page."""
+    for cell in nb.cells:
+        tags = cell.metadata.get("tags", [])
+        if "injected-parameters" in tags and "remove-cell" not in tags:
+            cell.metadata["tags"] = [*tags, "remove-cell"]
+    return nb
 
 
 def stage(notebook_dir: Path, stage_dir: Path) -> Path:
@@ -125,7 +145,7 @@ def stage(notebook_dir: Path, stage_dir: Path) -> Path:
             shutil.copy(nb, stage_dir / f"{f}.ipynb")
         else:
             shutil.copy(md, stage_dir / f"{f}.md")
-    for extra in ("book/figures", "book/references.bib"):
+    for extra in ("book/figures", "book/references.bib", "_static"):
         if (ROOT / extra).exists():
             dst = stage_dir / extra
             if (ROOT / extra).is_dir():
@@ -141,7 +161,11 @@ def render(stage_dir: Path, out_dir: Path) -> None:
     cmd = [str(jb), "build", str(stage_dir), "--path-output", str(out_dir),
            "-W", "-n", "--keep-going"]
     print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    # autodoc (book/api.md) imports this checkout's flowjac, installed or not
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    subprocess.run(cmd, check=True, env=env)
     index = out_dir / "_build" / "html" / "index.html"
     if not index.exists():
         raise SystemExit(f"the build did not produce {index}")
@@ -160,7 +184,10 @@ def cmd_book(args) -> None:
     executed = BUILD / "executed" / args.profile
     for md in chapters(args.only):
         print(f"executing {md.name} (profile={args.profile}) ...", flush=True)
-        secs = execute(md, executed / f"{md.stem}.ipynb", params)
+        chapter_params = dict(params)
+        if md.stem == "scorecard":      # reads the chapters executed above
+            chapter_params["notebook_dir"] = str(executed)
+        secs = execute(md, executed / f"{md.stem}.ipynb", chapter_params)
         print(f"  done in {secs:.0f} s", flush=True)
     if args.only:
         print("--only given: not rendering the book")
@@ -205,6 +232,56 @@ def sync_problems() -> list[str]:
     return problems
 
 
+def _code_sources(nb) -> list[str]:
+    return [c.source.strip() for c in nb.cells if c.cell_type == "code"]
+
+
+def pair(md: Path, gold: Path) -> bool:
+    """Carry ``md``'s markdown cells and cell metadata into ``gold``, outputs kept.
+
+    jupytext's ``--update`` semantics (``combine_inputs_with_outputs``):
+    the inputs come from the chapter, the outputs and execution counts from
+    the golden notebook, whose metadata is then cleaned as ``golden``
+    leaves it. Returns whether ``gold`` changed. Refuses (SystemExit) when
+    the code cells differ, since their outputs would no longer be theirs.
+    """
+    from jupytext.combine import combine_inputs_with_outputs
+
+    if not md.is_file():
+        raise SystemExit(f"no chapter {md}")
+    if not gold.is_file():
+        raise SystemExit(f"no golden notebook {gold}: run `make golden CH={md.stem}`")
+    src = read_md(md)
+    old = nbformat.read(gold, as_version=4)
+    a, b = _code_sources(src), _code_sources(old)
+    if a != b:
+        n = sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
+        raise SystemExit(
+            f"{md.name}: {n} code cell(s) differ from {gold.name} ({len(a)} in the "
+            f"chapter, {len(b)} in the notebook); pairing carries prose only, so "
+            f"re-execute: `make golden CH={md.stem}`")
+    new = _clean(combine_inputs_with_outputs(src, old, fmt="md:myst"))
+    if nbformat.writes(new) == nbformat.writes(old):
+        return False
+    nbformat.write(new, gold)
+    return True
+
+
+def cmd_pair(args) -> None:
+    refused = []
+    for md in chapters(args.only):
+        gold = GOLDEN / f"{md.stem}.ipynb"
+        try:
+            changed = pair(md, gold)
+        except SystemExit as err:          # code changed: tell, go on
+            refused.append(str(err))
+            continue
+        print(f"{md.name} -> notebooks/{gold.name}: "
+              f"{'markdown updated, outputs kept' if changed else 'already in sync'}")
+    if refused:
+        raise SystemExit("\n".join(refused))
+
+
 def cmd_check_sync(args) -> None:
     problems = sync_problems()
     for p in problems:
@@ -232,6 +309,9 @@ def main(argv=None) -> None:
     r.set_defaults(func=cmd_render_golden)
     s = sub.add_parser("check-sync", help="chapters vs golden notebooks")
     s.set_defaults(func=cmd_check_sync)
+    pp = sub.add_parser("pair", help="carry prose edits into the golden notebooks")
+    pp.add_argument("--only", nargs="*", help="chapter stems")
+    pp.set_defaults(func=cmd_pair)
     args = p.parse_args(argv)
     args.func(args)
 

@@ -7,6 +7,9 @@ outputs, JVPs, pair JVPs for the covariance identity, true gradient norms,
 the paper's one-direction change, and plain samples' logits at equal
 compute) and ``DIR/mnist_probes.pt`` (the flow of fives read on the 6x6
 patch of the MNIST chapter), each with a ``meta`` dict naming the hardware.
+``--only mnist-torchcfm`` writes ``DIR/mnist_torchcfm_probes.pt``: the flow
+of fives trained with torchcfm's own code, on the same patch, latents and
+probes (float32: torchcfm's UNet computes its time embedding in float32).
 Runs in float64 by default (``--dtype float32`` for speed; TF32 is off either way).
 The chapters load these files and compute every number from them.
 """
@@ -47,7 +50,7 @@ def save(obj, path):
 
 def run(name, readout_of, k, n, n_plain, device, batch, grad_outputs,
         dtype, weights_dir):
-    pre = pretrained.load(name if name != "mnist" else "mnist-fives",
+    pre = pretrained.load({"mnist": "mnist-fives"}.get(name, name),
                           device=device, weights_dir=weights_dir)
     pre.flow.to(dtype)
     readout = readout_of().to(device, dtype)
@@ -79,7 +82,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--batch", type=int, default=500)
-    ap.add_argument("--only", choices=("scm", "mnist"), default=None)
+    ap.add_argument("--only", choices=("scm", "mnist", "mnist-torchcfm"), default=None)
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     ap.add_argument("--weights-dir", type=Path, default=None)
@@ -104,6 +107,12 @@ def main(argv=None):
                   2 * args.n * (1 + k), args.device, args.batch, (), dtype, wd)
         res["plain"] = res["plain"].half()
         save(res, args.out / "mnist_probes.pt")
+    if args.only == "mnist-torchcfm":
+        k = args.k
+        res = run("mnist-fives-torchcfm", lambda: Patch(PATCH), k, args.n,
+                  2 * args.n * (1 + k), args.device, args.batch, (), torch.float32, wd)
+        res["plain"] = res["plain"].half()
+        save(res, args.out / "mnist_torchcfm_probes.pt")
 
 
 if __name__ == "__main__":

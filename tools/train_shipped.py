@@ -26,11 +26,11 @@ from flowjac.models import pretrained  # noqa: E402
 from flowjac.utils import save_json  # noqa: E402
 
 CLASSIFIER_OF = {"scm-flow": "scm-classifier", "scm-conditional": "scm-classifier",
-                 "mnist-fives": "mnist-digits"}
+                 "mnist-fives": "mnist-digits", "mnist-fives-torchcfm": "mnist-digits"}
 
 
 def to_uint8(samples, part):
-    x = samples if part == "mnist-fives" else (samples + 1) / 2
+    x = samples if part.startswith("mnist") else (samples + 1) / 2
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
@@ -95,8 +95,7 @@ def main(argv=None):
                                     chunk=args.chunk, on_chunk=on_chunk)
         print(part, "trained", rec["train_steps"], "steps in",
               round(rec["train_seconds"], 1), "s", flush=True)
-        model = pretrained.build(part)
-        load_checkpoint(args.out / rec["file"], model)
+        model = pretrained.load_weights(part, args.out / rec["file"])
         model.to(args.device).eval().requires_grad_(False)
         samplers = [dict(method=s.split(":")[0], steps=int(s.split(":")[1]))
                     for s in args.samplers.split(",")]

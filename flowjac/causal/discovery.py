@@ -1,8 +1,7 @@
 """Causal discovery on binary labels: the PC algorithm, CPDAGs and the structural Hamming distance.
 
 PC is causal-learn's; this module adapts its input and output and scores the
-estimate against the true DAG. Explained in "Common causes, colliders and
-chains" (``book/causal_structures.md``).
+estimate against the true DAG. Explained in :ref:`sec_causal_structures` (``book/causal_structures.md``).
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ __all__ = ["pc_discovery", "cpdag_matrix", "structural_hamming_distance"]
 
 
 def pc_discovery(labels, names, alpha: float = 0.01, test: str = "gsq"):
-    """causal-learn's PC on binary labels with a chi-square or G^2 test; "Common causes, colliders and chains".
+    """causal-learn's PC on binary labels with a chi-square or G^2 test; :ref:`sec_causal_structures`.
 
     Returns the estimated CPDAG as causal-learn's endpoint matrix
     (``G[i, j] = -1, G[j, i] = 1`` for i -> j; both -1 for i - j).
@@ -34,7 +33,7 @@ def pc_discovery(labels, names, alpha: float = 0.01, test: str = "gsq"):
 
 
 def cpdag_matrix(adjacency) -> np.ndarray:
-    """The true DAG's CPDAG (Markov equivalence class) as an endpoint matrix; "Common causes, colliders and chains"."""
+    """The true DAG's CPDAG (Markov equivalence class) as an endpoint matrix; :ref:`sec_causal_structures`."""
     from causallearn.graph.Dag import Dag
     from causallearn.graph.GraphNode import GraphNode
     from causallearn.utils.DAG2CPDAG import dag2cpdag
@@ -50,7 +49,7 @@ def cpdag_matrix(adjacency) -> np.ndarray:
 
 
 def structural_hamming_distance(est, truth) -> int:
-    """SHD between two endpoint matrices: missing, extra or differently marked edges; "Common causes, colliders and chains"."""
+    """SHD between two endpoint matrices: missing, extra or differently marked edges; :ref:`sec_causal_structures`."""
     est, truth = np.asarray(est), np.asarray(truth)
     if est.shape != truth.shape or est.ndim != 2:
         raise ValueError(f"est and truth must be square of one shape, got "

@@ -20,7 +20,7 @@ afterthought. Then
   topological order, exact. ``propagate`` runs the mechanisms on given noise
   (for sampling: abduct noise, then propagate under do()).
 
-Explained in "Interventions and counterfactuals" (``book/interventions.md``).
+Explained in :ref:`sec_interventions` (``book/interventions.md``).
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def _check_values(scm: BinarySCM, values: dict) -> dict:
 
 
 def do(scm: BinarySCM, **values) -> BinarySCM:
-    """The mutilated SCM: intervened nodes are constants, other mechanisms unchanged; "Interventions and counterfactuals"."""
+    """The mutilated SCM: intervened nodes are constants, other mechanisms unchanged; :ref:`sec_interventions`."""
     values = _check_values(scm, values)
     parents = {v: (() if v in values else tuple(scm.parents.get(v, ())))
                for v in scm.nodes}
@@ -84,7 +84,7 @@ def _probs(scm: BinarySCM, v: str, labels: torch.Tensor) -> torch.Tensor:
 
 
 def noise_posterior(scm: BinarySCM, labels) -> tuple:
-    """The interval [low, high) of each U_j given fully observed labels (n, d); "Interventions and counterfactuals".
+    """The interval [low, high) of each U_j given fully observed labels (n, d); :ref:`sec_interventions`.
 
     Raises ValueError for labels the SCM gives probability zero.
     """
@@ -104,14 +104,14 @@ def noise_posterior(scm: BinarySCM, labels) -> tuple:
 
 def abduct_noise(scm: BinarySCM, labels, generator: torch.Generator | None = None
                  ) -> torch.Tensor:
-    """Draw U (n, d) from its posterior given observed labels; "Interventions and counterfactuals"."""
+    """Draw U (n, d) from its posterior given observed labels; :ref:`sec_interventions`."""
     low, high = noise_posterior(scm, labels)
     u = torch.rand(low.shape, generator=generator, dtype=torch.float64)
     return low + u * (high - low)
 
 
 def propagate(scm: BinarySCM, noise, **values) -> torch.Tensor:
-    """Labels (n, d) from exogenous noise (n, d) through the mechanisms, under do(values); "Interventions and counterfactuals".
+    """Labels (n, d) from exogenous noise (n, d) through the mechanisms, under do(values); :ref:`sec_interventions`.
 
     ``propagate(scm, u)`` with u ~ Uniform(0, 1) reproduces ``scm.sample``
     (same noise, same labels); with values, the intervened nodes are set
@@ -129,7 +129,7 @@ def propagate(scm: BinarySCM, noise, **values) -> torch.Tensor:
 
 
 def counterfactual(scm: BinarySCM, labels, **values) -> tuple:
-    """Exact distribution of the counterfactual labels given observed labels (d,) under do(values); "Interventions and counterfactuals".
+    """Exact distribution of the counterfactual labels given observed labels (d,) under do(values); :ref:`sec_interventions`.
 
     Returns ``(states, prob)``: all 2^d states and their probabilities.
     """
@@ -155,7 +155,7 @@ def counterfactual(scm: BinarySCM, labels, **values) -> tuple:
 
 
 def descendants(scm: BinarySCM, name: str) -> set:
-    """The nodes downstream of ``name`` (excluding it); "Interventions and counterfactuals"."""
+    """The nodes downstream of ``name`` (excluding it); :ref:`sec_interventions`."""
     scm.index(name)
     out, frontier = set(), {name}
     while frontier:
@@ -167,7 +167,7 @@ def descendants(scm: BinarySCM, name: str) -> set:
 
 
 def structure_table(scm: BinarySCM, structures: dict | None = None) -> dict:
-    """Exact corr(endpoints) per structure under observation, conditioning and do() on the middle node; "Interventions and counterfactuals".
+    """Exact corr(endpoints) per structure under observation, conditioning and do() on the middle node; :ref:`sec_interventions`.
 
     ``structures`` maps a name to (endpoint, endpoint, middle), default
     ``STRUCTURES``. Conditioning and do() are reported for middle = 1 and

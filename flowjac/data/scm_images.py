@@ -5,7 +5,7 @@
 colour (C), shape (A), colour (B), size (X), stripes (Y), frame (Z),
 position (P), marker (M) and height (Q), with jitter so that images vary
 within one configuration. ``SCMImages`` samples labels from an SCM and
-renders them. Explained in "Common causes, colliders and chains".
+renders them. Explained in :ref:`sec_causal_structures`.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ _MARK = torch.tensor([0.10, 0.95, 0.95])                        # M: cyan dot
 def render(labels: torch.Tensor, size: int = 32,
            generator: torch.Generator | None = None,
            noise: float = 0.03) -> torch.Tensor:
-    """Render label vectors (n, 9) as RGB images (n, 3, size, size) in [0, 1]; "Common causes, colliders and chains".
+    """Render label vectors (n, 9) as RGB images (n, 3, size, size) in [0, 1]; :ref:`sec_causal_structures`.
 
     C: background warm/cool; A: square/circle; B: red/green; X: large/small;
     Y: striped/plain; Z: magenta frame; P: object right/left; M: cyan
@@ -90,7 +90,7 @@ def render(labels: torch.Tensor, size: int = 32,
 
 
 class SCMImages(Dataset):
-    """A torch Dataset of rendered SCM images and their labels, deterministic from a seed; "Common causes, colliders and chains".
+    """A torch Dataset of rendered SCM images and their labels, deterministic from a seed; :ref:`sec_causal_structures`.
 
     ``ds[i]`` is ``(image (3, size, size) float32 in [0, 1], labels (9,) int64)``;
     ``ds.images`` and ``ds.labels`` hold everything at once.

@@ -5,7 +5,7 @@ and optionally the optimizer, the EMA weights and training extras (the
 generator state and losses for exact resume). A load failure keeps torch's
 whole reason, names an unsafe pickle as such (never suggesting
 ``weights_only=False``), and gives one clear error for a missing, empty or
-directory path. Explained in "Neural flows on Gaussians".
+directory path. Explained in :ref:`sec_neural_gaussian`.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def _model_config(model):
 
 def save_checkpoint(path, model: nn.Module, optimizer=None, step: int = 0,
                     config: dict | None = None, ema=None, **extra) -> Path:
-    """Write model/optimizer/EMA/step atomically with torch.save; "Neural flows on Gaussians".
+    """Write model/optimizer/EMA/step atomically with torch.save; :ref:`sec_neural_gaussian`.
 
     ``ema`` is an ``EMA``, a state dict or None; ``config`` a dict of plain
     Python values; ``extra`` further tensors or plain values (the trainer
@@ -78,7 +78,7 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, step: int = 0,
 
 
 def load_checkpoint(path, model: nn.Module, optimizer=None) -> dict:
-    """Load a checkpoint into ``model`` (and ``optimizer``), weights_only; "Neural flows on Gaussians".
+    """Load a checkpoint into ``model`` (and ``optimizer``), weights_only; :ref:`sec_neural_gaussian`.
 
     Returns the payload dict (``step``, ``config``, ``ema``, ``extra``).
     Raises FileNotFoundError for a missing file and ValueError for a
@@ -161,7 +161,7 @@ def _check_writable(path) -> None:
 
 def load_or_train(path, model: nn.Module, train, *, step: int = 0,
                   config: dict | None = None) -> tuple:
-    """The one load-or-train cache: load ``model`` from ``path`` if it exists, else ``train(model)`` and save it atomically; "Neural flows on Gaussians".
+    """The one load-or-train cache: load ``model`` from ``path`` if it exists, else ``train(model)`` and save it atomically; :ref:`sec_neural_gaussian`.
 
     Returns ``(model, trained_now)``. ``step`` and ``config`` are stored
     with a fresh checkpoint (config as plain JSON-able values).

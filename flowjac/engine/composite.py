@@ -3,7 +3,7 @@
 The attribute JVP J_{c o phi}(z) v is one forward-mode solve of the flow
 followed by the classifier's forward-mode derivative along each probe;
 gradient norms use reverse mode through the same solver. Explained in
-"Attribute dependencies through a classifier".
+:ref:`sec_attributes`.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ __all__ = ["attribute_jvp", "attribute_grad_norm", "directional_logit_change"]
 def attribute_jvp(velocity, classifier, z: torch.Tensor, tangents=None,
                   k: int | None = 8, steps: int = 20, method: str = "rk4",
                   generator: torch.Generator | None = None):
-    """Logits c(φ(z)) (B, p) and attribute JVPs δ = J_{c∘φ}(z) v (B, k, p) by exact forward-mode AD; "Attribute dependencies through a classifier".
+    """Logits c(φ(z)) (B, p) and attribute JVPs δ = J_{c∘φ}(z) v (B, k, p) by exact forward-mode AD; :ref:`sec_attributes`.
 
-    ``tangents`` (B, k, *z.shape[1:]) default to ``k`` N(0, I) probes per
+    ``tangents`` ``(B, k, *z.shape[1:])`` default to ``k`` N(0, I) probes per
     point. The flow's JVP is one batched forward-mode solve; the classifier
     is then differentiated forward along every probe.
     """
@@ -51,7 +51,7 @@ def attribute_jvp(velocity, classifier, z: torch.Tensor, tangents=None,
 
 def attribute_grad_norm(velocity, classifier, z: torch.Tensor, attr: int,
                         steps: int = 20, method: str = "rk4"):
-    """True per-sample norm ‖∇_z c_attr(φ(z))‖ by one reverse-mode pass, and the logits; "Attribute dependencies through a classifier".
+    """True per-sample norm ‖∇_z c_attr(φ(z))‖ by one reverse-mode pass, and the logits; :ref:`sec_attributes`.
 
     One backward pass of the summed logit gives every sample's gradient,
     because neither the flow nor the classifier mixes samples of a batch
@@ -77,11 +77,11 @@ def attribute_grad_norm(velocity, classifier, z: torch.Tensor, attr: int,
 def directional_logit_change(velocity, classifier, z: torch.Tensor,
                              v: torch.Tensor, attr: int, eps: float = 1e-2,
                              steps: int = 20, method: str = "rk4") -> torch.Tensor:
-    """The paper's criterion |c_attr(φ(z + εv)) - c_attr(φ(z))| along one direction v; "Attribute dependencies through a classifier".
+    """The paper's criterion ``|c_attr(φ(z + εv)) - c_attr(φ(z))|`` along one direction v; :ref:`sec_attributes`.
 
-    The paper kept samples with |Δlogit| < 1e-4 at ε = 1e-2 and called it a
+    The paper kept samples with ``|Δlogit| < 1e-4`` at ε = 1e-2 and called it a
     Jacobian norm; it is one directional finite difference, about
-    ε |∇c · v|, not ε ‖∇c‖.
+    ε ``|∇c · v|``, not ε ‖∇c‖.
     """
     from flowjac.engine.ode import integrate
 

@@ -23,7 +23,7 @@ both ways.
   state, and a resume with the same world size equals the uninterrupted run.
   With one process it is bit-identical to ``train_flow``.
 
-Explained in "Running at scale" (``book/running_at_scale.md``).
+Explained in :ref:`sec_running_at_scale` (``book/running_at_scale.md``).
 
 Slightly over 400 lines because the DDP loop and the helpers its exactness
 rests on (per-rank seeds, exact gathers, checked rank-0 writes) are one
@@ -58,7 +58,7 @@ _RESUME_KEYS = ("batch_size", "lr", "weight_decay", "ema_decay", "grad_clip",
 
 @dataclass
 class Context:
-    """Where this process stands: rank, world size, device and backend; "Running at scale".
+    """Where this process stands: rank, world size, device and backend; :ref:`sec_running_at_scale`.
 
     ``backend`` is None for a single process without a process group;
     ``owns_group`` says whether ``init`` created the group (and
@@ -97,12 +97,12 @@ def _env_int(name: str, minimum: int) -> int:
 
 
 def launched_by_torchrun() -> bool:
-    """Whether torchrun's variables (``WORLD_SIZE``, ``RANK``) are set; "Running at scale"."""
+    """Whether torchrun's variables (``WORLD_SIZE``, ``RANK``) are set; :ref:`sec_running_at_scale`."""
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
 def init(device="auto") -> Context:
-    """The process's ``Context``: from torchrun's environment, else a single process; "Running at scale".
+    """The process's ``Context``: from torchrun's environment, else a single process; :ref:`sec_running_at_scale`.
 
     ``device`` is "auto", "cpu" or "cuda" (``flowjac.utils.get_device``).
     Under torchrun a process group is created (reused when one exists): gloo
@@ -138,13 +138,13 @@ def init(device="auto") -> Context:
 
 
 def shutdown(ctx: Context) -> None:
-    """Destroy the process group if ``init`` created it; "Running at scale"."""
+    """Destroy the process group if ``init`` created it; :ref:`sec_running_at_scale`."""
     if ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def rank_seed(seed: int, rank: int, offset: int = 0) -> int:
-    """The seed of rank ``rank``'s data stream: ``seed`` itself for rank 0, offset 0; "Running at scale".
+    """The seed of rank ``rank``'s data stream: ``seed`` itself for rank 0, offset 0; :ref:`sec_running_at_scale`.
 
     Other ranks (and other ``offset``s, used when a resume cannot restore
     the streams) get NumPy ``SeedSequence([seed, rank, offset])`` seeds,
@@ -161,7 +161,7 @@ def rank_seed(seed: int, rank: int, offset: int = 0) -> int:
 
 
 def shard_batches(n: int, batch_size: int, rank: int, world_size: int) -> list:
-    """The batch indices (of ceil(n / batch_size)) that rank ``rank`` computes, round-robin; "Running at scale"."""
+    """The batch indices (of ceil(n / batch_size)) that rank ``rank`` computes, round-robin; :ref:`sec_running_at_scale`."""
     n = check_int("n", n, minimum=1)
     batch_size = check_int("batch_size", batch_size, minimum=1)
     world_size = check_int("world_size", world_size, minimum=1)
@@ -173,7 +173,7 @@ def shard_batches(n: int, batch_size: int, rank: int, world_size: int) -> list:
 
 def sharded_latents(n: int, k: int, latent_shape, seed: int, batch_size: int,
                     rank: int = 0, world_size: int = 1) -> tuple:
-    """(rho of all n pairs, this rank's batches (start, z, v, z')) of ``probing.probe``'s draw; "Running at scale".
+    """(rho of all n pairs, this rank's batches (start, z, v, z')) of ``probing.probe``'s draw; :ref:`sec_running_at_scale`.
 
     The generator of ``flowjac.engine.probing`` is replayed batch by batch
     and the batches of ``shard_batches`` are kept, so the shards of all
@@ -200,7 +200,7 @@ def _comm_device(ctx: Context) -> torch.device:
 
 
 def all_reduce_sum(x: torch.Tensor, ctx: Context) -> torch.Tensor:
-    """The float64 sum of ``x`` over all ranks (a float64 copy of ``x`` for one process); "Running at scale"."""
+    """The float64 sum of ``x`` over all ranks (a float64 copy of ``x`` for one process); :ref:`sec_running_at_scale`."""
     out = x.detach().to(torch.float64).clone()
     if not ctx.distributed:
         return out
@@ -210,7 +210,7 @@ def all_reduce_sum(x: torch.Tensor, ctx: Context) -> torch.Tensor:
 
 
 def all_reduce_max(value: float, ctx: Context) -> float:
-    """The largest ``value`` over all ranks; "Running at scale"."""
+    """The largest ``value`` over all ranks; :ref:`sec_running_at_scale`."""
     if not ctx.distributed:
         return float(value)
     buf = torch.tensor([float(value)], dtype=torch.float64,
@@ -220,7 +220,7 @@ def all_reduce_max(value: float, ctx: Context) -> float:
 
 
 def gather_rows(rows: torch.Tensor, index, n: int, ctx: Context) -> torch.Tensor:
-    """Assemble (n, ...) float64 on every rank from each rank's ``rows`` at ``index``; "Running at scale".
+    """Assemble (n, ...) float64 on every rank from each rank's ``rows`` at ``index``; :ref:`sec_running_at_scale`.
 
     The ranks' indices must be disjoint and cover what is wanted (uncovered
     rows stay 0). Every entry has exactly one non-zero contribution, so the
@@ -236,7 +236,7 @@ def gather_rows(rows: torch.Tensor, index, n: int, ctx: Context) -> torch.Tensor
 
 
 def on_main(ctx: Context, fn, *args, **kwargs):
-    """Run ``fn`` on rank 0 only and return its result there (None elsewhere); "Running at scale".
+    """Run ``fn`` on rank 0 only and return its result there (None elsewhere); :ref:`sec_running_at_scale`.
 
     Every rank learns whether it succeeded: rank 0 re-raises its error, the
     others raise a ValueError saying that rank 0 failed, so that no rank
@@ -278,7 +278,7 @@ def train_flow_distributed(model: nn.Module, sample_x1, *, train_steps: int,
                            ctx: Context | None = None, progress: bool = True,
                            log_every: int = 1,
                            extra_config: dict | None = None) -> dict:
-    """CFM training on one process or many (DDP), atomic checkpoints by rank 0, exact resume; "Running at scale".
+    """CFM training on one process or many (DDP), atomic checkpoints by rank 0, exact resume; :ref:`sec_running_at_scale`.
 
     ``train_flow``'s loop (AdamW, clipping, optional EMA; ``cfm_loss``)
     with ``batch_size`` the *global* batch: each of the W ranks of ``ctx``

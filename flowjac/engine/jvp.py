@@ -13,8 +13,8 @@
   E[(Jv)(Jv)^T | z] = J J^T, so the second moment of the JVPs estimates
   E_z[J J^T]; no rescaling of v is needed (a probe eps * v gives eps^2 J J^T).
 
-Explained in "JVP diagnostics" (``book/jvp_diagnostics.md``); used in
-"Neural flows on Gaussians".
+Explained in :ref:`sec_jvp_diagnostics` (``book/jvp_diagnostics.md``); used in
+:ref:`sec_neural_gaussian`.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ JVP_MODES = ("auto", "func")
 
 
 def check_tangents(x0: torch.Tensor, tangents) -> int | None:
-    """Validate tangents against x0; return k for (B, k, ...) or None; "JVP diagnostics".
+    """Validate tangents against x0; return k for (B, k, ...) or None; :ref:`sec_jvp_diagnostics`.
 
     Allowed shapes: ``x0.shape`` (one direction per point) or
     ``(B, k, *x0.shape[1:])`` (k directions per point).
@@ -85,7 +85,7 @@ def flow_jvp(velocity: Callable, x0: torch.Tensor, tangents: torch.Tensor,
              steps: int = 100, method: str = "rk4", t0: float = 0.0,
              t1: float = 1.0, jvp_mode: str = "auto",
              create_graph: bool = False):
-    """Exact J_phi(x0) tangents by forward-mode AD through the solver; "JVP diagnostics".
+    """Exact J_phi(x0) tangents by forward-mode AD through the solver; :ref:`sec_jvp_diagnostics`.
 
     Returns ``(x1, jvp)``: x1 = phi(x0) exactly as ``flowjac.engine.ode.integrate``
     computes it, and jvp of the shape of ``tangents`` (``x0.shape``, or
@@ -128,7 +128,7 @@ def _flow_jvp(velocity, x0, tangents, steps, method, t0, t1, jvp_mode):
 def reference_jvp(velocity: Callable, x0: torch.Tensor, tangents: torch.Tensor,
                   steps: int = 100, method: str = "rk4", t0: float = 0.0,
                   t1: float = 1.0):
-    """``torch.func.jvp`` of the whole ``integrate`` call (the tests' reference); "JVP diagnostics".
+    """``torch.func.jvp`` of the whole ``integrate`` call (the tests' reference); :ref:`sec_jvp_diagnostics`.
 
     Same contract as ``flow_jvp``; k probes are k separate calls, so the
     primal path is recomputed k times.
@@ -159,7 +159,7 @@ def _check_eps(eps) -> float:
 def fd_jvp(velocity: Callable, x0: torch.Tensor, tangents: torch.Tensor,
            eps: float, steps: int = 100, method: str = "rk4",
            scheme: str = "forward", t0: float = 0.0, t1: float = 1.0):
-    """Finite-difference J_phi(x0) tangents, divided by eps, one batched solve; "JVP diagnostics".
+    """Finite-difference J_phi(x0) tangents, divided by eps, one batched solve; :ref:`sec_jvp_diagnostics`.
 
     ``scheme="forward"``: (phi(x0 + eps v) - phi(x0)) / eps, error O(eps)
     plus round-off O(u / eps). ``scheme="central"``:
@@ -195,13 +195,12 @@ def fd_jvp(velocity: Callable, x0: torch.Tensor, tangents: torch.Tensor,
 def random_probes(x0: torch.Tensor, k: int | None = None,
                   generator: torch.Generator | None = None,
                   kind: str = "gaussian") -> torch.Tensor:
-    """N(0, I) (or Rademacher) directions shaped like x0, or (B, k, ...) for k probes; "JVP diagnostics".
+    """N(0, I) (or Rademacher) directions shaped like x0, or (B, k, ...) for k probes; :ref:`sec_jvp_diagnostics`.
 
     For v ~ N(0, I), E[(Jv)(Jv)^T] = J J^T, so no rescaling is needed.
     ``kind="rademacher"`` draws independent +-1 entries instead, which also
     have E[v v^T] = I (so the same identity holds) with a smaller variance of
-    quadratic forms (see "The Jacobian of the flow map: spectra and
-    volumes"). Drawn on the generator's device (CPU by default) and moved to
+    quadratic forms (see :ref:`sec_spectra`). Drawn on the generator's device (CPU by default) and moved to
     x0's; ``kind="gaussian"`` draws exactly the stream it always did.
     """
     _check_x0(x0)

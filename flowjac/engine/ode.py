@@ -7,7 +7,7 @@ be the derivative of one fixed map. Every solver here is a composition of the
 velocity with linear combinations, so it works under ``torch.no_grad``,
 ``torch.func.jvp`` and ``torch.func.vmap``.
 
-Explained in "Neural flows on Gaussians" (``book/neural_gaussian.md``).
+Explained in :ref:`sec_neural_gaussian` (``book/neural_gaussian.md``).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _check_time(name: str, value) -> float:
 
 
 def check_solver_args(steps, method, t0=0.0, t1=1.0):
-    """Validate ``steps``, ``method``, ``t0`` and ``t1``; "Neural flows on Gaussians"."""
+    """Validate ``steps``, ``method``, ``t0`` and ``t1``; :ref:`sec_neural_gaussian`."""
     steps = check_int("steps", steps, minimum=1)
     check_choice("method", method, tuple(METHODS))
     return steps, method, _check_time("t0", t0), _check_time("t1", t1)
@@ -51,14 +51,14 @@ def check_solver_args(steps, method, t0=0.0, t1=1.0):
 
 def time_grid(steps: int, t0: float = 0.0, t1: float = 1.0,
               dtype=torch.float64, device=None) -> torch.Tensor:
-    """The ``steps + 1`` grid times t0, ..., t1 of ``integrate``; "Neural flows on Gaussians"."""
+    """The ``steps + 1`` grid times t0, ..., t1 of ``integrate``; :ref:`sec_neural_gaussian`."""
     steps, _, t0, t1 = check_solver_args(steps, "euler", t0, t1)
     return torch.tensor([t0 + (t1 - t0) * i / steps for i in range(steps + 1)],
                         dtype=dtype, device=device)
 
 
 def check_velocity_output(v, x: torch.Tensor) -> torch.Tensor:
-    """Raise ValueError unless velocity(x, t) is a tensor shaped like x; "Neural flows on Gaussians"."""
+    """Raise ValueError unless velocity(x, t) is a tensor shaped like x; :ref:`sec_neural_gaussian`."""
     if not torch.is_tensor(v):
         raise ValueError("velocity(x, t) must return a tensor, got "
                          f"{type(v).__name__}")
@@ -102,7 +102,7 @@ def _rk_stages(fn: Callable, state: tuple, t: float, h: float,
 
 def rk_solve(fn: Callable, state: tuple, steps: int, method: str = "rk4",
              t0: float = 0.0, t1: float = 1.0, return_path: bool = False):
-    """Solve d(state)/dt = fn(state, t) on the fixed grid of ``integrate``; "Neural flows on Gaussians".
+    """Solve d(state)/dt = fn(state, t) on the fixed grid of ``integrate``; :ref:`sec_neural_gaussian`.
 
     ``state`` is a tuple of tensors and ``fn(state, t)`` returns a tuple of
     their derivatives (``t`` a 0-dim tensor of the first tensor's dtype).
@@ -123,7 +123,7 @@ def rk_solve(fn: Callable, state: tuple, steps: int, method: str = "rk4",
 
 def rk_step(velocity: Callable, x: torch.Tensor, t: float, h: float,
             method: str = "rk4") -> torch.Tensor:
-    """One explicit Runge-Kutta step of size h from (x, t); "Neural flows on Gaussians"."""
+    """One explicit Runge-Kutta step of size h from (x, t); :ref:`sec_neural_gaussian`."""
     check_choice("method", method, tuple(METHODS))
     return _rk_stages(_primal(velocity), (x,), t, h, method)[0]
 
@@ -137,7 +137,7 @@ def _primal(velocity):
 def integrate(velocity: Callable, x0: torch.Tensor, steps: int,
               method: str = "rk4", t0: float = 0.0, t1: float = 1.0,
               return_path: bool = False) -> torch.Tensor:
-    """Solve dx/dt = velocity(x, t) from t0 to t1 on a fixed grid; "Neural flows on Gaussians".
+    """Solve dx/dt = velocity(x, t) from t0 to t1 on a fixed grid; :ref:`sec_neural_gaussian`.
 
     ``velocity(x, t)`` receives the batch ``x`` and ``t`` as a 0-dim tensor
     of x's dtype and device, and must return a tensor of x's shape. The grid

@@ -8,21 +8,19 @@ z ~ N(0, I) (seeded, drawn batch by batch on the CPU) ``probe`` records
 * ``jvp``       (n, k, p) J_{r∘φ}(z) v for k probes v ~ N(0, I);
 * ``rho``, ``jvp_pair``, ``out_pair``: for a second latent z' and
   ρ ∈ [0, 1], the JVPs at z_ρ = ρ z + sqrt(1 - ρ²) z' along the *same*
-  probes, the ingredients of the covariance identity of "Exact covariances
-  from JVPs" (ρ is stratified over [0, 1]: ρ_i = (π_i + U_i) / n for a
+  probes, the ingredients of the covariance identity of :ref:`sec_exact_covariances` (ρ is stratified over [0, 1]: ρ_i = (π_i + U_i) / n for a
   random permutation π);
 * ``grad_norm`` (n, m)    the true ‖∇_z r_a(φ(z))‖ of the m outputs listed in
   ``grad_outputs``, by reverse mode (the quantity the paper's rule stands
   in for);
 * ``paper_change`` (n, p) the authors' rule as they ran it:
-  |r(φ(z + ε u)) - r(φ(z))| along one *unit-norm* direction u (the first
-  probe normalized), ε = 1e-2 by default; they kept |Δ| < 1e-4.
+  ``|r(φ(z + ε u)) - r(φ(z))|`` along one *unit-norm* direction u (the first
+  probe normalized), ε = 1e-2 by default; they kept ``|Δ| < 1e-4``.
 
 ``plain_outputs`` draws r(φ(z)) for fresh latents: the plain-sample
 estimate to compare at equal compute. ``evaluations`` counts velocity
 evaluations in units of one primal evaluation per latent (a JVP stage with
-k probes counts 1 + k). Explained in "Attribute dependencies through a
-classifier" and "Pixel correlations on MNIST fives".
+k probes counts 1 + k). Explained in :ref:`sec_attributes` and :ref:`sec_mnist`.
 """
 from __future__ import annotations
 
@@ -57,11 +55,11 @@ def _latent_batches(n, k, latent_shape, seed, batch_size):
 
 
 def redraw(meta: dict, latent_shape, rows) -> tuple:
-    """The latents z, probes v and partners z_rho of the given rows of a probe run, redrawn from its ``meta``; "Attribute dependencies through a classifier".
+    """The latents z, probes v and partners z_rho of the given rows of a probe run, redrawn from its ``meta``; :ref:`sec_attributes`.
 
     ``meta`` is the run's ``meta`` dict (``n``, ``k``, ``seed``,
-    ``batch_size``); returns float64 CPU tensors (m, *shape), (m, k, *shape)
-    and (m, *shape) for the m rows, in the order given.
+    ``batch_size``); returns float64 CPU tensors ``(m, *shape)``, ``(m, k, *shape)``
+    and ``(m, *shape)`` for the m rows, in the order given.
     """
     rows = [check_int("rows entry", r, minimum=0) for r in rows]
     n, k = meta["n"], meta["k"]
@@ -84,7 +82,7 @@ def redraw(meta: dict, latent_shape, rows) -> tuple:
 
 
 def stage_count(method: str, steps: int) -> int:
-    """Velocity evaluations of one solve; "Attribute dependencies through a classifier"."""
+    """Velocity evaluations of one solve; :ref:`sec_attributes`."""
     check_choice("method", method, tuple(_STAGES))
     return _STAGES[method] * check_int("steps", steps, minimum=1)
 
@@ -111,7 +109,7 @@ def probe(velocity, readout, latent_shape, n: int, *, k: int = 4,
           device="cpu", dtype=torch.float64, batch_size: int = 256,
           pairs: bool = True, grad_outputs=(), grad_batch: int = 32,
           eps: float = 1e-2, progress: bool = False) -> dict:
-    """Outputs, JVPs, pair JVPs, true gradient norms and the paper's change for n latents; "Attribute dependencies through a classifier".
+    """Outputs, JVPs, pair JVPs, true gradient norms and the paper's change for n latents; :ref:`sec_attributes`.
 
     ``velocity`` and ``readout`` must already be on ``device`` in
     ``dtype``. ``grad_outputs`` lists the readout columns whose true
@@ -205,7 +203,7 @@ def plain_outputs(velocity, readout, latent_shape, n: int, *,
                   steps: int = 10, method: str = "midpoint", seed: int = 1,
                   device="cpu", dtype=torch.float64,
                   batch_size: int = 1024) -> tuple:
-    """r(φ(z)) for n fresh latents (the plain-sample estimate) and the seconds it took; "Attribute dependencies through a classifier"."""
+    """r(φ(z)) for n fresh latents (the plain-sample estimate) and the seconds it took; :ref:`sec_attributes`."""
     from flowjac.engine.ode import integrate
 
     n = check_int("n", n, minimum=1)

@@ -8,8 +8,8 @@ Interpolation x_t = (1 - t) x0 + t x1 with x0 ~ N(0, I) and x1 from the data.
   g(x, t) = E[X1 | X_t = x] (the authors' 2D experiment); the drift is then
   (g - x) / (1 - t), because E[X0 | X_t = x] = (x - t g) / (1 - t).
 
-Explained in "Neural flows on Gaussians" (``book/neural_gaussian.md``); the
-image model is trained in "Pixel correlations on MNIST fives".
+Explained in :ref:`sec_neural_gaussian` (``book/neural_gaussian.md``); the
+image model is trained in :ref:`sec_mnist`.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ __all__ = ["cfm_loss", "EMA", "train_flow"]
 
 def cfm_loss(model: nn.Module, x0: torch.Tensor, x1: torch.Tensor, t,
              parameterization: str = "velocity") -> torch.Tensor:
-    """Mean squared CFM error at x_t = (1 - t) x0 + t x1; "Neural flows on Gaussians".
+    """Mean squared CFM error at x_t = (1 - t) x0 + t x1; :ref:`sec_neural_gaussian`.
 
     Target x1 - x0 for ``"velocity"``, x1 for ``"x1"``. ``t`` is a scalar
     or a (B,) tensor.
@@ -49,7 +49,7 @@ def cfm_loss(model: nn.Module, x0: torch.Tensor, x1: torch.Tensor, t,
 
 
 class EMA:
-    """Exponential moving average of a model's floating parameters and buffers; "Neural flows on Gaussians"."""
+    """Exponential moving average of a model's floating parameters and buffers; :ref:`sec_neural_gaussian`."""
 
     def __init__(self, model: nn.Module, decay: float):
         if not (isinstance(decay, (int, float)) and 0 < decay < 1):
@@ -102,7 +102,7 @@ def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
                seed: int = 0, device="cpu", progress: bool = True,
                log_every: int = 1, allow_config_change: bool = False,
                labels=None, label_dropout: float = 0.0) -> dict:
-    """Train ``model`` with the CFM loss, AdamW, clipping, optional EMA; "Neural flows on Gaussians".
+    """Train ``model`` with the CFM loss, AdamW, clipping, optional EMA; :ref:`sec_neural_gaussian`.
 
     ``sample_x1(n, generator)`` returns n targets (or pass a tensor whose
     rows are sampled uniformly). Sources x0 ~ N(0, I) and times
@@ -130,7 +130,7 @@ def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
     ``FlowUNet(num_labels=m)``): each drawn row comes with its code
     cond = 2 labels - 1, replaced by zeros ("unknown") with probability
     ``label_dropout`` so that the same network also learns the unconditional
-    velocity ("Interventions and counterfactuals").
+    velocity (:ref:`sec_interventions`).
     """
     steps = check_int("steps", steps, minimum=1)
     batch_size = check_int("batch_size", batch_size, minimum=1)

@@ -7,7 +7,7 @@ D_x velocity(x, t) tangents)`` for tangents shaped like x or (B, k, ...)
 (``TangentVelocity``); ``flowjac.engine.jvp.flow_jvp`` uses it when present
 and ``torch.func.jvp`` otherwise. ``velocity_fn(model)`` makes one from a
 trained network; third-party models plug in by satisfying the protocol.
-Explained in "Neural flows on Gaussians".
+Explained in :ref:`sec_neural_gaussian`.
 """
 from __future__ import annotations
 
@@ -27,21 +27,21 @@ PARAMETERIZATIONS = ("velocity", "x1")
 
 @runtime_checkable
 class Velocity(Protocol):
-    """``velocity(x, t)``: the drift of dx/dt, shaped like x; "Neural flows on Gaussians"."""
+    """``velocity(x, t)``: the drift of dx/dt, shaped like x; :ref:`sec_neural_gaussian`."""
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
 
 
 @runtime_checkable
 class TangentVelocity(Velocity, Protocol):
-    """A velocity with an exact ``jvp(x, t, tangents) -> (v, v_dot)``; "Neural flows on Gaussians"."""
+    """A velocity with an exact ``jvp(x, t, tangents) -> (v, v_dot)``; :ref:`sec_neural_gaussian`."""
 
     def jvp(self, x: torch.Tensor, t: torch.Tensor,
             tangents: torch.Tensor) -> tuple: ...
 
 
 def func_jvp(velocity, x: torch.Tensor, t, tangents: torch.Tensor):
-    """(velocity(x, t), D_x velocity(x, t) tangents) by ``torch.func.jvp``; "JVP diagnostics".
+    """(velocity(x, t), D_x velocity(x, t) tangents) by ``torch.func.jvp``; :ref:`sec_jvp_diagnostics`.
 
     The generic path for a velocity without its own ``jvp``: one forward-mode
     call, vmapped over k tangents (B, k, ...) with the primal computed once.
@@ -61,7 +61,7 @@ def func_jvp(velocity, x: torch.Tensor, t, tangents: torch.Tensor):
 
 
 def has_exact_jvp(velocity) -> bool:
-    """Whether ``velocity`` provides its own exact ``jvp``; "Neural flows on Gaussians"."""
+    """Whether ``velocity`` provides its own exact ``jvp``; :ref:`sec_neural_gaussian`."""
     return callable(getattr(velocity, "jvp", None))
 
 
@@ -76,7 +76,7 @@ def _bcast_t(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class ModelVelocity:
-    """The drift velocity(x, t) of a trained model, with a fast exact ``jvp``; "Neural flows on Gaussians".
+    """The drift velocity(x, t) of a trained model, with a fast exact ``jvp``; :ref:`sec_neural_gaussian`.
 
     For ``"x1"`` the drift is (g(x, t') - x) / (1 - t') at
     t' = min(t, t_max): the drift is evaluated at t_max for t > t_max
@@ -122,5 +122,5 @@ class ModelVelocity:
 
 def velocity_fn(model: nn.Module, parameterization: str = "velocity",
                 t_max: float = 0.999) -> ModelVelocity:
-    """The ODE drift velocity(x, t) of a CFM-trained model; "Neural flows on Gaussians"."""
+    """The ODE drift velocity(x, t) of a CFM-trained model; :ref:`sec_neural_gaussian`."""
     return ModelVelocity(model, parameterization, t_max)

@@ -44,7 +44,7 @@ replications of n = 500 pairs (the same latents and probes for every rule,
 Rademacher probes, float64): the standard deviation of ``cov`` for the
 smooth map f(z) = tanh(3 z) + 0.3 z^2 (Var f = 0.925) and for the quantile
 map of N(0, 1) onto the two-component mixture (N(-s, 1/4) + N(s, 1/4)) / 2
-of "Mixtures of Gaussians" at s = 0.5 and s = 1 (Var = 0.5 and 1.25):
+of :ref:`sec_mixture` at s = 0.5 and s = 1 (Var = 0.5 and 1.25):
 
     rule                     tanh     mix s=0.5  mix s=1   sd / stratified
     stratified (default)     0.0823   0.00438    0.0625    1
@@ -64,7 +64,7 @@ sampling away from rho = 1 must weight up the pairs near 1, where h is
 largest (without bound if its density vanishes at 1). Hence
 ``"stratified"``.
 
-Explained in "Exact covariances from JVPs" (``book/exact_covariances.md``).
+Explained in :ref:`sec_exact_covariances` (``book/exact_covariances.md``).
 
 Longer than 400 lines because it is one estimator: the pair design, the
 reduction with its per-probe blocks and bins, and the entry points share
@@ -147,9 +147,9 @@ def _check_dtype(dtype) -> torch.dtype:
 
 @dataclass
 class PairDesign:
-    """Latent pairs (Z, Z_rho), shared probes, rho and quadrature weights; "Exact covariances from JVPs".
+    """Latent pairs (Z, Z_rho), shared probes, rho and quadrature weights; :ref:`sec_exact_covariances`.
 
-    ``z``, ``zr``: (n, *latent_shape); ``v``: (n, k, *latent_shape), equal
+    ``z``, ``zr``: ``(n, *latent_shape)``; ``v``: ``(n, k, *latent_shape)``, equal
     within each block of ``probe_block`` consecutive pairs; ``rho``,
     ``weights``: (n,) float64 on the CPU. ``integrates`` is False when
     explicit rho values do not span [0, 1] (then only the profile is
@@ -236,7 +236,7 @@ def draw_pairs(latent_shape, n: int, *, k: int = 1, rho=None,
                quadrature: str = "stratified", probes: str = "rademacher",
                probe_block: int = 2, generator: torch.Generator | None = None,
                dtype: torch.dtype | None = None, device=None) -> PairDesign:
-    """Draw n latent pairs (Z, Z_rho), shared probes and the rho quadrature; "Exact covariances from JVPs".
+    """Draw n latent pairs (Z, Z_rho), shared probes and the rho quadrature; :ref:`sec_exact_covariances`.
 
     Use it to compute the JVPs elsewhere (big batches on a GPU) and reduce
     them with ``covariance_from_pairs(jz, jzr, design.rho,
@@ -300,7 +300,7 @@ def draw_pairs(latent_shape, n: int, *, k: int = 1, rho=None,
 
 @dataclass
 class CovarianceEstimate:
-    """Result of the interpolation-identity estimator; "Exact covariances from JVPs".
+    """Result of the interpolation-identity estimator; :ref:`sec_exact_covariances`.
 
     ``cov`` (p, p): the identity's estimate of Cov f(Z), symmetric, with
     entrywise standard errors ``stderr``; ``corr``: ``cov`` normalised by its
@@ -498,7 +498,7 @@ def covariance_from_pairs(jz: torch.Tensor, jzr: torch.Tensor | None, rho,
                           *, weights=None, probe_block: int = 1, fz=None,
                           fzr=None, bins: int | None = None
                           ) -> CovarianceEstimate:
-    """Reduce JVPs at Z and Z_rho (shared probes) to cov, upper, lower, profile; "Exact covariances from JVPs".
+    """Reduce JVPs at Z and Z_rho (shared probes) to cov, upper, lower, profile; :ref:`sec_exact_covariances`.
 
     ``jz``, ``jzr``: (n, k, p) (or (n, p) for k = 1), jz[i, j] = J(Z_i) v_ij
     and jzr[i, j] = J(Z_rho_i) v_ij with the *same* probe v_ij,
@@ -620,12 +620,12 @@ def jvp_covariance(fn: Callable, latent_shape, n: int, *, k: int = 1,
                    quadrature: str = "stratified", probes: str = "rademacher",
                    dtype: torch.dtype | None = None, device=None
                    ) -> CovarianceEstimate:
-    """Cov f(Z) by the Gaussian interpolation identity from 2 n k JVPs; "Exact covariances from JVPs".
+    """Cov f(Z) by the Gaussian interpolation identity from 2 n k JVPs; :ref:`sec_exact_covariances`.
 
-    ``fn`` maps a batch of latents (B, *latent_shape) to outputs (B, p) and
+    ``fn`` maps a batch of latents ``(B, *latent_shape)`` to outputs (B, p) and
     is differentiable by forward mode (``torch.func.jvp``, one call per
     probe). Fast path: an object with a method ``fn.jvp(z, tangents) ->
-    (f, jv)``, tangents (B, k, *latent_shape), f (B, p), jv (B, k, p), is
+    (f, jv)``, tangents ``(B, k, *latent_shape)``, f (B, p), jv (B, k, p), is
     called once per batch instead. Z and Z_rho of ``batch_size`` pairs
     (default: all n) go through ``fn`` together in one batch of 2 B rows.
     ``rho``, ``quadrature``, ``probes``, ``generator``, ``dtype`` and
@@ -650,13 +650,13 @@ def flow_jvp_covariance(velocity: Callable, latent_shape, n: int, *,
                         probes: str = "rademacher", t0: float = 0.0,
                         t1: float = 1.0, dtype: torch.dtype | None = None,
                         device=None) -> CovarianceEstimate:
-    """Cov of readout(phi(Z)) for the flow map phi of ``velocity``, one forward-mode solve per batch; "Exact covariances from JVPs".
+    """Cov of readout(phi(Z)) for the flow map phi of ``velocity``, one forward-mode solve per batch; :ref:`sec_exact_covariances`.
 
     Z and Z_rho of ``batch_size`` pairs (default: all n) are stacked into
     one batch with their shared probes and solved together by
     ``flowjac.engine.jvp.flow_jvp`` (``steps``, ``method``, ``t0``, ``t1``; a
     velocity with a ``jvp`` method uses it). ``readout`` (optional) maps
-    the solved states (B, *latent_shape) to outputs (B, p), e.g. a
+    the solved states ``(B, *latent_shape)`` to outputs (B, p), e.g. a
     classifier's logits or a pixel selector; it is applied to the state and
     its tangents by ``torch.func.jvp`` (or its own ``jvp(x, tangents)``
     method, as for ``jvp_covariance``). Without it the output is the

@@ -4,8 +4,7 @@ JVP second moments have heavy tails (a few latents carry much of the mass),
 so an interval must say how much it trusts itself: ``tail_share`` and
 ``hill_index`` measure the tail, ``mean_interval`` gives studentized,
 normal or percentile intervals, ``bootstrap_ci`` a percentile bootstrap of
-any statistic. Explained in "Exact covariances from JVPs" and "Pixel
-correlations on MNIST fives".
+any statistic. Explained in :ref:`sec_exact_covariances` and :ref:`sec_mnist`.
 """
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ INTERVALS = ("studentized", "normal", "percentile")
 def bootstrap_ci(fn: Callable[[torch.Tensor], torch.Tensor | float],
                  data: torch.Tensor, n_boot: int = 1000, alpha: float = 0.05,
                  generator: torch.Generator | None = None):
-    """Percentile bootstrap (estimate, low, high) of fn over data's rows; "Pixel correlations on MNIST fives".
+    """Percentile bootstrap (estimate, low, high) of fn over data's rows; :ref:`sec_mnist`.
 
     ``fn`` maps an (N, ...) tensor to a scalar or a tensor; rows of ``data``
     are resampled with replacement ``n_boot`` times and the ``alpha/2`` and
@@ -82,7 +81,7 @@ def _check_fraction(name: str, frac) -> float:
 
 
 def tail_share(values, frac: float = 0.01) -> float:
-    """Share of sum |x| carried by the largest ``frac`` of the |x|; "Exact covariances from JVPs".
+    """Share of sum ``|x|`` carried by the largest ``frac`` of the ``|x|``; :ref:`sec_exact_covariances`.
 
     For per-latent contributions to a mean (e.g. ``upper_terms``), a share
     near ``frac`` means no latent dominates; near 1, a handful carry it.
@@ -97,10 +96,10 @@ def tail_share(values, frac: float = 0.01) -> float:
 
 
 def hill_index(values, frac: float = 0.05) -> float:
-    """Hill estimate of the tail index alpha of |x| from its top ``frac``; "Exact covariances from JVPs".
+    """Hill estimate of the tail index alpha of ``|x|`` from its top ``frac``; :ref:`sec_exact_covariances`.
 
     alpha = 1 / mean(log(x_(i) / x_(m+1)), i <= m) over the m = frac n
-    largest |x|. P(|X| > x) ~ x^(-alpha): the mean exists for alpha > 1,
+    largest ``|x|``. ``P(|X| > x)`` ~ x^(-alpha): the mean exists for alpha > 1,
     the variance (and a standard error that means anything) for alpha > 2.
     """
     x = _values(values, min_n=3).abs()
@@ -120,7 +119,7 @@ def hill_index(values, frac: float = 0.05) -> float:
 def mean_interval(values, level: float = 0.95, method: str = "studentized",
                   n_boot: int = 2000, generator: torch.Generator | None = None
                   ) -> tuple[float, float]:
-    """Confidence interval for the mean of iid values; "Exact covariances from JVPs".
+    """Confidence interval for the mean of iid values; :ref:`sec_exact_covariances`.
 
     ``method``: "studentized" (bootstrap-t, the default: resamples
     t* = (mean* - mean) / se*, so a right-skewed sample gets a longer

@@ -3,7 +3,7 @@
 A flow map ``x1 = phi(x0)`` moves a small N(0, I) perturbation ``v`` of the
 latent to ``delta = J v`` with ``E[delta delta^T] = J J^T``: the second moment
 of JVP outputs estimates the linearized covariance, and normalizing it gives a
-correlation. Explained in "Pixel correlations on MNIST fives".
+correlation. Explained in :ref:`sec_mnist`.
 """
 from __future__ import annotations
 
@@ -34,13 +34,13 @@ def _check_matrix(name: str, x, min_rows: int = 1) -> torch.Tensor:
 
 
 def second_moment(deltas: torch.Tensor) -> torch.Tensor:
-    """Uncentered second moment E[δδᵀ] (p, p) of rows (N, p); "Pixel correlations on MNIST fives"."""
+    """Uncentered second moment E[δδᵀ] (p, p) of rows (N, p); :ref:`sec_mnist`."""
     d = _check_matrix("deltas", deltas)
     return d.T @ d / d.shape[0]
 
 
 def moment_to_corr(m: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
-    """Correlation D^-1/2 M D^-1/2 of a (p, p) moment or covariance; "Pixel correlations on MNIST fives".
+    """Correlation D^-1/2 M D^-1/2 of a (p, p) moment or covariance; :ref:`sec_mnist`.
 
     Entries whose row or column has a variance <= ``eps`` (a constant pixel)
     are NaN, as in ``numpy.corrcoef``; the diagonal of the rest is 1.
@@ -67,7 +67,7 @@ def moment_to_corr(m: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
 
 
 def corrcoef(samples: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation (p, p) of the columns of samples (N, p); "Pixel correlations on MNIST fives"."""
+    """Pearson correlation (p, p) of the columns of samples (N, p); :ref:`sec_mnist`."""
     x = _check_matrix("samples", samples, min_rows=2)
     xc = x - x.mean(0, keepdim=True)
     return moment_to_corr(xc.T @ xc / (x.shape[0] - 1))
@@ -79,7 +79,7 @@ def corrcoef(samples: torch.Tensor) -> torch.Tensor:
 
 
 def probe_grad_norm(deltas: torch.Tensor, attr: int | None = None) -> torch.Tensor:
-    """Probe estimate sqrt(mean_k δ²) of ‖∇_z c(φ(z))‖ per sample from JVPs (B, k, p); "Attribute dependencies through a classifier".
+    """Probe estimate sqrt(mean_k δ²) of ‖∇_z c(φ(z))‖ per sample from JVPs (B, k, p); :ref:`sec_attributes`.
 
     E[(∇c·v)²] = ‖∇c‖² for v ~ N(0, I), so the mean of δ² over probes is
     an unbiased estimate of the squared norm (its square root is slightly
@@ -100,7 +100,7 @@ def probe_grad_norm(deltas: torch.Tensor, attr: int | None = None) -> torch.Tens
 
 def below_threshold(values: torch.Tensor, threshold: float | None = None,
                     quantile: float | None = None) -> torch.Tensor:
-    """Boolean mask of samples whose value is <= a threshold, given as a value or a quantile; "Attribute dependencies through a classifier"."""
+    """Boolean mask of samples whose value is <= a threshold, given as a value or a quantile; :ref:`sec_attributes`."""
     if not isinstance(values, torch.Tensor) or values.ndim != 1 \
             or values.numel() == 0:
         raise ValueError(f"values must be a non-empty 1-D tensor, got "
@@ -117,7 +117,7 @@ def below_threshold(values: torch.Tensor, threshold: float | None = None,
 
 
 def jvp_corr(deltas: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Correlation of E[δδᵀ] over the samples in ``mask`` (all probes pooled) from JVPs (B, k, p) or (B, p); "Attribute dependencies through a classifier"."""
+    """Correlation of E[δδᵀ] over the samples in ``mask`` (all probes pooled) from JVPs (B, k, p) or (B, p); :ref:`sec_attributes`."""
     if not isinstance(deltas, torch.Tensor) or deltas.ndim not in (2, 3):
         raise ValueError(f"deltas must be a (B, k, p) or (B, p) tensor, got "
                          f"{getattr(deltas, 'shape', type(deltas).__name__)}")

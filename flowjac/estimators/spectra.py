@@ -19,7 +19,7 @@ Probes are ``random_probes`` directions (``kind="gaussian"`` or
 ``"rademacher"``). Every function works on batches: latents or points
 (B, ...) whose rows the map treats independently.
 
-Explained in "The Jacobian of the flow map: spectra and volumes"
+Explained in :ref:`sec_spectra`
 (``book/spectra.md``).
 
 Longer than 400 lines because the spectra, the trace estimators and the
@@ -53,10 +53,10 @@ _EXACT_CHUNK = 64   # basis tangents per JVP call of the exact divergence
 
 
 class Spectrum(NamedTuple):
-    """Top-r singular triplets per latent; "The Jacobian of the flow map: spectra and volumes".
+    """Top-r singular triplets per latent; :ref:`sec_spectra`.
 
-    ``values`` (B, r), decreasing; ``left`` (B, r, *out_shape), the output
-    directions u_i; ``right`` (B, r, *in_shape), the input directions v_i;
+    ``values`` (B, r), decreasing; ``left`` ``(B, r, *out_shape)``, the output
+    directions u_i; ``right`` ``(B, r, *in_shape)``, the input directions v_i;
     J v_i = s_i u_i and J^T u_i = s_i v_i. Each right vector's entry of
     largest magnitude is positive (a fixed sign).
     """
@@ -210,11 +210,11 @@ def _subspace_svd(jvp_fn, vjp_fn, z, out_shape, r, passes, oversample,
 def spectrum(fn: Callable, z: torch.Tensor, r: int, *, jvp: Callable | None = None,
              passes: int = 2, oversample: int = 5,
              generator: torch.Generator | None = None) -> Spectrum:
-    """Top-r singular values and vectors of J_fn(z) per latent, by randomized subspace iteration; "The Jacobian of the flow map: spectra and volumes".
+    """Top-r singular values and vectors of J_fn(z) per latent, by randomized subspace iteration; :ref:`sec_spectra`.
 
     ``fn`` maps a batch (B, ...) to (B, ...) row by row (e.g. a classifier
     composed with the flow, c o phi). J V uses ``jvp(z, V) -> J V`` for V of
-    shape (B, l, *z.shape[1:]) when given, else ``torch.func.jvp`` vmapped
+    shape ``(B, l, *z.shape[1:])`` when given, else ``torch.func.jvp`` vmapped
     over the l tangents; J^T U uses reverse mode through ``fn`` (one
     recorded graph, one backward pass per column). l = r + ``oversample``
     (at most the rank bound) Gaussian starting vectors, ``passes`` rounds of
@@ -249,7 +249,7 @@ def flow_spectrum(velocity: Callable, z: torch.Tensor, r: int, *, steps: int,
                   method: str = "rk4", t0: float = 0.0, t1: float = 1.0,
                   passes: int = 2, oversample: int = 5,
                   generator: torch.Generator | None = None) -> Spectrum:
-    """Top-r singular values and vectors of the flow map's Jacobian J_phi(z); "The Jacobian of the flow map: spectra and volumes".
+    """Top-r singular values and vectors of the flow map's Jacobian J_phi(z); :ref:`sec_spectra`.
 
     phi is the fixed-grid map z = x(t0) -> x(t1) of ``integrate(velocity,
     z, steps, method, t0, t1)``; J V comes from ``flow_jvp`` (exact forward
@@ -322,7 +322,7 @@ def _resolve_probes(x, estimator, probes, k, kind, generator):
 
 def trace_estimate(matvec: Callable, probes: torch.Tensor, *,
                    estimator: str = "hutchinson") -> torch.Tensor:
-    """Hutchinson or Hutch++ estimates of tr A per batch row, from products A V only; "The Jacobian of the flow map: spectra and volumes".
+    """Hutchinson or Hutch++ estimates of tr A per batch row, from products A V only; :ref:`sec_spectra`.
 
     ``probes`` (B, m, d) are random directions with E[v v^T] = I and
     ``matvec(V)`` returns A V row by row for V (B, n, d). Hutchinson:
@@ -375,13 +375,13 @@ def divergence(velocity: Callable, x: torch.Tensor, t, *,
                estimator: str = "exact", probes: torch.Tensor | None = None,
                k: int | None = None, kind: str = "gaussian",
                generator: torch.Generator | None = None) -> torch.Tensor:
-    """tr D_x u(x, t) per point (B,): exact (d JVPs) or Hutchinson / Hutch++; "The Jacobian of the flow map: spectra and volumes".
+    """tr D_x u(x, t) per point (B,): exact (d JVPs) or Hutchinson / Hutch++; :ref:`sec_spectra`.
 
     ``estimator="exact"`` pushes the d basis vectors through the velocity's
     JVP (in chunks); the stochastic estimators use ``k`` JVPs (default 1 for
     Hutchinson, 3 for Hutch++, which needs a multiple of 3) along
     ``random_probes`` directions of ``kind``, or the given ``probes``
-    (B, m, *x.shape[1:]): m = k for Hutchinson, m = 2k/3 for Hutch++ (first
+    ``(B, m, *x.shape[1:])``: m = k for Hutchinson, m = 2k/3 for Hutch++ (first
     half sketch, second half residual).
     """
     check_choice("estimator", estimator, DIVERGENCES)
@@ -424,7 +424,7 @@ def volume_change(velocity: Callable, x: torch.Tensor, *, steps: int,
                   probes: torch.Tensor | None = None, k: int | None = None,
                   kind: str = "gaussian",
                   generator: torch.Generator | None = None):
-    """(x(t1), int_{t0}^{t1} tr D_x u(x_t, t) dt) from x(t0) = x, state and integral solved jointly; "The Jacobian of the flow map: spectra and volumes".
+    """(x(t1), int_{t0}^{t1} tr D_x u(x_t, t) dt) from x(t0) = x, state and integral solved jointly; :ref:`sec_spectra`.
 
     The tuple state (x, logdet) goes through ``rk_solve`` on the grid of
     ``integrate``, so x(t1) is the flow map exactly as ``integrate`` computes
@@ -461,7 +461,7 @@ def volume_change(velocity: Callable, x: torch.Tensor, *, steps: int,
 
 
 def standard_normal_log_density(z: torch.Tensor) -> torch.Tensor:
-    """log N(z; 0, I) per row of z (B, ...); "The Jacobian of the flow map: spectra and volumes"."""
+    """log N(z; 0, I) per row of z (B, ...); :ref:`sec_spectra`."""
     _check_batch("z", z)
     d = _dim(z)
     return -0.5 * z.reshape(z.shape[0], -1).pow(2).sum(1) \
@@ -473,7 +473,7 @@ def log_likelihood(velocity: Callable, x: torch.Tensor, *, steps: int,
                    probes: torch.Tensor | None = None, k: int | None = None,
                    kind: str = "gaussian",
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """log p_1(x) per data point (B,) under the flow from an N(0, I) base; "The Jacobian of the flow map: spectra and volumes".
+    """log p_1(x) per data point (B,) under the flow from an N(0, I) base; :ref:`sec_spectra`.
 
     Integrates (x, logdet) backwards from t = 1 to t = 0 (``volume_change``
     with t0 = 1, t1 = 0) and returns
@@ -527,7 +527,7 @@ def frobenius_sq(fn: Callable, z: torch.Tensor, k: int, *,
                  estimator: str = "hutchinson", kind: str = "gaussian",
                  jvp: Callable | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """||J_fn(z)||_F^2 = E||J v||^2 per latent (B,), plain probes or Hutch++, k products; "The Jacobian of the flow map: spectra and volumes".
+    """||J_fn(z)||_F^2 = E||J v||^2 per latent (B,), plain probes or Hutch++, k products; :ref:`sec_spectra`.
 
     ``estimator="hutchinson"``: the mean of ||J v||^2 over k probes of
     ``kind`` (k JVPs), the trace of the paper's estimator (J v)(J v)^T.
@@ -557,7 +557,7 @@ def flow_frobenius_sq(velocity: Callable, z: torch.Tensor, k: int, *,
                       t1: float = 1.0, estimator: str = "hutchinson",
                       kind: str = "gaussian",
                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """||J_phi(z)||_F^2 per latent (B,) for the fixed-grid flow map, plain probes or Hutch++; "The Jacobian of the flow map: spectra and volumes".
+    """||J_phi(z)||_F^2 per latent (B,) for the fixed-grid flow map, plain probes or Hutch++; :ref:`sec_spectra`.
 
     As ``frobenius_sq`` with JVPs from ``flow_jvp`` and VJPs by reverse
     mode through ``integrate``.

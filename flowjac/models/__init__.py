@@ -7,7 +7,10 @@
 - ``adapters``: torchcfm, flow_matching and plain callables as velocities
   with fast exact tangents; their checkpoints
 - ``pretrained``: ``available()`` and ``load(name)`` for the shipped models
+- ``torchcfm_recipe``: training with torchcfm's own parts, in its
+  checkpoint format (the shipped ``mnist-fives-torchcfm``)
 """
-from . import adapters, classifiers, conditional, nets, pretrained, quality
+from . import adapters, classifiers, conditional, nets, pretrained, quality, torchcfm_recipe
 
-__all__ = ["adapters", "classifiers", "conditional", "nets", "pretrained", "quality"]
+__all__ = ["adapters", "classifiers", "conditional", "nets", "pretrained", "quality",
+           "torchcfm_recipe"]

@@ -13,7 +13,7 @@ Fast exact tangents without touching the model. ``joint_jvp(fn, x,
 tangents)`` runs the user's own forward code on a *tangent-carrying* value
 (``_Joint``, not a torch.Tensor): the primal, computed by the model's own
 operations (so it equals the original output), and its k tangents stacked
-as (k, *shape), as in ``flowjac.models.nets``. Every torch operation the
+as ``(k, *shape)``, as in ``flowjac.models.nets``. Every torch operation the
 code applies to it is intercepted (``__torch_function__``) and replaced by
 its exact tangent rule: linear maps (linear and convolution weights,
 reshapes, concatenation, resampling, pooling, padding, sums) act on the k
@@ -42,7 +42,7 @@ extra); this module imports them only inside the functions that need them.
 Longer than 400 lines because the tangent rules, the adapters that use them
 and the loaders that build the adapters belong together: split, the
 adapters would reach into a rules module's internals.
-Explained in "Bring your own model".
+Explained in :ref:`sec_byom`.
 """
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def _rank(v) -> int:
 
 
 def _lift(t: torch.Tensor, ndim: int, rank: int) -> torch.Tensor:
-    """Tangents (k, *shape) of a rank-ndim value, aligned for broadcasting at rank."""
+    """Tangents ``(k, *shape)`` of a rank-ndim value, aligned for broadcasting at rank."""
     return t[(slice(None),) + (None,) * (rank - ndim)] if rank > ndim else t
 
 
@@ -113,7 +113,7 @@ def _primal(v):
 
 
 def _zeros(v, like: "_Joint") -> torch.Tensor:
-    """The (k, *shape) zero tangents of a plain value, without allocation."""
+    """The ``(k, *shape)`` zero tangents of a plain value, without allocation."""
     v = torch.as_tensor(v, dtype=like.dtype, device=like.device)
     return v.new_zeros(()).expand(like.k, *v.shape)
 
@@ -889,9 +889,9 @@ def _check_tangents(x, tangents) -> bool:
 
 
 def joint_jvp(fn: Callable, x: torch.Tensor, tangents: torch.Tensor):
-    """(fn(x), D fn(x) tangents) by running fn once on a tangent-carrying value; "Bring your own model".
+    """(fn(x), D fn(x) tangents) by running fn once on a tangent-carrying value; :ref:`sec_byom`.
 
-    ``tangents`` has x's shape or (B, k, *x.shape[1:]) (k directions, the
+    ``tangents`` has x's shape or ``(B, k, *x.shape[1:])`` (k directions, the
     primal computed once). ``fn`` is the model's own code, run unchanged:
     every torch operation on x-dependent values uses the exact tangent
     rules of this module, and the primal operations are the model's own.
@@ -976,7 +976,7 @@ def _tolerance(dtype) -> float:
 
 
 class AdaptedVelocity:
-    """A third-party network as velocity(x, t), with an exact fast ``jvp``; "Bring your own model".
+    """A third-party network as velocity(x, t), with an exact fast ``jvp``; :ref:`sec_byom`.
 
     ``velocity(x, t)`` calls the network (``t`` a number, a 0-dim tensor or
     a (B,) tensor, converted to x's dtype and device). ``jvp(x, t,
@@ -1102,7 +1102,7 @@ def _batch_labels(y, x) -> torch.Tensor:
 
 
 def from_torchcfm(model: nn.Module, *, y=None, fast: bool = True) -> AdaptedVelocity:
-    """A torchcfm network (``UNetModelWrapper``, called ``net(t, x, y=None)``) as a flowjac velocity; "Bring your own model".
+    """A torchcfm network (``UNetModelWrapper``, called ``net(t, x, y=None)``) as a flowjac velocity; :ref:`sec_byom`.
 
     ``y``: the class label(s) of a class-conditional UNet (an int for every
     row, or a (B,) tensor), required exactly when the UNet has
@@ -1127,7 +1127,7 @@ def from_torchcfm(model: nn.Module, *, y=None, fast: bool = True) -> AdaptedVelo
 
 
 def from_flow_matching(model, *, fast: bool = True, **extras) -> AdaptedVelocity:
-    """A flow_matching velocity model (a ``ModelWrapper``, called ``model(x=x, t=t, **extras)``) as a flowjac velocity; "Bring your own model".
+    """A flow_matching velocity model (a ``ModelWrapper``, called ``model(x=x, t=t, **extras)``) as a flowjac velocity; :ref:`sec_byom`.
 
     ``extras`` are passed to every call (e.g. a class label), as
     ``ODESolver.sample(..., **model_extras)`` does; t reaches the model as
@@ -1145,7 +1145,7 @@ def from_flow_matching(model, *, fast: bool = True, **extras) -> AdaptedVelocity
 
 
 def from_callable(fn: Callable, *, order: str, fast: bool = True) -> AdaptedVelocity:
-    """A plain callable as a flowjac velocity, its argument order named explicitly; "Bring your own model".
+    """A plain callable as a flowjac velocity, its argument order named explicitly; :ref:`sec_byom`.
 
     ``order="x,t"`` for ``fn(x, t)``, ``order="t,x"`` for ``fn(t, x)`` (the
     torchdiffeq convention); never guessed. t reaches fn as a 0-dim tensor
@@ -1228,7 +1228,7 @@ def _state(payload, key: str, path) -> dict:
 
 def load_torchcfm_checkpoint(path, *, ema: bool = True, y=None,
                              **unet_kwargs) -> AdaptedVelocity:
-    """The velocity of a torchcfm training checkpoint (``UNetModelWrapper(**unet_kwargs)``); "Bring your own model".
+    """The velocity of a torchcfm training checkpoint (``UNetModelWrapper(**unet_kwargs)``); :ref:`sec_byom`.
 
     Reads the dict torchcfm's image scripts save (``net_model``,
     ``ema_model``, ``sched``, ``optim``, ``step``) with ``weights_only=True``,
@@ -1270,7 +1270,7 @@ def load_torchcfm_checkpoint(path, *, ema: bool = True, y=None,
 
 def load_flow_matching_checkpoint(model: nn.Module, path, *, key: str | None = "model",
                                   **extras) -> AdaptedVelocity:
-    """Load weights into a flow_matching ``ModelWrapper`` (or its network) and wrap it; "Bring your own model".
+    """Load weights into a flow_matching ``ModelWrapper`` (or its network) and wrap it; :ref:`sec_byom`.
 
     ``model`` is a freshly built instance of the user's own class (a
     ``ModelWrapper`` subclass, or any module called ``model(x=x, t=t,

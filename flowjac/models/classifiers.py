@@ -6,7 +6,7 @@ Neither uses BatchNorm in a way that breaks forward-mode AD: the small
 network has no normalization layers at all, and the ResNet50 is used in
 ``eval()`` mode, where BatchNorm is an affine map.
 
-Explained in "Attribute dependencies through a classifier"
+Explained in :ref:`sec_attributes`
 (``book/attributes.md``).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ CELEBA_LR = 2e-4
 
 
 class ResBlock(nn.Module):
-    """Pre-activation residual block without normalization; "Attribute dependencies through a classifier"."""
+    """Pre-activation residual block without normalization; :ref:`sec_attributes`."""
 
     def __init__(self, c_in: int, c_out: int, stride: int = 1):
         super().__init__()
@@ -48,7 +48,7 @@ class ResBlock(nn.Module):
 
 
 class AttributeNet(nn.Module):
-    """Small ResNet-style multi-label classifier, one logit per attribute; "Attribute dependencies through a classifier".
+    """Small ResNet-style multi-label classifier, one logit per attribute; :ref:`sec_attributes`.
 
     ``width`` channels at full resolution, doubled at each of the stages
     after the first, each of which halves the resolution (the stem itself
@@ -97,7 +97,7 @@ class _ImageNetNormalize(nn.Module):
 
 
 def celeba_resnet50(weights_path=None, n_attr: int = 40) -> nn.Module:
-    """The paper's CelebA classifier: ResNet50 (ImageNet weights from a user file) with a 40-logit head; "Attribute dependencies through a classifier".
+    """The paper's CelebA classifier: ResNet50 (ImageNet weights from a user file) with a 40-logit head; :ref:`sec_attributes`.
 
     ``weights_path`` is a torchvision ``resnet50`` ImageNet ``state_dict``
     saved with ``torch.save`` (nothing is downloaded); ``None`` starts from
@@ -143,7 +143,7 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
                      lr: float = CELEBA_LR, weight_decay: float = 0.0,
                      seed: int = 0, device="cpu", progress: bool = False,
                      loss: str = "bce", shift: int = 0) -> dict:
-    """Train a classifier with Adam: multi-label BCE or multi-class cross-entropy; "Attribute dependencies through a classifier".
+    """Train a classifier with Adam: multi-label BCE or multi-class cross-entropy; :ref:`sec_attributes`.
 
     Minibatches are drawn with replacement from ``images`` (N, C, H, W) and
     ``labels``: 0/1 (N, n_attr) for ``loss="bce"`` (one logit per
@@ -196,7 +196,7 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
 
 def random_shift(images: torch.Tensor, shift: int,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Translate each image by random whole pixels in [-shift, shift] per axis, zero fill; "Pixel correlations on MNIST fives"."""
+    """Translate each image by random whole pixels in [-shift, shift] per axis, zero fill; :ref:`sec_mnist`."""
     shift = check_int("shift", shift, minimum=0)
     if shift == 0:
         return images
@@ -212,7 +212,7 @@ def random_shift(images: torch.Tensor, shift: int,
 
 def class_accuracy(model: nn.Module, images: torch.Tensor,
                    labels: torch.Tensor, batch_size: int = 256) -> float:
-    """Fraction of images whose arg-max logit is the label (multi-class); "Pixel correlations on MNIST fives"."""
+    """Fraction of images whose arg-max logit is the label (multi-class); :ref:`sec_mnist`."""
     if not torch.is_tensor(labels) or labels.ndim != 1 or \
             labels.shape[0] != images.shape[0]:
         raise ValueError(f"labels must be a (N,) tensor with N = "
@@ -224,7 +224,7 @@ def class_accuracy(model: nn.Module, images: torch.Tensor,
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor,
                    batch_size: int = 256) -> torch.Tensor:
-    """Logits of ``model`` on ``images``, in batches, on the model's device; "Attribute dependencies through a classifier"."""
+    """Logits of ``model`` on ``images``, in batches, on the model's device; :ref:`sec_attributes`."""
     if not torch.is_tensor(images) or images.ndim != 4:
         raise ValueError(f"images must be a (N, C, H, W) tensor, got "
                          f"{getattr(images, 'shape', type(images))}")
@@ -237,14 +237,14 @@ def predict_logits(model: nn.Module, images: torch.Tensor,
 
 def per_attribute_accuracy(model: nn.Module, images: torch.Tensor,
                            labels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Fraction of correct 0/1 predictions (logit > 0) per attribute; "Attribute dependencies through a classifier"."""
+    """Fraction of correct 0/1 predictions (logit > 0) per attribute; :ref:`sec_attributes`."""
     _check_data(images, labels)
     pred = (predict_logits(model, images, batch_size) > 0).long()
     return (pred == labels.long().cpu()).float().mean(0)
 
 
 def load_or_train_classifier(path, model: nn.Module, images, labels, **train_kwargs):
-    """Load ``model`` from ``path`` if it exists, else train it and save it atomically; "Attribute dependencies through a classifier".
+    """Load ``model`` from ``path`` if it exists, else train it and save it atomically; :ref:`sec_attributes`.
 
     Returns ``(model, trained)`` where ``trained`` says whether it was
     trained now. ``train_kwargs`` go to ``train_classifier``.

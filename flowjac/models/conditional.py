@@ -9,7 +9,7 @@ fixes the labels, returning an ordinary velocity ``(x, t)`` with an exact
 ``guidance`` w != 1 the velocity is classifier-free guided,
 u = u(x, t, 0) + w (u(x, t, c) - u(x, t, 0)).
 
-Explained in "Interventions and counterfactuals".
+Explained in :ref:`sec_interventions`.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _codes(labels, m: int) -> torch.Tensor:
 
 
 class LabelVelocity:
-    """``velocity(x, t, labels)`` of a label-conditional network; "Interventions and counterfactuals"."""
+    """``velocity(x, t, labels)`` of a label-conditional network; :ref:`sec_interventions`."""
 
     def __init__(self, model: torch.nn.Module):
         m = getattr(model, "num_labels", 0)
@@ -99,13 +99,13 @@ class _Given:
 
 
 def latent_shape(velocity: LabelVelocity) -> tuple:
-    """The shape of one latent of a label-conditional velocity; "Interventions and counterfactuals"."""
+    """The shape of one latent of a label-conditional velocity; :ref:`sec_interventions`."""
     m = velocity.model
     return (m.in_channels, m.image_size, m.image_size)
 
 
 def draw_latents(velocity: LabelVelocity, n: int, seed: int = 0) -> torch.Tensor:
-    """n latents z ~ N(0, I) from a CPU generator seeded with ``seed``; "Interventions and counterfactuals"."""
+    """n latents z ~ N(0, I) from a CPU generator seeded with ``seed``; :ref:`sec_interventions`."""
     g = torch.Generator().manual_seed(check_int("seed", seed, minimum=0))
     return torch.randn(n, *latent_shape(velocity), generator=g)
 
@@ -113,7 +113,7 @@ def draw_latents(velocity: LabelVelocity, n: int, seed: int = 0) -> torch.Tensor
 def sample_given(velocity: LabelVelocity, labels, *, method: str = "midpoint",
                  steps: int = 10, guidance: float = 1.0, seed: int = 0,
                  z=None, batch_size: int = 500, device="cpu") -> torch.Tensor:
-    """phi(z; labels) for each row of labels, z ~ N(0, I) seeded on the CPU (or given); "Interventions and counterfactuals"."""
+    """phi(z; labels) for each row of labels, z ~ N(0, I) seeded on the CPU (or given); :ref:`sec_interventions`."""
     from flowjac.engine.ode import integrate
 
     labels = torch.as_tensor(labels)

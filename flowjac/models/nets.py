@@ -25,8 +25,7 @@ vmap, couples the batch), fused attention (no forward AD) and
 ``nn.GroupNorm`` under forward AD (about a hundred times its forward pass on
 CPU; measured in ``benchmarks/jvp.py``).
 
-Explained in "Neural flows on Gaussians" (MLP) and "Pixel correlations on
-MNIST fives" (UNet).
+Explained in :ref:`sec_neural_gaussian` (MLP) and :ref:`sec_mnist` (UNet).
 
 Longer than 400 lines because the two networks share the joint (primal,
 tangent) helpers; splitting them would separate each network from the
@@ -61,7 +60,7 @@ def _add_primal(z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def joint_silu(z: torch.Tensor) -> torch.Tensor:
-    """SiLU of slot 0 and its exact tangent on slots 1..k; "Neural flows on Gaussians"."""
+    """SiLU of slot 0 and its exact tangent on slots 1..k; :ref:`sec_neural_gaussian`."""
     x = z[:, :1]
     s = torch.sigmoid(x)
     y = x * s
@@ -72,7 +71,7 @@ def joint_silu(z: torch.Tensor) -> torch.Tensor:
 
 def joint_group_norm(z: torch.Tensor, num_groups: int, weight: torch.Tensor,
                      bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """GroupNorm of slot 0 with exact tangents on slots 1..k; "Pixel correlations on MNIST fives".
+    """GroupNorm of slot 0 with exact tangents on slots 1..k; :ref:`sec_mnist`.
 
     ``z`` has shape (B, 1 + k, C, ...). With one slot it is
     ``F.group_norm`` itself (fused, fast).
@@ -115,7 +114,7 @@ def _apply_flat(z, fn):
 
 def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0,
                        max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding [cos(scale t f_i), sin(scale t f_i)] of t (B,) -> (B, dim); "Neural flows on Gaussians".
+    """Sinusoidal embedding [cos(scale t f_i), sin(scale t f_i)] of t (B,) -> (B, dim); :ref:`sec_neural_gaussian`.
 
     Frequencies f_i = max_period^(-i / half), i < half = dim // 2 (the
     transformer/DDPM convention; ``scale=1000`` maps t in [0, 1] to the
@@ -217,7 +216,7 @@ class _JointModule(nn.Module):
 
 
 class MLPFlow(_JointModule):
-    """MLP velocity field v(x, t) on R^dim with a sinusoidal time embedding; "Neural flows on Gaussians".
+    """MLP velocity field v(x, t) on R^dim with a sinusoidal time embedding; :ref:`sec_neural_gaussian`.
 
     ``depth`` hidden layers of width ``hidden`` with SiLU activations; the
     input is [x, emb(t)] with ``emb`` the sinusoidal embedding of dimension
@@ -287,7 +286,7 @@ class _ResBlock(nn.Module):
 
 
 class FlowUNet(_JointModule):
-    """UNet velocity field for images with skips and a sinusoidal time MLP; "Pixel correlations on MNIST fives".
+    """UNet velocity field for images with skips and a sinusoidal time MLP; :ref:`sec_mnist`.
 
     The paper's baseline: a sinusoidal time embedding of dimension
     ``time_dim`` followed by an MLP, ``base_channels`` channels at the top
@@ -302,8 +301,7 @@ class FlowUNet(_JointModule):
     t, cond)`` takes a code ``cond`` (B, num_labels) whose entries are +1
     (attribute present), -1 (absent) or 0 (unknown; all zeros is the
     unconditional velocity used by classifier-free guidance), embedded
-    linearly and added to the time embedding ("Interventions and
-    counterfactuals").
+    linearly and added to the time embedding (:ref:`sec_interventions`).
     """
 
     event_ndim = 3

@@ -7,6 +7,10 @@ use, after checking each file's sha256 against ``weights/manifest.json``:
   the attribute classifier trained on *independent* attribute renders (so
   that no attribute can be read off another), 9 logits in SCM order;
 * ``"mnist-fives"`` — a FlowUNet on MNIST fives (pixel space [0, 1]);
+* ``"mnist-fives-torchcfm"`` — the same data trained with torchcfm's own
+  ConditionalFlowMatcher and UNetModelWrapper, shipped in torchcfm's
+  checkpoint format and loaded through ``adapters.load_torchcfm_checkpoint``
+  (needs the ``interop`` extra);
 * ``"mnist-digits"`` — a ten-class digit classifier on [0, 1] pixels;
 * ``"scm-conditional"`` — a label-conditional FlowUNet on the SCM images,
   trained on independent attribute renders; its ``velocity`` is a
@@ -19,8 +23,7 @@ Every file was made by ``train(part, ...)`` from the recipe in ``RECIPES``
 training steps and time, the hardware and the measured gates), so a
 chapter's ``retrain=True`` reruns the recipe that produced the shipped file.
 
-Explained in "Attribute dependencies through a classifier" and "Pixel
-correlations on MNIST fives".
+Explained in :ref:`sec_attributes` and :ref:`sec_mnist`.
 
 Longer than 400 lines because the recipes, the training that realises
 them and the gates that accept them are one contract per shipped file.
@@ -31,6 +34,7 @@ import copy
 import functools
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,10 +45,14 @@ from flowjac._checks import check_choice, check_int
 from flowjac.utils import hardware
 
 __all__ = ["WEIGHTS_DIR", "RECIPES", "NAMES", "Pretrained", "available",
-           "load", "manifest", "sha256", "build", "train_part",
+           "load", "manifest", "sha256", "build", "train_part", "velocity_of",
+           "load_weights",
            "training_data", "sample", "evaluate_part", "write_manifest"]
 
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+# FLOWJAC_WEIGHTS_DIR points every loader at retrained files (same layout,
+# with their own manifest.json)
+WEIGHTS_DIR = Path(os.environ.get("FLOWJAC_WEIGHTS_DIR")
+                   or Path(__file__).resolve().parent.parent / "weights")
 
 # One recipe per shipped file. ``net`` builds the network, the rest trains it.
 RECIPES = {
@@ -83,18 +91,31 @@ RECIPES = {
                  norm_groups=8),
         train_steps=4000, batch_size=64, lr=2e-4, ema_decay=0.999,
         grad_clip=1.0, seed=0, sampler=dict(method="midpoint", steps=10)),
+    # The same data trained with torchcfm's own parts (ConditionalFlowMatcher,
+    # UNetModelWrapper) and saved in torchcfm's checkpoint format: the
+    # "bring your own model" case, read back through adapters.load_torchcfm_checkpoint.
+    # torchcfm's MNIST example puts attention at 28x28 (4.5 s a training step on
+    # one CPU core); here it sits at 7x7 (about 1 s a step).
+    "mnist-fives-torchcfm": dict(
+        file="mnist_fives_torchcfm.pt", kind="torchcfm-flow", data="mnist-fives",
+        unet=dict(dim=[1, 28, 28], num_channels=32, num_res_blocks=1,
+                  attention_resolutions="7"),
+        train_steps=4000, batch_size=64, lr=4e-4, warmup=200, ema_decay=0.999,
+        ema_debias=True, grad_clip=1.0, sigma=0.0, seed=0,
+        sampler=dict(method="midpoint", steps=10)),
 }
 
 # Public names and the files each one loads.
 NAMES = {"scm": ("scm-flow", "scm-classifier"),
          "scm-conditional": ("scm-conditional", "scm-classifier"),
          "mnist-fives": ("mnist-fives",),
+         "mnist-fives-torchcfm": ("mnist-fives-torchcfm",),
          "mnist-digits": ("mnist-digits",)}
 
 
 @dataclass
 class Pretrained:
-    """What ``load(name)`` returns; unused fields are None; "Attribute dependencies through a classifier".
+    """What ``load(name)`` returns; unused fields are None; :ref:`sec_attributes`.
 
     ``velocity(x, t)`` is the flow's drift (with an exact ``jvp``),
     ``latent_shape`` the shape of one latent, ``sampler`` the solver
@@ -114,12 +135,12 @@ class Pretrained:
 
 
 def available() -> list:
-    """Names that ``load`` accepts; "Attribute dependencies through a classifier"."""
+    """Names that ``load`` accepts; :ref:`sec_attributes`."""
     return sorted(NAMES)
 
 
 def sha256(path) -> str:
-    """Hex sha256 of a file; "Attribute dependencies through a classifier"."""
+    """Hex sha256 of a file; :ref:`sec_attributes`."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -128,7 +149,7 @@ def sha256(path) -> str:
 
 
 def manifest(weights_dir=None) -> dict:
-    """The shipped manifest ``{part: entry}`` (empty if none); "Attribute dependencies through a classifier"."""
+    """The shipped manifest ``{part: entry}`` (empty if none); :ref:`sec_attributes`."""
     path = Path(weights_dir or WEIGHTS_DIR) / "manifest.json"
     if not path.is_file():
         return {}
@@ -136,12 +157,15 @@ def manifest(weights_dir=None) -> dict:
 
 
 def build(part: str) -> torch.nn.Module:
-    """The untrained network of a recipe part; "Attribute dependencies through a classifier"."""
+    """The untrained network of a recipe part; :ref:`sec_attributes`."""
     from flowjac.models.classifiers import AttributeNet
     from flowjac.models.nets import FlowUNet
 
     check_choice("part", part, tuple(RECIPES))
     r = RECIPES[part]
+    if r["kind"] == "torchcfm-flow":
+        from flowjac.models.torchcfm_recipe import build_unet
+        return build_unet(**r["unet"])
     if r["kind"] in ("flow", "conditional-flow"):
         net = dict(r["net"], channel_mult=tuple(r["net"]["channel_mult"]))
         return FlowUNet(**net)
@@ -149,7 +173,7 @@ def build(part: str) -> torch.nn.Module:
 
 
 def load(name: str, device="cpu", weights_dir=None) -> Pretrained:
-    """Load a shipped model by name, verifying sha256, with ``weights_only=True``; "Attribute dependencies through a classifier".
+    """Load a shipped model by name, verifying sha256, with ``weights_only=True``; :ref:`sec_attributes`.
 
     ``name`` is one of ``available()``. Raises ValueError for an unknown
     name or a file whose sha256 differs from the manifest (altered or
@@ -184,11 +208,20 @@ def load(name: str, device="cpu", weights_dir=None) -> Pretrained:
                              f"but the manifest says {entry['sha256']}: the "
                              "file was altered or truncated; restore it or "
                              "retrain it")
+        out.manifest[part] = entry
+        kind = RECIPES[part]["kind"]
+        if kind == "torchcfm-flow":     # through the public loader, as a user's file
+            from flowjac.models.adapters import load_torchcfm_checkpoint
+
+            unet = dict(RECIPES[part]["unet"], dim=tuple(RECIPES[part]["unet"]["dim"]))
+            out.velocity = load_torchcfm_checkpoint(path, ema=True, **unet)
+            out.flow = out.velocity.model.to(device).requires_grad_(False)
+            out.latent_shape = unet["dim"]
+            out.sampler = dict(entry.get("sampler") or RECIPES[part]["sampler"])
+            continue
         model = build(part)
         load_checkpoint(path, model)
         model.to(device).eval().requires_grad_(False)
-        out.manifest[part] = entry
-        kind = RECIPES[part]["kind"]
         if kind == "conditional-flow":
             from flowjac.models.conditional import LabelVelocity
 
@@ -211,7 +244,7 @@ def load(name: str, device="cpu", weights_dir=None) -> Pretrained:
 
 
 def training_data(part: str, split: str = "train"):
-    """The data a recipe part trains on (``split="train"``) or is checked against (``"test"``); "Attribute dependencies through a classifier".
+    """The data a recipe part trains on (``split="train"``) or is checked against (``"test"``); :ref:`sec_attributes`.
 
     Returns ``(images, labels)`` in the model's space: SCM images in
     [-1, 1] with (N, 9) labels, MNIST in [0, 1] with (N,) digits (fives
@@ -258,7 +291,7 @@ def _training_data(part: str, split: str):
         n = r["n_train"] if split == "train" else 4000
         ds = SCMImages(n, size, seed=r["seed"] + (0 if split == "train" else 20_000))
         return ds.images * 2 - 1, ds.labels
-    digit = 5 if part == "mnist-fives" else None
+    digit = 5 if r.get("data") == "mnist-fives" else None
     d = mnist(digit=digit, split=split, verbose=False)
     return d.images, d.labels
 
@@ -266,7 +299,7 @@ def _training_data(part: str, split: str):
 def sample(velocity, latent_shape, n: int, *, method: str = "midpoint",
            steps: int = 10, seed: int = 0, batch_size: int = 500,
            device="cpu") -> torch.Tensor:
-    """Draw n flow samples phi(z), z ~ N(0, I) seeded on the CPU; "Attribute dependencies through a classifier"."""
+    """Draw n flow samples phi(z), z ~ N(0, I) seeded on the CPU; :ref:`sec_attributes`."""
     from flowjac.engine.ode import integrate
 
     n = check_int("n", n, minimum=1)
@@ -283,7 +316,7 @@ def sample(velocity, latent_shape, n: int, *, method: str = "midpoint",
 def train_part(part: str, out_dir, *, device="cpu", train_steps=None,
                time_budget: float | None = None, chunk: int = 2000,
                progress: bool = False, on_chunk=None) -> dict:
-    """Train one recipe part and write its checkpoint to ``out_dir``; "Attribute dependencies through a classifier".
+    """Train one recipe part and write its checkpoint to ``out_dir``; :ref:`sec_attributes`.
 
     ``train_steps`` overrides the recipe (for tests and smoke runs). Flows
     train in chunks of ``chunk`` steps through ``train_flow``'s exact resume,
@@ -308,6 +341,19 @@ def train_part(part: str, out_dir, *, device="cpu", train_steps=None,
     model = build(part)
     start = time.perf_counter()
     record = dict(part=part, file=r["file"], recipe=r, hardware=hardware())
+    if r["kind"] == "torchcfm-flow":
+        from flowjac.models.torchcfm_recipe import shipped_payload, train_torchcfm
+        from flowjac.utils import atomic_write_bytes
+
+        work = out_dir / f".{part}-training.pt"    # kept: a later call resumes it
+        record.update(train_torchcfm(images.to(dev), work, **dict(r, train_steps=steps),
+                                     chunk=chunk, on_chunk=on_chunk,
+                                     time_budget=time_budget, progress=progress))
+        import io
+        buf = io.BytesIO()
+        torch.save(shipped_payload(work), buf)
+        atomic_write_bytes(out_dir / r["file"], buf.getvalue())
+        return record
     if r["kind"] in ("flow", "conditional-flow"):
         cond = (dict(labels=labels, label_dropout=r["label_dropout"])
                 if r["kind"] == "conditional-flow" else {})
@@ -352,10 +398,33 @@ def train_part(part: str, out_dir, *, device="cpu", train_steps=None,
     return record
 
 
+def velocity_of(part: str, model):
+    """The velocity (x, t) of a recipe part's trained flow network; :ref:`sec_byom`."""
+    check_choice("part", part, tuple(RECIPES))
+    if RECIPES[part]["kind"] == "torchcfm-flow":
+        from flowjac.models.adapters import from_torchcfm
+        return from_torchcfm(model)
+    from flowjac.engine.velocity import velocity_fn
+    return velocity_fn(model)
+
+
+def load_weights(part: str, path, model=None):
+    """Load a recipe part's file (flowjac or torchcfm format) into ``model`` (built if None); :ref:`sec_byom`."""
+    from flowjac.engine.checkpoints import load_checkpoint
+
+    model = build(part) if model is None else model
+    if RECIPES[part]["kind"] == "torchcfm-flow":
+        from flowjac.models.adapters import _read, _state
+        model.load_state_dict(_state(_read(path), "ema_model", path))
+    else:
+        load_checkpoint(path, model)
+    return model.eval()
+
+
 def evaluate_part(part: str, model, *, device="cpu", n: int = 2000,
                   classifier=None, sampler: dict | None = None,
                   seed: int = 1) -> dict:
-    """Measure a part's gates: held-out accuracy for classifiers, sample gates and memorization for flows; "Attribute dependencies through a classifier".
+    """Measure a part's gates: held-out accuracy for classifiers, sample gates and memorization for flows; :ref:`sec_attributes`.
 
     Flows need the matching ``classifier`` (the attribute classifier for
     ``"scm-flow"``, the digit classifier for ``"mnist-fives"``). Returns the
@@ -390,15 +459,16 @@ def evaluate_part(part: str, model, *, device="cpu", n: int = 2000,
                     passed=bool(acc >= quality.GATES["digit_min_accuracy"]))
     if classifier is None:
         raise ValueError(f"classifier is required to evaluate {part!r}")
-    from flowjac.engine.velocity import velocity_fn
-
     smp = dict(sampler or r["sampler"])
     if part == "scm-conditional":
         return _conditional_gates(model, classifier, smp, n, seed, device)
-    net = r["net"]
-    shape = (net["in_channels"], net["image_size"], net["image_size"])
+    if r["kind"] == "torchcfm-flow":
+        shape = tuple(r["unet"]["dim"])
+    else:
+        net = r["net"]
+        shape = (net["in_channels"], net["image_size"], net["image_size"])
     model.to(device).eval()
-    samples = sample(velocity_fn(model), shape, n, seed=seed, device=device,
+    samples = sample(velocity_of(part, model), shape, n, seed=seed, device=device,
                      **smp)
     logits = predict_logits(classifier, samples)
     train_x, _ = training_data(part, "train")
@@ -444,7 +514,7 @@ def _conditional_gates(model, classifier, smp, n, seed, device) -> dict:
 
 
 def write_manifest(records: dict, weights_dir=None) -> Path:
-    """Write ``manifest.json`` for the given ``{part: record}``, adding each file's sha256; "Attribute dependencies through a classifier"."""
+    """Write ``manifest.json`` for the given ``{part: record}``, adding each file's sha256; :ref:`sec_attributes`."""
     from flowjac.utils import save_json
 
     wdir = Path(weights_dir or WEIGHTS_DIR)

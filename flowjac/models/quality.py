@@ -16,8 +16,7 @@ are measured, printed and asserted. This module computes them:
 * ``memorization``: nearest-neighbour distances of samples to the training
   set against those of held-out real images.
 
-Thresholds are in ``GATES``. Explained in "Attribute dependencies through a
-classifier" and "Pixel correlations on MNIST fives".
+Thresholds are in ``GATES``. Explained in :ref:`sec_attributes` and :ref:`sec_mnist`.
 """
 from __future__ import annotations
 
@@ -52,7 +51,7 @@ GATES = {
 
 
 def offdiag_mae(a, b) -> float:
-    """Mean absolute difference of the off-diagonal entries of two square matrices; "Attribute dependencies through a classifier"."""
+    """Mean absolute difference of the off-diagonal entries of two square matrices; :ref:`sec_attributes`."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape or a.ndim != 2 or a.shape[0] != a.shape[1]:
         raise ValueError(f"a and b must be square matrices of one shape, got "
@@ -71,7 +70,7 @@ def _probs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def attribute_sample_gates(logits: torch.Tensor, scm) -> dict:
-    """Gates of flow samples read by the attribute classifier (logits (n, d)); "Attribute dependencies through a classifier".
+    """Gates of flow samples read by the attribute classifier (logits (n, d)); :ref:`sec_attributes`.
 
     Returns ``readable`` (share of samples with every probability <= 0.1 or
     >= 0.9), ``marginals`` and ``exact_marginals``, ``marginal_error`` (the
@@ -106,7 +105,7 @@ def attribute_sample_gates(logits: torch.Tensor, scm) -> dict:
 
 def edge_disagreement_accuracy(classifier, scm, size: int = 32, n: int = 4000,
                                seed: int = 0) -> dict:
-    """For every DAG edge, the classifier's accuracy on images where parent and child disagree; "Attribute dependencies through a classifier".
+    """For every DAG edge, the classifier's accuracy on images where parent and child disagree; :ref:`sec_attributes`.
 
     Images are rendered with *independent* fair-coin attributes (seeded),
     mapped to the flow's space 2x - 1, and the rows where parent != child
@@ -133,7 +132,7 @@ def edge_disagreement_accuracy(classifier, scm, size: int = 32, n: int = 4000,
 
 def digit_sample_gates(logits: torch.Tensor, samples: torch.Tensor,
                        digit: int = 5) -> dict:
-    """Gates of a flow of one digit: the classifier's confident share and the pixel range; "Pixel correlations on MNIST fives".
+    """Gates of a flow of one digit: the classifier's confident share and the pixel range; :ref:`sec_mnist`.
 
     ``logits`` (n, 10) from the digit classifier on ``samples`` (n, 1, H, W)
     in pixel space [0, 1]. Returns ``share`` (P(digit) >= 0.9), ``in_range``
@@ -162,7 +161,7 @@ def digit_sample_gates(logits: torch.Tensor, samples: torch.Tensor,
 
 def memorization(samples: torch.Tensor, train: torch.Tensor,
                  heldout: torch.Tensor, device="cpu") -> dict:
-    """Nearest-neighbour distances of samples and of held-out images to the training set; "Pixel correlations on MNIST fives".
+    """Nearest-neighbour distances of samples and of held-out images to the training set; :ref:`sec_mnist`.
 
     All three in one space (flattened). Returns the medians of the nearest
     distance (``sample_nn``, ``heldout_nn``), their ratio ``nn_ratio``
@@ -189,7 +188,7 @@ def memorization(samples: torch.Tensor, train: torch.Tensor,
 
 
 def check_gates(name: str, gates: dict) -> None:
-    """Raise AssertionError naming the model and the failing gate unless ``gates['passed']``; "Attribute dependencies through a classifier"."""
+    """Raise AssertionError naming the model and the failing gate unless ``gates['passed']``; :ref:`sec_attributes`."""
     if not gates.get("passed", False):
         shown = {k: v for k, v in gates.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -14,7 +14,7 @@ generated SCM images, on CelebA at 64x64:
    paper's one-direction change (unit direction, ε = 1e-2);
 5. Table 6 on the paper's attributes 19, 28, 30 (Heavy_Makeup, Pointy_Nose,
    Rosy_Cheeks, mapped by name): corr(28, 30) for all latents, the paper's
-   rule |Δc_19| < 1e-4, the true norm's 20% quantile and the predicted
+   rule ``|Δc_19| < 1e-4``, the true norm's 20% quantile and the predicted
    label of 19; the data's label correlations as reference;
 6. Figure 5 on all 40 attributes: the data's label correlation, the paper's
    JVP estimate, the identity's estimate and the classifier on samples;
@@ -24,7 +24,7 @@ generated SCM images, on CelebA at 64x64:
 ``CONFIGS["full"]`` is the paper's scale (a GPU job: tens of GPU-hours for
 the flow at the paper's step count); ``CONFIGS["toy"]`` runs in seconds on a
 CPU and is what the tests use on a fake CelebA folder. Explained in
-"Attribute dependencies through a classifier".
+:ref:`sec_attributes`.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ CONFIGS = {
 def run_celeba(root, out_dir, *, config: str = "full", weights_path=None,
                device="cpu", seed: int = 0, check_md5: bool = True,
                progress: bool = False, **overrides) -> dict:
-    """Train or load the CelebA flow and classifier, probe them, and compute Table 6, Figure 5 and PC; "Attribute dependencies through a classifier".
+    """Train or load the CelebA flow and classifier, probe them, and compute Table 6, Figure 5 and PC; :ref:`sec_attributes`.
 
     ``root`` holds ``celeba/`` in torchvision's layout; checkpoints and
     probes are cached in ``out_dir``. ``config`` is "full" or "toy";

@@ -10,7 +10,7 @@ disjoint groups of latents: for heavy-tailed JVP statistics it is the
 honest picture of how unstable an estimate of that size is, where a
 percentile bootstrap of the whole sample understates it.
 
-Explained in "Attribute dependencies through a classifier".
+Explained in :ref:`sec_attributes`.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ _KEYS = ("out", "jvp", "rho", "out_pair", "jvp_pair", "plain", "meta")
 
 
 def load_probes(name: str, results_dir=None) -> dict:
-    """Load ``results/<name>.pt`` (a stored probe run) with ``weights_only=True``; "Attribute dependencies through a classifier"."""
+    """Load ``results/<name>.pt`` (a stored probe run) with ``weights_only=True``; :ref:`sec_attributes`."""
     path = Path(results_dir or repo_root() / "results") / f"{name}.pt"
     if not path.is_file():
         raise FileNotFoundError(f"stored probe run {path} is missing; make it "
@@ -48,12 +48,12 @@ def load_probes(name: str, results_dir=None) -> dict:
 
 def reproduce(velocity, readout, latent_shape, stored: dict, n: int = 2,
               dtype=torch.float32) -> dict:
-    """Recompute the first ``n`` stored latents live and return the largest relative errors; "Attribute dependencies through a classifier".
+    """Recompute the first ``n`` stored latents live and return the largest relative errors; :ref:`sec_attributes`.
 
     Redraws the stored run's first ``n`` latents and probes exactly as
     ``probing.probe`` drew them (``probing.redraw``), and compares ``out``
     and ``jvp``. Returns ``{"out": err,
-    "jvp": err, "n": n}`` with err = max |live - stored| / max |stored|.
+    "jvp": err, "n": n}`` with err = ``max |live - stored| / max |stored|``.
     """
     from flowjac.engine.composite import attribute_jvp
     from flowjac.engine.probing import redraw
@@ -75,7 +75,7 @@ def reproduce(velocity, readout, latent_shape, stored: dict, n: int = 2,
 
 
 def group_spread(stat, *arrays, groups: int = 10) -> tuple:
-    """``stat`` on the whole sample and its median, min and max over disjoint groups of rows; "Attribute dependencies through a classifier".
+    """``stat`` on the whole sample and its median, min and max over disjoint groups of rows; :ref:`sec_attributes`.
 
     ``arrays`` share their first dimension; ``stat(*arrays)`` returns a
     number. Returns ``(full, median, low, high)``.
@@ -93,7 +93,7 @@ def group_spread(stat, *arrays, groups: int = 10) -> tuple:
 
 
 def label_corr(labels: torch.Tensor, i: int, j: int) -> float:
-    """Pearson correlation of 0/1 columns i and j (nan if either is constant); "Attribute dependencies through a classifier"."""
+    """Pearson correlation of 0/1 columns i and j (nan if either is constant); :ref:`sec_attributes`."""
     x = labels[:, i].double()
     y = labels[:, j].double()
     if x.std() == 0 or y.std() == 0:

@@ -1,0 +1,74 @@
+"""Training with torchcfm's own parts (flowjac.models.torchcfm_recipe): exact
+resume, torchcfm's checkpoint format read back by the public loader."""
+import pytest
+import torch
+
+pytest.importorskip("torchcfm")
+
+from flowjac.models import adapters, pretrained  # noqa: E402
+from flowjac.models.torchcfm_recipe import shipped_payload, train_torchcfm  # noqa: E402
+
+TINY = dict(unet=dict(dim=[1, 8, 8], num_channels=32, num_res_blocks=1,
+                      channel_mult=[1, 2], attention_resolutions="4"),
+            batch_size=8, lr=1e-3, warmup=2, ema_decay=0.9, grad_clip=1.0, seed=3)
+
+
+def data(n=32):
+    return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
+    whole = train_torchcfm(data(), tmp_path / "a.pt", train_steps=6, chunk=3, **TINY)
+    assert whole["train_steps"] == 6
+    part = train_torchcfm(data(), tmp_path / "b.pt", train_steps=3, chunk=3, **TINY)
+    assert part["train_steps"] == 3
+    rest = train_torchcfm(data(), tmp_path / "b.pt", train_steps=6, chunk=3, **TINY)
+    assert rest["train_steps"] == 6
+    a = torch.load(tmp_path / "a.pt", weights_only=True)
+    b = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert set(a) >= {"net_model", "ema_model", "optim", "sched", "step"}
+    for key in ("net_model", "ema_model"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), (key, name)
+    assert torch.equal(a["losses"], b["losses"])
+    # the EMA moved away from the raw weights, and training changed the weights
+    moved = [not torch.equal(a["net_model"][k], a["ema_model"][k]) for k in a["net_model"]
+             if a["net_model"][k].is_floating_point()]
+    assert any(moved)
+
+
+def test_shipped_file_is_read_by_the_public_loader(tmp_path):
+    train_torchcfm(data(), tmp_path / "work.pt", train_steps=2, chunk=2, **TINY)
+    payload = shipped_payload(tmp_path / "work.pt")
+    assert set(payload) == {"ema_model", "step"} and payload["step"] == 2
+    torch.save(payload, tmp_path / "ship.pt")
+    unet = dict(TINY["unet"], dim=(1, 8, 8))
+    vel = adapters.load_torchcfm_checkpoint(tmp_path / "ship.pt", **unet)
+    assert vel.step == 2
+    state = vel.model.state_dict()
+    for name, value in payload["ema_model"].items():
+        assert torch.equal(state[name], value)
+    x = torch.randn(3, 1, 8, 8)
+    v = vel(x, 0.5)
+    assert v.shape == x.shape and torch.isfinite(v).all()
+    # the shipped payload has no raw weights: asking for them is one clear error
+    with pytest.raises(ValueError, match="net_model"):
+        adapters.load_torchcfm_checkpoint(tmp_path / "ship.pt", ema=False, **unet)
+
+
+def test_bad_inputs_are_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="images"):
+        train_torchcfm(torch.rand(4, 8, 8), tmp_path / "x.pt", train_steps=1, **TINY)
+    with pytest.raises(ValueError, match="train_steps"):
+        train_torchcfm(data(), tmp_path / "x.pt", train_steps=0, **TINY)
+
+
+def test_recipe_part_builds_torchcfm_unet_and_loads_its_weights(tmp_path):
+    net = pretrained.build("mnist-fives-torchcfm")
+    assert type(net).__name__ == "UNetModelWrapper"
+    torch.save({"ema_model": net.state_dict(), "step": 0}, tmp_path / "w.pt")
+    other = pretrained.load_weights("mnist-fives-torchcfm", tmp_path / "w.pt")
+    for name, value in net.state_dict().items():
+        assert torch.equal(other.state_dict()[name], value)
+    vel = pretrained.velocity_of("mnist-fives-torchcfm", other)
+    assert vel(torch.zeros(2, 1, 28, 28), 0.3).shape == (2, 1, 28, 28)
