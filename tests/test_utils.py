@@ -89,3 +89,37 @@ def test_heap_helpers_run_everywhere():
 
     assert isinstance(bound_heap(), bool)
     release_memory()
+
+
+def test_glued_strings_read_back_as_written():
+    """MyST-NB's text role literal_evals a glued text/plain: every glued string
+    must come back unchanged, commas and digits included."""
+    from ast import literal_eval
+
+    from flowjac.utils import _Plain
+
+    def shown(text):           # myst_nb.core.variables.format_plain_text
+        try:
+            return str(literal_eval(repr(_Plain(text))))
+        except (ValueError, SyntaxError):
+            return repr(_Plain(text))
+
+    for text in ("3,000", "holds", "1, 7", "0.3", "1e-10", "(a, b)", "[1]",
+                 "does not separate them", "u* names its five", "'quoted'"):
+        assert shown(text) == text, text
+    assert repr(_Plain("holds")) == "holds"     # a bare word stays unquoted
+
+
+def test_page_print_wraps_long_lines_only(capsys):
+    from flowjac.utils import page_print
+
+    page_print("short line")
+    page_print("  " + "word " * 40, width=30)
+    page_print("a", "b", sep="-")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "short line"
+    wrapped = out[1:-1]
+    assert len(wrapped) > 1 and all(len(line) <= 30 for line in wrapped)
+    assert wrapped[0].startswith("  word") and wrapped[1].startswith("    word")
+    assert " ".join(w.strip() for w in wrapped).split() == ["word"] * 40
+    assert out[-1] == "a-b"
