@@ -42,9 +42,12 @@ GOLDEN = ROOT / "notebooks"
 BUILD = ROOT / "_build"
 
 
-def toc_files() -> list[str]:
-    """Every page of ``_toc.yml`` as a path relative to the root, no suffix."""
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+def toc_files(path: Path | None = None) -> list[str]:
+    """Every page of a jb-book ``_toc.yml`` (this book's by default) as a path relative to the root, no suffix."""
+    path = Path(path) if path is not None else ROOT / "_toc.yml"
+    toc = yaml.safe_load(path.read_text())
+    if not isinstance(toc, dict) or "root" not in toc:
+        raise ValueError(f"{path} is not a jb-book _toc.yml (no root)")
     files = [toc["root"]]
 
     def walk(node):

@@ -330,22 +330,10 @@ def _is_redirect(path: Path) -> bool:
 
 def toc_pages(toc: Path) -> list[str]:
     """The html pages of a ``_toc.yml`` (root first), relative to the html dir."""
-    import yaml
-    data = yaml.safe_load(Path(toc).read_text())
-    if not isinstance(data, dict) or "root" not in data:
-        raise ValueError(f"{toc} is not a jb-book _toc.yml (no root)")
-    files = [data["root"]]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from build_book import toc_files     # one reading of _toc.yml for the build and the check
 
-    def walk(node):
-        if isinstance(node, dict):
-            if "file" in node:
-                files.append(node["file"])
-            for key in ("parts", "chapters", "sections"):
-                for child in node.get(key, []):
-                    walk(child)
-
-    walk(data)
-    return [f + ".html" for f in files]
+    return [f + ".html" for f in toc_files(toc)]
 
 
 def all_pages(html: Path) -> list[str]:
