@@ -41,10 +41,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from flowjac._checks import check_choice, check_int
+from flowjac._checks import check_int
 from flowjac.engine.checkpoints import _check_writable, _plain, load_checkpoint, save_checkpoint
-from flowjac.engine.train import EMA, _sampler, cfm_loss
-from flowjac.engine.velocity import PARAMETERIZATIONS
+from flowjac.engine.train import EMA, _cfm_step, _check_settings, _sampler
 from flowjac.utils import get_device
 
 __all__ = ["Context", "launched_by_torchrun", "init", "shutdown", "rank_seed", "shard_batches",
@@ -301,22 +300,12 @@ def train_flow_distributed(model: nn.Module, sample_x1, *, train_steps: int,
     ``resumed_from``, ``world_size``).
     """
     ctx = ctx or Context()
-    train_steps = check_int("train_steps", train_steps, minimum=1)
-    batch_size = check_int("batch_size", batch_size, minimum=1)
-    checkpoint_every = check_int("checkpoint_every", checkpoint_every, minimum=1)
-    log_every = check_int("log_every", log_every, minimum=1)
-    seed = check_int("seed", seed, minimum=0)
-    check_choice("parameterization", parameterization, PARAMETERIZATIONS)
-    if not (isinstance(lr, (int, float)) and np.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    lr, weight_decay = float(lr), float(weight_decay)
-    if ema_decay is not None:
-        ema_decay = float(ema_decay)
-    if grad_clip is not None:
-        if not (isinstance(grad_clip, (int, float)) and grad_clip > 0):
-            raise ValueError(f"grad_clip must be None or a positive number, "
-                             f"got {grad_clip!r}")
-        grad_clip = float(grad_clip)
+    train_steps, batch_size, checkpoint_every, log_every, seed, lr, \
+        weight_decay, ema_decay, grad_clip = _check_settings(
+            steps_name="train_steps", steps=train_steps, batch_size=batch_size,
+            checkpoint_every=checkpoint_every, log_every=log_every, seed=seed,
+            parameterization=parameterization, lr=lr,
+            weight_decay=weight_decay, ema_decay=ema_decay, grad_clip=grad_clip)
     world, rank = ctx.world_size, ctx.rank
     if batch_size % world:
         raise ValueError(f"batch_size ({batch_size}, the global batch) must be "
@@ -396,14 +385,8 @@ def train_flow_distributed(model: nn.Module, sample_x1, *, train_steps: int,
         x1 = draw(local_batch, gen).to(dev)
         x0 = torch.randn(x1.shape, generator=gen, dtype=x1.dtype).to(dev)
         t = torch.rand(local_batch, generator=gen, dtype=x1.dtype).to(dev)
-        loss = cfm_loss(net, x0, x1, t, parameterization)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        if ema is not None:
-            ema.update(model)
+        loss = _cfm_step(net, model, opt, x0, x1, t, parameterization,
+                         grad_clip, ema)
         if (step + 1) % log_every == 0 or step + 1 == train_steps:
             value = loss.detach()
             if ctx.distributed:

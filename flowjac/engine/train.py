@@ -94,6 +94,49 @@ def _sampler(sample_x1, device):
     return sample_x1
 
 
+def _check_settings(*, steps_name: str = "steps", steps, batch_size,
+                    checkpoint_every, log_every, seed, parameterization, lr,
+                    weight_decay, ema_decay, grad_clip) -> tuple:
+    """The training loops' shared argument checks, returning plain values.
+
+    Plain floats: numpy scalars would be pickled into the optimizer state.
+    """
+    steps = check_int(steps_name, steps, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    checkpoint_every = check_int("checkpoint_every", checkpoint_every, minimum=1)
+    log_every = check_int("log_every", log_every, minimum=1)
+    seed = check_int("seed", seed, minimum=0)
+    check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    lr, weight_decay = float(lr), float(weight_decay)
+    if ema_decay is not None and isinstance(ema_decay, (int, float)):
+        ema_decay = float(ema_decay)
+    if grad_clip is not None and isinstance(grad_clip, (int, float)):
+        grad_clip = float(grad_clip)
+    if grad_clip is not None and not (isinstance(grad_clip, (int, float))
+                                      and grad_clip > 0):
+        raise ValueError(f"grad_clip must be None or a positive number, got "
+                         f"{grad_clip!r}")
+    return (steps, batch_size, checkpoint_every, log_every, seed, lr,
+            weight_decay, ema_decay, grad_clip)
+
+
+def _cfm_step(net, model, opt, x0, x1, t, parameterization, grad_clip, ema):
+    """One optimizer step of the CFM loss of ``net`` (``model``, or its DDP
+    wrapper or a label-binding closure), clipping ``model``'s gradients and
+    updating its EMA; returns the loss (a tensor, not synchronised)."""
+    loss = cfm_loss(net, x0, x1, t, parameterization)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    if ema is not None:
+        ema.update(model)
+    return loss
+
+
 def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
                lr: float, weight_decay: float = 0.0,
                parameterization: str = "velocity", ema_decay=None,
@@ -132,24 +175,12 @@ def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
     ``label_dropout`` so that the same network also learns the unconditional
     velocity (:ref:`sec_interventions`).
     """
-    steps = check_int("steps", steps, minimum=1)
-    batch_size = check_int("batch_size", batch_size, minimum=1)
-    checkpoint_every = check_int("checkpoint_every", checkpoint_every, minimum=1)
-    log_every = check_int("log_every", log_every, minimum=1)
-    seed = check_int("seed", seed, minimum=0)
-    check_choice("parameterization", parameterization, PARAMETERIZATIONS)
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    # plain floats: numpy scalars would be pickled into the optimizer state
-    lr, weight_decay = float(lr), float(weight_decay)
-    if ema_decay is not None and isinstance(ema_decay, (int, float)):
-        ema_decay = float(ema_decay)
-    if grad_clip is not None and isinstance(grad_clip, (int, float)):
-        grad_clip = float(grad_clip)
-    if grad_clip is not None and not (isinstance(grad_clip, (int, float))
-                                      and grad_clip > 0):
-        raise ValueError(f"grad_clip must be None or a positive number, got "
-                         f"{grad_clip!r}")
+    steps, batch_size, checkpoint_every, log_every, seed, lr, weight_decay, \
+        ema_decay, grad_clip = _check_settings(
+            steps=steps, batch_size=batch_size, checkpoint_every=checkpoint_every,
+            log_every=log_every, seed=seed, parameterization=parameterization,
+            lr=lr, weight_decay=weight_decay, ema_decay=ema_decay,
+            grad_clip=grad_clip)
     dev = get_device(device) if isinstance(device, str) else device
     draw = _sampler(sample_x1, dev)
     if labels is not None:
@@ -232,14 +263,8 @@ def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
                 return model(x, t, cond)
         x0 = torch.randn(x1.shape, generator=gen, dtype=x1.dtype).to(dev)
         t = torch.rand(batch_size, generator=gen, dtype=x1.dtype).to(dev)
-        loss = cfm_loss(net, x0, x1, t, parameterization)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        if ema is not None:
-            ema.update(model)
+        loss = _cfm_step(net, model, opt, x0, x1, t, parameterization,
+                         grad_clip, ema)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             hist["loss"].append(float(loss.detach()))
             hist["step"].append(step + 1)
