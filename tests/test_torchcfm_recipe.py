@@ -37,6 +37,28 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     assert any(moved)
 
 
+def test_a_stopping_rule_ends_the_run_where_a_shorter_run_ends(tmp_path):
+    seen = []
+
+    def stop_at_3(model, step):
+        seen.append(step)
+        return step >= 3            # e.g. "the gates passed"
+
+    stopped = train_torchcfm(data(), tmp_path / "s.pt", train_steps=9, chunk=3,
+                             on_chunk=stop_at_3, **TINY)
+    assert stopped["train_steps"] == 3 and seen == [3]
+    short = train_torchcfm(data(), tmp_path / "t.pt", train_steps=3, chunk=3, **TINY)
+    assert short["train_steps"] == 3
+    a = torch.load(tmp_path / "s.pt", weights_only=True)
+    b = torch.load(tmp_path / "t.pt", weights_only=True)
+    for name, value in a["ema_model"].items():
+        assert torch.equal(value, b["ema_model"][name]), name
+    # a rule that returns None (no verdict) does not stop it
+    train_torchcfm(data(), tmp_path / "n.pt", train_steps=6, chunk=3,
+                   on_chunk=lambda m, s: None, **TINY)
+    assert torch.load(tmp_path / "n.pt", weights_only=True)["step"] == 6
+
+
 def test_shipped_file_is_read_by_the_public_loader(tmp_path):
     train_torchcfm(data(), tmp_path / "work.pt", train_steps=2, chunk=2, **TINY)
     payload = shipped_payload(tmp_path / "work.pt")

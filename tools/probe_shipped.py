@@ -8,8 +8,9 @@ the paper's one-direction change, and plain samples' logits at equal
 compute) and ``DIR/mnist_probes.pt`` (the flow of fives read on the 6x6
 patch of the MNIST chapter), each with a ``meta`` dict naming the hardware.
 ``--only mnist-torchcfm`` writes ``DIR/mnist_torchcfm_probes.pt``: the flow
-of fives trained with torchcfm's own code, on the same patch, latents and
-probes (float32: torchcfm's UNet computes its time embedding in float32).
+of fives trained with torchcfm's own code, on the same patch (its flow lives
+in [-1, 1], the readout maps it to pixels), latents and probes (float32:
+torchcfm's UNet computes its time embedding in float32).
 Runs in float64 by default (``--dtype float32`` for speed; TF32 is off either way).
 The chapters load these files and compute every number from them.
 """
@@ -31,14 +32,16 @@ PATCH = [r * 28 + c for r in range(6, 12) for c in range(12, 18)]
 
 
 class Patch(torch.nn.Module):
-    """The 36 pixels of the MNIST chapter's 6x6 patch, as a readout."""
+    """The 36 pixels of the MNIST chapter's 6x6 patch, as a readout of a flow
+    whose space maps pixel 0 and 1 to ``value_range`` (lo, hi)."""
 
-    def __init__(self, idx):
+    def __init__(self, idx, value_range=(0.0, 1.0)):
         super().__init__()
         self.register_buffer("idx", torch.tensor(idx))
+        self.value_range = tuple(value_range)
 
     def forward(self, x):
-        return x.flatten(1)[:, self.idx]
+        return pretrained.to_pixels(x.flatten(1)[:, self.idx], self.value_range)
 
 
 def save(obj, path):
@@ -109,7 +112,8 @@ def main(argv=None):
         save(res, args.out / "mnist_probes.pt")
     if args.only == "mnist-torchcfm":
         k = args.k
-        res = run("mnist-fives-torchcfm", lambda: Patch(PATCH), k, args.n,
+        vr = pretrained.value_range_of("mnist-fives-torchcfm")    # [-1, 1]: pixels (x + 1) / 2
+        res = run("mnist-fives-torchcfm", lambda: Patch(PATCH, vr), k, args.n,
                   2 * args.n * (1 + k), args.device, args.batch, (), torch.float32, wd)
         res["plain"] = res["plain"].half()
         save(res, args.out / "mnist_torchcfm_probes.pt")

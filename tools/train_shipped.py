@@ -50,6 +50,12 @@ def main(argv=None):
                     help="comma-separated method:steps; the first is the default")
     ap.add_argument("--no-along", action="store_true",
                     help="skip the gate measurements after each chunk")
+    ap.add_argument("--along-from", type=int, default=0,
+                    help="measure gates along training only from this step on")
+    ap.add_argument("--stop-when-passed", action="store_true",
+                    help="stop training at the first chunk whose gates pass "
+                         "(torchcfm recipes; their schedule does not depend "
+                         "on train_steps, so this equals a run of that length)")
     ap.add_argument("--manifest", action="store_true",
                     help="write OUT/manifest.json from OUT/<part>.json records")
     args = ap.parse_args(argv)
@@ -72,8 +78,8 @@ def main(argv=None):
         along = []
 
         def on_chunk(model, step, part=part, clf=clf):
-            if clf is None or args.no_along:
-                return
+            if clf is None or args.no_along or step < args.along_from:
+                return None
             t0 = time.perf_counter()
             g = pretrained.evaluate_part(part, model, device=args.device,
                                          n=min(args.n_gate, 1000), classifier=clf)
@@ -88,6 +94,7 @@ def main(argv=None):
                                        "memorization", "eval_seconds",
                                        "min_accuracy", "all_attributes")}),
                   flush=True)
+            return bool(args.stop_when_passed and g.get("passed"))
 
         rec = pretrained.train_part(part, args.out, device=args.device,
                                     train_steps=args.train_steps,

@@ -46,6 +46,7 @@ from flowjac.utils import hardware
 
 __all__ = ["WEIGHTS_DIR", "RECIPES", "NAMES", "Pretrained", "available",
            "load", "manifest", "sha256", "build", "train_part", "velocity_of",
+           "value_range_of", "to_pixels",
            "load_weights",
            "training_data", "sample", "evaluate_part", "write_manifest"]
 
@@ -100,6 +101,9 @@ RECIPES = {
         file="mnist_fives_torchcfm.pt", kind="torchcfm-flow", data="mnist-fives",
         unet=dict(dim=[1, 28, 28], num_channels=32, num_res_blocks=1,
                   attention_resolutions="7"),
+        # torchcfm's image examples normalize to [-1, 1] (Normalize(0.5, 0.5)):
+        # the flow lives there, pixels are (x + 1) / 2 (Pretrained.to_pixels)
+        value_range=[-1.0, 1.0],
         train_steps=4000, batch_size=64, lr=4e-4, warmup=200, ema_decay=0.999,
         ema_debias=True, grad_clip=1.0, sigma=0.0, seed=0,
         sampler=dict(method="midpoint", steps=10)),
@@ -121,7 +125,9 @@ class Pretrained:
     ``latent_shape`` the shape of one latent, ``sampler`` the solver
     settings the gates were measured with (``method``, ``steps``),
     ``classifier`` maps flow-space images (B, C, H, W) to logits,
-    ``attr_names`` names the logits, ``manifest`` holds each file's entry.
+    ``attr_names`` names the logits, ``manifest`` holds each file's entry,
+    ``value_range`` is the (lo, hi) of the flow's space that pixel values
+    0 and 1 map to (``to_pixels``).
     """
 
     name: str
@@ -132,6 +138,33 @@ class Pretrained:
     classifier: torch.nn.Module | None = None
     attr_names: tuple | None = None
     manifest: dict = field(default_factory=dict)
+    value_range: tuple = (0.0, 1.0)
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Flow-space images as pixels in [0, 1]: (x - lo) / (hi - lo); :ref:`sec_byom`."""
+        return to_pixels(x, self.value_range)
+
+
+def value_range_of(part: str) -> tuple:
+    """The (lo, hi) of a recipe part's flow space (pixel 0 and 1); :ref:`sec_byom`.
+
+    The SCM flows live in [-1, 1], the flowjac flow of fives in [0, 1],
+    the torchcfm flow of fives in [-1, 1] as torchcfm's examples normalize.
+    """
+    check_choice("part", part, tuple(RECIPES))
+    r = RECIPES[part]
+    if "value_range" in r:
+        return tuple(float(v) for v in r["value_range"])
+    return (0.0, 1.0) if r.get("data", "").startswith("mnist") or part.startswith("mnist") \
+        else (-1.0, 1.0)
+
+
+def to_pixels(x: torch.Tensor, value_range) -> torch.Tensor:
+    """(x - lo) / (hi - lo) for ``value_range`` (lo, hi); :ref:`sec_byom`."""
+    lo, hi = (float(v) for v in value_range)
+    if not hi > lo:
+        raise ValueError(f"value_range must be (lo, hi) with hi > lo, got {value_range!r}")
+    return x if (lo, hi) == (0.0, 1.0) else (x - lo) / (hi - lo)
 
 
 def available() -> list:
@@ -218,6 +251,7 @@ def load(name: str, device="cpu", weights_dir=None) -> Pretrained:
             out.flow = out.velocity.model.to(device).requires_grad_(False)
             out.latent_shape = unet["dim"]
             out.sampler = dict(entry.get("sampler") or RECIPES[part]["sampler"])
+            out.value_range = value_range_of(part)
             continue
         model = build(part)
         load_checkpoint(path, model)
@@ -226,12 +260,14 @@ def load(name: str, device="cpu", weights_dir=None) -> Pretrained:
             from flowjac.models.conditional import LabelVelocity
 
             out.flow, out.velocity = model, LabelVelocity(model)
+            out.value_range = value_range_of(part)
             net = RECIPES[part]["net"]
             out.latent_shape = (net["in_channels"], net["image_size"],
                                 net["image_size"])
             out.sampler = dict(entry.get("sampler") or RECIPES[part]["sampler"])
         elif kind == "flow":
             out.flow, out.velocity = model, velocity_fn(model)
+            out.value_range = value_range_of(part)
             net = RECIPES[part]["net"]
             out.latent_shape = (net["in_channels"], net["image_size"],
                                 net["image_size"])
@@ -246,9 +282,10 @@ def load(name: str, device="cpu", weights_dir=None) -> Pretrained:
 def training_data(part: str, split: str = "train"):
     """The data a recipe part trains on (``split="train"``) or is checked against (``"test"``); :ref:`sec_attributes`.
 
-    Returns ``(images, labels)`` in the model's space: SCM images in
-    [-1, 1] with (N, 9) labels, MNIST in [0, 1] with (N,) digits (fives
-    only for ``"mnist-fives"``). For ``"scm-classifier"`` the training set
+    Returns ``(images, labels)``: SCM images in the flows' space [-1, 1]
+    with (N, 9) labels, MNIST as pixels in [0, 1] with (N,) digits (fives
+    only for the flows of fives; the torchcfm one trains on them mapped to
+    its ``value_range_of``). For ``"scm-classifier"`` the training set
     mixes independent fair-coin attributes and SCM samples; its test split
     is independent attributes only.
     """
@@ -346,7 +383,8 @@ def train_part(part: str, out_dir, *, device="cpu", train_steps=None,
         from flowjac.utils import atomic_write_bytes
 
         work = out_dir / f".{part}-training.pt"    # kept: a later call resumes it
-        record.update(train_torchcfm(images.to(dev), work, **dict(r, train_steps=steps),
+        lo, hi = value_range_of(part)               # pixels [0, 1] -> the flow's space
+        record.update(train_torchcfm((images * (hi - lo) + lo).to(dev), work, **dict(r, train_steps=steps),
                                      chunk=chunk, on_chunk=on_chunk,
                                      time_budget=time_budget, progress=progress))
         import io
@@ -427,9 +465,10 @@ def evaluate_part(part: str, model, *, device="cpu", n: int = 2000,
     """Measure a part's gates: held-out accuracy for classifiers, sample gates and memorization for flows; :ref:`sec_attributes`.
 
     Flows need the matching ``classifier`` (the attribute classifier for
-    ``"scm-flow"``, the digit classifier for ``"mnist-fives"``). Returns the
+    ``"scm-flow"``, the digit classifier for the flows of fives). Returns the
     gate dict (``passed`` says whether every gate holds) and, for flows,
-    the samples under ``"samples"``.
+    the samples under ``"samples"`` (SCM images in the flow's [-1, 1],
+    fives as pixels in [0, 1] whatever the flow's ``value_range``).
     """
     from flowjac.causal.scm import default_scm
     from flowjac.models import quality
@@ -470,6 +509,8 @@ def evaluate_part(part: str, model, *, device="cpu", n: int = 2000,
     model.to(device).eval()
     samples = sample(velocity_of(part, model), shape, n, seed=seed, device=device,
                      **smp)
+    if part != "scm-flow":          # the digit classifier and the gates read pixels
+        samples = to_pixels(samples, value_range_of(part))
     logits = predict_logits(classifier, samples)
     train_x, _ = training_data(part, "train")
     test_x, _ = training_data(part, "test")

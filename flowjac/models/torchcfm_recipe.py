@@ -88,7 +88,9 @@ def train_torchcfm(images: torch.Tensor, out_path, *, unet: dict, train_steps: i
     ``chunk`` steps and resumed from when it exists (with the same RNG
     states, so an interrupted run ends where an uninterrupted one would).
     ``on_chunk(ema_model, step)`` runs after each chunk (gates along
-    training) with the EMA weights, debiased when ``ema_debias``;
+    training) with the EMA weights, debiased when ``ema_debias``, and stops
+    the run when it returns ``True`` (the schedule does not depend on
+    ``train_steps``, so a run stopped at step k equals a k-step run);
     ``time_budget`` (seconds) stops after the last chunk that fits. The
     checkpoint keeps the plain EMA (as torchcfm's scripts) and, with
     ``ema_debias``, the debiased one as ``ema_debiased``. Returns
@@ -159,7 +161,8 @@ def train_torchcfm(images: torch.Tensor, out_path, *, unet: dict, train_steps: i
         if on_chunk is not None:
             view = build_unet(**unet)
             view.load_state_dict(payload.get("ema_debiased", payload["ema_model"]))
-            on_chunk(view.eval().requires_grad_(False), step)
+            if on_chunk(view.eval().requires_grad_(False), step) is True:
+                break       # the caller's stopping rule (e.g. the gates passed)
         if (time_budget is not None and step < train_steps and
                 time.perf_counter() - start + secs > time_budget):
             break
