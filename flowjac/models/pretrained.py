@@ -155,8 +155,7 @@ def value_range_of(part: str) -> tuple:
     r = RECIPES[part]
     if "value_range" in r:
         return tuple(float(v) for v in r["value_range"])
-    return (0.0, 1.0) if r.get("data", "").startswith("mnist") or part.startswith("mnist") \
-        else (-1.0, 1.0)
+    return (0.0, 1.0) if part.startswith("mnist") else (-1.0, 1.0)
 
 
 def to_pixels(x: torch.Tensor, value_range) -> torch.Tensor:
@@ -243,6 +242,13 @@ def load(name: str, device="cpu", weights_dir=None) -> Pretrained:
                              "retrain it")
         out.manifest[part] = entry
         kind = RECIPES[part]["kind"]
+        if kind.endswith("classifier"):
+            model = build(part)
+            load_checkpoint(path, model)
+            out.classifier = model.to(device).eval().requires_grad_(False)
+            out.attr_names = (tuple(ATTRIBUTES) if kind == "attribute-classifier"
+                              else tuple(str(d) for d in range(10)))
+            continue
         if kind == "torchcfm-flow":     # through the public loader, as a user's file
             from flowjac.models.adapters import load_torchcfm_checkpoint
 
@@ -250,32 +256,21 @@ def load(name: str, device="cpu", weights_dir=None) -> Pretrained:
             out.velocity = load_torchcfm_checkpoint(path, ema=True, **unet)
             out.flow = out.velocity.model.to(device).requires_grad_(False)
             out.latent_shape = unet["dim"]
-            out.sampler = dict(entry.get("sampler") or RECIPES[part]["sampler"])
-            out.value_range = value_range_of(part)
-            continue
-        model = build(part)
-        load_checkpoint(path, model)
-        model.to(device).eval().requires_grad_(False)
-        if kind == "conditional-flow":
-            from flowjac.models.conditional import LabelVelocity
-
-            out.flow, out.velocity = model, LabelVelocity(model)
-            out.value_range = value_range_of(part)
-            net = RECIPES[part]["net"]
-            out.latent_shape = (net["in_channels"], net["image_size"],
-                                net["image_size"])
-            out.sampler = dict(entry.get("sampler") or RECIPES[part]["sampler"])
-        elif kind == "flow":
-            out.flow, out.velocity = model, velocity_fn(model)
-            out.value_range = value_range_of(part)
-            net = RECIPES[part]["net"]
-            out.latent_shape = (net["in_channels"], net["image_size"],
-                                net["image_size"])
-            out.sampler = dict(entry.get("sampler") or RECIPES[part]["sampler"])
         else:
-            out.classifier = model
-            out.attr_names = (tuple(ATTRIBUTES) if kind == "attribute-classifier"
-                              else tuple(str(d) for d in range(10)))
+            model = build(part)
+            load_checkpoint(path, model)
+            model.to(device).eval().requires_grad_(False)
+            if kind == "conditional-flow":
+                from flowjac.models.conditional import LabelVelocity
+
+                out.flow, out.velocity = model, LabelVelocity(model)
+            else:
+                out.flow, out.velocity = model, velocity_fn(model)
+            net = RECIPES[part]["net"]
+            out.latent_shape = (net["in_channels"], net["image_size"],
+                                net["image_size"])
+        out.sampler = dict(entry.get("sampler") or RECIPES[part]["sampler"])
+        out.value_range = value_range_of(part)
     return out
 
 
