@@ -34,7 +34,7 @@ chapter: venv
 
 test: venv browser
 	$(VENV)/bin/ruff check flowjac tests tools benchmarks
-	$(VENV)/bin/python -m pytest tests notebooks --nbval-lax -p no:cacheprovider
+	$(VENV)/bin/python -m pytest tests notebooks --nbval-lax -p no:cacheprovider --durations=25
 
 # Headless Chromium for tests/test_browser.py (Debian packages; as root, or
 # through sudo), with the DejaVu fonts its layout is measured in. Skipped
