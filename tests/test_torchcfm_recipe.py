@@ -59,6 +59,32 @@ def test_a_stopping_rule_ends_the_run_where_a_shorter_run_ends(tmp_path):
     assert torch.load(tmp_path / "n.pt", weights_only=True)["step"] == 6
 
 
+def test_lr_cooldown_is_fixed_in_absolute_steps_and_ends_at_zero(tmp_path):
+    cool = dict(TINY, lr_cooldown=(3, 6))
+    # before the cool-down starts the schedule is the plain one, so a plain
+    # 3-step checkpoint resumed with the cool-down equals a cool-down run
+    train_torchcfm(data(), tmp_path / "r.pt", train_steps=3, chunk=3, **TINY)
+    train_torchcfm(data(), tmp_path / "r.pt", train_steps=6, chunk=3, **cool)
+    train_torchcfm(data(), tmp_path / "c.pt", train_steps=6, chunk=3, **cool)
+    plain = train_torchcfm(data(), tmp_path / "p.pt", train_steps=6, chunk=3, **TINY)
+    assert plain["train_steps"] == 6
+    r, c, p = (torch.load(tmp_path / f, weights_only=True) for f in ("r.pt", "c.pt", "p.pt"))
+    for name, value in c["net_model"].items():
+        assert torch.equal(value, r["net_model"][name]), name
+    assert any(not torch.equal(v, p["net_model"][k]) for k, v in c["net_model"].items())
+    assert c["optim"]["param_groups"][0]["lr"] == 0.0
+    assert p["optim"]["param_groups"][0]["lr"] == TINY["lr"]
+    # past its end the learning rate stays 0: the raw weights stop moving
+    train_torchcfm(data(), tmp_path / "c.pt", train_steps=8, chunk=2, **cool)
+    after = torch.load(tmp_path / "c.pt", weights_only=True)
+    for name, value in c["net_model"].items():
+        assert torch.equal(value, after["net_model"][name]), name
+    for bad in [(5, 5), (6, 3), (-1, 2), (1.5, 3), [1, 2, 3], "1,2"]:
+        with pytest.raises(ValueError, match="lr_cooldown"):
+            train_torchcfm(data(), tmp_path / "x.pt", train_steps=2, chunk=2,
+                           **dict(TINY, lr_cooldown=bad))
+
+
 def test_shipped_file_is_read_by_the_public_loader(tmp_path):
     train_torchcfm(data(), tmp_path / "work.pt", train_steps=2, chunk=2, **TINY)
     payload = shipped_payload(tmp_path / "work.pt")

@@ -56,12 +56,27 @@ def main(argv=None):
                     help="stop training at the first chunk whose gates pass "
                          "(torchcfm recipes; their schedule does not depend "
                          "on train_steps, so this equals a run of that length)")
+    ap.add_argument("--lr-cooldown", default=None, metavar="START,END",
+                    help="torchcfm recipes: lower the learning rate linearly to 0 "
+                         "from step START to END (recorded in the record's recipe; "
+                         "ship it only after adding it to RECIPES)")
     ap.add_argument("--manifest", action="store_true",
                     help="write OUT/manifest.json from OUT/<part>.json records")
     args = ap.parse_args(argv)
     bad = [p for p in args.parts if p not in pretrained.RECIPES]
     if bad:
         ap.error(f"unknown part(s) {bad}; choose from {sorted(pretrained.RECIPES)}")
+    if args.lr_cooldown is not None:
+        try:
+            cooldown = [int(v) for v in args.lr_cooldown.split(",")]
+        except ValueError:
+            cooldown = None
+        if cooldown is None or len(cooldown) != 2:
+            ap.error(f"--lr-cooldown must be START,END integers, got {args.lr_cooldown!r}")
+        for part in args.parts:
+            if pretrained.RECIPES[part]["kind"] != "torchcfm-flow":
+                ap.error(f"--lr-cooldown applies to torchcfm recipes only, not {part!r}")
+            pretrained.RECIPES[part] = dict(pretrained.RECIPES[part], lr_cooldown=cooldown)
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -78,7 +78,7 @@ def debiased_ema(ema: dict, initial: dict, decay: float, step: int) -> dict:
 def train_torchcfm(images: torch.Tensor, out_path, *, unet: dict, train_steps: int,
                    batch_size: int, lr: float, warmup: int, ema_decay: float,
                    grad_clip: float, sigma: float = 0.0, seed: int = 0,
-                   ema_debias: bool = False,
+                   ema_debias: bool = False, lr_cooldown=None,
                    chunk: int = 500, on_chunk=None, time_budget: float | None = None,
                    progress: bool = False, **_ignored) -> dict:
     """Train a torchcfm UNet with torchcfm's ConditionalFlowMatcher; :ref:`sec_byom`.
@@ -91,6 +91,9 @@ def train_torchcfm(images: torch.Tensor, out_path, *, unet: dict, train_steps: i
     training) with the EMA weights, debiased when ``ema_debias``, and stops
     the run when it returns ``True`` (the schedule does not depend on
     ``train_steps``, so a run stopped at step k equals a k-step run);
+    ``lr_cooldown`` ``(start, end)`` lowers the learning rate linearly from
+    its full value at step ``start`` to 0 at step ``end`` (a warm-up,
+    constant, cool-down schedule; still fixed in absolute steps);
     ``time_budget`` (seconds) stops after the last chunk that fits. The
     checkpoint keeps the plain EMA (as torchcfm's scripts) and, with
     ``ema_debias``, the debiased one as ``ema_debiased``. Returns
@@ -112,8 +115,23 @@ def train_torchcfm(images: torch.Tensor, out_path, *, unet: dict, train_steps: i
     ema_net.load_state_dict(net.state_dict())
     ema_net.requires_grad_(False)
     optim = torch.optim.Adam(net.parameters(), lr=float(lr))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda step: min(step, warmup) / warmup if warmup else 1.0)
+    if lr_cooldown is not None:
+        if (not isinstance(lr_cooldown, (list, tuple)) or len(lr_cooldown) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in lr_cooldown)
+                or not 0 <= lr_cooldown[0] < lr_cooldown[1]):
+            raise ValueError("lr_cooldown must be None or (start, end) integers with "
+                             f"0 <= start < end, got {lr_cooldown!r}")
+        c0, c1 = lr_cooldown
+    else:
+        c0 = c1 = None
+
+    def lr_factor(step):
+        f = min(step, warmup) / warmup if warmup else 1.0
+        if c0 is not None:
+            f *= min(1.0, max(0.0, (c1 - step) / (c1 - c0)))
+        return f
+
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_factor)
     matcher = ConditionalFlowMatcher(sigma=float(sigma))
     gen = torch.Generator().manual_seed(int(seed) + 1)
     step, losses, spent = 0, [], 0.0
