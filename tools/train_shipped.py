@@ -56,27 +56,35 @@ def main(argv=None):
                     help="stop training at the first chunk whose gates pass "
                          "(torchcfm recipes; their schedule does not depend "
                          "on train_steps, so this equals a run of that length)")
-    ap.add_argument("--lr-cooldown", default=None, metavar="START,END",
-                    help="torchcfm recipes: lower the learning rate linearly to 0 "
-                         "from step START to END (recorded in the record's recipe; "
-                         "ship it only after adding it to RECIPES)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="override a recipe setting for this run, e.g. "
+                         "lr_cooldown=[5000,5500] or unet.dropout=0.1 (recorded "
+                         "in the record's recipe; ship such a run only after "
+                         "writing the setting into RECIPES)")
     ap.add_argument("--manifest", action="store_true",
                     help="write OUT/manifest.json from OUT/<part>.json records")
     args = ap.parse_args(argv)
     bad = [p for p in args.parts if p not in pretrained.RECIPES]
     if bad:
         ap.error(f"unknown part(s) {bad}; choose from {sorted(pretrained.RECIPES)}")
-    if args.lr_cooldown is not None:
+    for item in args.set:
+        key, sep, text = item.partition("=")
         try:
-            cooldown = [int(v) for v in args.lr_cooldown.split(",")]
+            value = json.loads(text)
         except ValueError:
-            cooldown = None
-        if cooldown is None or len(cooldown) != 2:
-            ap.error(f"--lr-cooldown must be START,END integers, got {args.lr_cooldown!r}")
+            value = sep = None
+        if not sep or not key:
+            ap.error(f"--set must be KEY=JSON (e.g. unet.dropout=0.1), got {item!r}")
         for part in args.parts:
-            if pretrained.RECIPES[part]["kind"] != "torchcfm-flow":
-                ap.error(f"--lr-cooldown applies to torchcfm recipes only, not {part!r}")
-            pretrained.RECIPES[part] = dict(pretrained.RECIPES[part], lr_cooldown=cooldown)
+            recipe = json.loads(json.dumps(pretrained.RECIPES[part]))
+            *path, last = key.split(".")
+            node = recipe
+            for k in path:
+                if not isinstance(node.get(k), dict):
+                    ap.error(f"--set {key}: {part!r}'s recipe has no setting group {k!r}")
+                node = node[k]
+            node[last] = value
+            pretrained.RECIPES[part] = recipe
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
