@@ -120,3 +120,23 @@ def test_recipe_part_builds_torchcfm_unet_and_loads_its_weights(tmp_path):
         assert torch.equal(other.state_dict()[name], value)
     vel = pretrained.velocity_of("mnist-fives-torchcfm", other)
     assert vel(torch.zeros(2, 1, 28, 28), 0.3).shape == (2, 1, 28, 28)
+
+
+def test_train_shipped_set_overrides_a_copy_of_the_recipe():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from train_shipped import main, override
+
+    r = pretrained.RECIPES["mnist-fives-torchcfm"]
+    o = override(r, "unet.dropout=0.1")
+    o = override(o, "lr_cooldown=[5000, 5500]")
+    assert o["unet"]["dropout"] == 0.1 and o["lr_cooldown"] == [5000, 5500]
+    assert "dropout" not in r["unet"] and "lr_cooldown" not in r   # the recipe is untouched
+    for bad, match in [("lr", "KEY=JSON"), ("lr=abc", "KEY=JSON"), ("=1", "KEY=JSON"),
+                       ("nope.x=1", "no setting group 'nope'")]:
+        with pytest.raises(ValueError, match=match):
+            override(r, bad)
+    with pytest.raises(SystemExit):
+        main(["mnist-fives-torchcfm", "--out", "unused", "--set", "lr"])

@@ -34,6 +34,26 @@ def to_uint8(samples, part):
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+def override(recipe: dict, item: str) -> dict:
+    """A copy of ``recipe`` with ``KEY=JSON`` applied (dotted keys reach into groups such as ``unet``)."""
+    key, sep, text = item.partition("=")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        sep = None
+    if not sep or not key:
+        raise ValueError(f"--set must be KEY=JSON (e.g. unet.dropout=0.1), got {item!r}")
+    out = json.loads(json.dumps(recipe))
+    *groups, last = key.split(".")
+    node = out
+    for k in groups:
+        if not isinstance(node.get(k), dict):
+            raise ValueError(f"--set {key}: the recipe has no setting group {k!r}")
+        node = node[k]
+    node[last] = value
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("parts", nargs="*", metavar="PART",
@@ -68,23 +88,11 @@ def main(argv=None):
     if bad:
         ap.error(f"unknown part(s) {bad}; choose from {sorted(pretrained.RECIPES)}")
     for item in args.set:
-        key, sep, text = item.partition("=")
-        try:
-            value = json.loads(text)
-        except ValueError:
-            value = sep = None
-        if not sep or not key:
-            ap.error(f"--set must be KEY=JSON (e.g. unet.dropout=0.1), got {item!r}")
         for part in args.parts:
-            recipe = json.loads(json.dumps(pretrained.RECIPES[part]))
-            *path, last = key.split(".")
-            node = recipe
-            for k in path:
-                if not isinstance(node.get(k), dict):
-                    ap.error(f"--set {key}: {part!r}'s recipe has no setting group {k!r}")
-                node = node[k]
-            node[last] = value
-            pretrained.RECIPES[part] = recipe
+            try:
+                pretrained.RECIPES[part] = override(pretrained.RECIPES[part], item)
+            except ValueError as err:
+                ap.error(f"{part}: {err}")
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
