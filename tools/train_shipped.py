@@ -30,7 +30,9 @@ CLASSIFIER_OF = {"scm-flow": "scm-classifier", "scm-conditional": "scm-classifie
 
 
 def to_uint8(samples, part):
-    x = samples if part.startswith("mnist") else (samples + 1) / 2
+    # evaluate_part gives fives as pixels already, SCM images in the flow's space
+    x = samples if part.startswith("mnist") else pretrained.to_pixels(
+        samples, pretrained.value_range_of(part))
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 

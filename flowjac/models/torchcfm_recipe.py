@@ -115,15 +115,13 @@ def train_torchcfm(images: torch.Tensor, out_path, *, unet: dict, train_steps: i
     ema_net.load_state_dict(net.state_dict())
     ema_net.requires_grad_(False)
     optim = torch.optim.Adam(net.parameters(), lr=float(lr))
+    c0 = c1 = None
     if lr_cooldown is not None:
-        if (not isinstance(lr_cooldown, (list, tuple)) or len(lr_cooldown) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in lr_cooldown)
-                or not 0 <= lr_cooldown[0] < lr_cooldown[1]):
+        if not isinstance(lr_cooldown, (list, tuple)) or len(lr_cooldown) != 2:
             raise ValueError("lr_cooldown must be None or (start, end) integers with "
                              f"0 <= start < end, got {lr_cooldown!r}")
-        c0, c1 = lr_cooldown
-    else:
-        c0 = c1 = None
+        c0 = check_int("lr_cooldown start", lr_cooldown[0], minimum=0)
+        c1 = check_int("lr_cooldown end", lr_cooldown[1], minimum=c0 + 1)
 
     def lr_factor(step):
         f = min(step, warmup) / warmup if warmup else 1.0
