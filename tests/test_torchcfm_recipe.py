@@ -130,10 +130,11 @@ def test_train_shipped_set_overrides_a_copy_of_the_recipe():
     from train_shipped import main, override
 
     r = pretrained.RECIPES["mnist-fives-torchcfm"]
-    o = override(r, "unet.dropout=0.1")
+    o = override(r, "unet.dropout=0.2")
     o = override(o, "lr_cooldown=[5000, 5500]")
-    assert o["unet"]["dropout"] == 0.1 and o["lr_cooldown"] == [5000, 5500]
-    assert "dropout" not in r["unet"] and "lr_cooldown" not in r   # the recipe is untouched
+    assert o["unet"]["dropout"] == 0.2 and o["lr_cooldown"] == [5000, 5500]
+    # the recipe is untouched
+    assert r["unet"]["dropout"] == 0.1 and "lr_cooldown" not in r
     for bad, match in [("lr", "KEY=JSON"), ("lr=abc", "KEY=JSON"), ("=1", "KEY=JSON"),
                        ("nope.x=1", "no setting group 'nope'")]:
         with pytest.raises(ValueError, match=match):
