@@ -225,3 +225,50 @@ def test_copy_of_weights_dir_loads(tmp_path):
     shutil.copytree(pretrained.WEIGHTS_DIR, tmp_path / "w")
     pre = pretrained.load("mnist-digits", weights_dir=tmp_path / "w")
     assert pre.manifest["mnist-digits"]["gates"]["accuracy"] >= 0.97
+
+
+def _tiny_fives(monkeypatch, **extra):
+    r = dict(pretrained.RECIPES["mnist-fives"], train_steps=4, batch_size=8,
+             net=dict(in_channels=1, base_channels=8, channel_mult=[1, 1],
+                      time_dim=16, image_size=28, num_res_blocks=1,
+                      norm_groups=4), **extra)
+    monkeypatch.setitem(pretrained.RECIPES, "mnist-fives", r)
+    return r
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_train_part_finetune_stage_start_from_and_resume(tmp_path, monkeypatch):
+    """A fine-tune stage continues the first stage's EMA with its own settings;
+    starting from the first stage's file, or resuming an interrupted run,
+    ends in the same weights as one uninterrupted run."""
+    stage1 = tmp_path / "one"
+    _tiny_fives(monkeypatch)
+    pretrained.train_part("mnist-fives", stage1, chunk=2)
+    first = stage1 / "mnist_fives.pt"
+    ft = dict(steps=6, batch_size=8, lr=1e-3, lr_cooldown=[2, 6],
+              ema_decay=0.9, grad_clip=1.0, seed=1,
+              start_sha256=pretrained.sha256(first))
+    _tiny_fives(monkeypatch, finetune=ft)
+    whole = pretrained.train_part("mnist-fives", tmp_path / "whole", chunk=2)
+    assert whole["train_steps"] == 4 + 6
+    after = pretrained.train_part("mnist-fives", tmp_path / "ft", chunk=2,
+                                  start_from=first)
+    assert after["train_steps"] == 10 and after["started_from"]["sha256"] == ft["start_sha256"]
+    a, b = _weights(tmp_path / "whole" / "mnist_fives.pt"), _weights(tmp_path / "ft" / "mnist_fives.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # interrupted after the first fine-tune chunk, then resumed
+    seen = []
+    pretrained.train_part("mnist-fives", tmp_path / "res", chunk=2, start_from=first,
+                          resume=True, on_chunk=lambda m, s: seen.append(s) or True)
+    assert seen == [6]
+    assert (tmp_path / "res" / ".mnist-fives-finetune-training.pt").exists()
+    pretrained.train_part("mnist-fives", tmp_path / "res", chunk=2, start_from=first,
+                          resume=True, on_chunk=lambda m, s: seen.append(s))
+    assert seen == [6, 8, 10]
+    c = _weights(tmp_path / "res" / "mnist_fives.pt")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    with pytest.raises(ValueError, match="start_from .* not the first stage"):
+        pretrained.train_part("mnist-fives", tmp_path / "bad", start_from=tmp_path / "ft" / "mnist_fives.pt")

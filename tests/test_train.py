@@ -250,3 +250,29 @@ def test_stale_temporary_files_are_removed(tmp_path):
     atomic_write_bytes(tmp_path / "out.bin", b"whole")
     assert not stale.exists()
     assert (tmp_path / "out.bin").read_bytes() == b"whole"
+
+
+def test_lr_cooldown_resumes_exactly_and_ends_with_still_weights(tmp_path):
+    cool = dict(batch_size=16, lr=1e-2, seed=2, progress=False,
+                lr_cooldown=(4, 8))
+    full = new_model()
+    h_full = train_flow(full, sample, steps=10, **cool)
+    ck = tmp_path / "ck.pt"
+    train_flow(new_model(), sample, steps=5, checkpoint_path=ck, **cool)
+    resumed = new_model(seed=7)
+    h_res = train_flow(resumed, sample, steps=10, checkpoint_path=ck, **cool)
+    assert h_res["loss"] == h_full["loss"]
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    # past the end of the cool-down the learning rate is 0: nothing moves
+    before = {k: v.clone() for k, v in resumed.state_dict().items()}
+    train_flow(resumed, sample, steps=12, checkpoint_path=ck, **cool)
+    for k, v in resumed.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # a changed schedule is a changed setting
+    with pytest.raises(ValueError, match="lr_cooldown .* there"):
+        train_flow(new_model(), sample, steps=14, checkpoint_path=ck,
+                   **dict(cool, lr_cooldown=(4, 9)))
+    for bad in [(5, 5), (-1, 3), [1], "4-8"]:
+        with pytest.raises(ValueError, match="lr_cooldown"):
+            train_flow(new_model(), sample, steps=3, **dict(cool, lr_cooldown=bad))

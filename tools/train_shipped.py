@@ -83,9 +83,23 @@ def main(argv=None):
                          "lr_cooldown=[5000,5500] or unet.dropout=0.1 (recorded "
                          "in the record's recipe; ship such a run only after "
                          "writing the setting into RECIPES)")
+    ap.add_argument("--start-from", type=Path, default=None,
+                    help="a recipe with a finetune stage: this file is its first "
+                         "stage (sha256 checked against the recipe), so only "
+                         "the fine-tuning runs")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the training checkpoints in --out and continue "
+                         "from them exactly (an interrupted run)")
+    ap.add_argument("--gate-seed", type=int, default=2,
+                    help="seed of the final gate samples; the gates along "
+                         "training (any stopping rule) use seed 1, so keep it "
+                         "different")
     ap.add_argument("--manifest", action="store_true",
                     help="write OUT/manifest.json from OUT/<part>.json records")
     args = ap.parse_args(argv)
+    if args.gate_seed == 1:
+        ap.error("--gate-seed 1 is the seed of the gates along training; "
+                 "the final gates need samples no stopping rule has seen")
     bad = [p for p in args.parts if p not in pretrained.RECIPES]
     if bad:
         ap.error(f"unknown part(s) {bad}; choose from {sorted(pretrained.RECIPES)}")
@@ -132,7 +146,8 @@ def main(argv=None):
         rec = pretrained.train_part(part, args.out, device=args.device,
                                     train_steps=args.train_steps,
                                     time_budget=args.time_budget,
-                                    chunk=args.chunk, on_chunk=on_chunk)
+                                    chunk=args.chunk, on_chunk=on_chunk,
+                                    start_from=args.start_from, resume=args.resume)
         print(part, "trained", rec["train_steps"], "steps in",
               round(rec["train_seconds"], 1), "s", flush=True)
         model = pretrained.load_weights(part, args.out / rec["file"])
@@ -147,7 +162,8 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 g = pretrained.evaluate_part(part, model, device=args.device,
                                              n=args.n_gate, classifier=clf,
-                                             sampler=smp)
+                                             sampler=smp, seed=args.gate_seed)
+                g["seed"] = args.gate_seed
                 samples = g.pop("samples")
                 g.pop("labels", None)
                 g["eval_seconds"] = time.perf_counter() - t0

@@ -25,7 +25,7 @@ from flowjac.engine.checkpoints import _check_writable, _plain, load_checkpoint,
 from flowjac.engine.velocity import PARAMETERIZATIONS, _bcast_t
 from flowjac.utils import get_device
 
-__all__ = ["cfm_loss", "EMA", "train_flow"]
+__all__ = ["cfm_loss", "EMA", "train_flow", "check_cooldown", "cooldown_factor"]
 
 
 
@@ -75,6 +75,29 @@ class EMA:
     def state_dict(self) -> dict:
         """The averaged weights, loadable into the model."""
         return self.shadow
+
+
+def check_cooldown(lr_cooldown):
+    """``None`` or ``(start, end)`` integers with 0 <= start < end, checked; :ref:`sec_neural_gaussian`."""
+    if lr_cooldown is None:
+        return None
+    if not isinstance(lr_cooldown, (list, tuple)) or len(lr_cooldown) != 2:
+        raise ValueError("lr_cooldown must be None or (start, end) integers with "
+                         f"0 <= start < end, got {lr_cooldown!r}")
+    c0 = check_int("lr_cooldown start", lr_cooldown[0], minimum=0)
+    c1 = check_int("lr_cooldown end", lr_cooldown[1], minimum=c0 + 1)
+    return c0, c1
+
+
+def cooldown_factor(step: int, cooldown) -> float:
+    """The learning-rate factor at ``step``: 1 before ``start``, linear to 0 at ``end``; :ref:`sec_neural_gaussian`.
+
+    Fixed in absolute steps, so a resumed run follows the same schedule.
+    """
+    if cooldown is None:
+        return 1.0
+    c0, c1 = cooldown
+    return min(1.0, max(0.0, (c1 - step) / (c1 - c0)))
 
 
 def _sampler(sample_x1, device):
@@ -144,7 +167,8 @@ def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
                checkpoint_every: int = 1000, resume: bool = True,
                seed: int = 0, device="cpu", progress: bool = True,
                log_every: int = 1, allow_config_change: bool = False,
-               labels=None, label_dropout: float = 0.0) -> dict:
+               labels=None, label_dropout: float = 0.0,
+               lr_cooldown=None) -> dict:
     """Train ``model`` with the CFM loss, AdamW, clipping, optional EMA; :ref:`sec_neural_gaussian`.
 
     ``sample_x1(n, generator)`` returns n targets (or pass a tensor whose
@@ -174,6 +198,10 @@ def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
     cond = 2 labels - 1, replaced by zeros ("unknown") with probability
     ``label_dropout`` so that the same network also learns the unconditional
     velocity (:ref:`sec_interventions`).
+
+    ``lr_cooldown`` ``(start, end)`` lowers the learning rate linearly from
+    ``lr`` at step ``start`` to 0 at step ``end`` (absolute steps, so a
+    resumed run follows the same schedule; it is part of the resume check).
     """
     steps, batch_size, checkpoint_every, log_every, seed, lr, weight_decay, \
         ema_decay, grad_clip = _check_settings(
@@ -181,6 +209,7 @@ def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
             log_every=log_every, seed=seed, parameterization=parameterization,
             lr=lr, weight_decay=weight_decay, ema_decay=ema_decay,
             grad_clip=grad_clip)
+    cooldown = check_cooldown(lr_cooldown)
     dev = get_device(device) if isinstance(device, str) else device
     draw = _sampler(sample_x1, dev)
     if labels is not None:
@@ -211,6 +240,8 @@ def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
                   weight_decay=weight_decay, ema_decay=ema_decay,
                   grad_clip=grad_clip, seed=seed,
                   parameterization=parameterization)
+    if cooldown is not None:
+        config["lr_cooldown"] = list(cooldown)
     if labels is not None:
         config.update(label_dropout=label_dropout, num_labels=labels.shape[1])
     if checkpoint_path is not None and resume and Path(checkpoint_path).exists():
@@ -222,8 +253,9 @@ def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
                              "ask for at least that many steps, or pass "
                              "resume=False to start afresh")
         old = payload["config"]
-        changed = {k: (old.get(k), _plain(config[k], k)) for k in _RESUME_KEYS
-                   if k in old and old.get(k) != _plain(config[k], k)}
+        changed = {k: (old.get(k), _plain(config.get(k), k)) for k in _RESUME_KEYS
+                   if (k in old or k in config)
+                   and old.get(k) != _plain(config.get(k), k)}
         if changed and not allow_config_change:
             raise ValueError(
                 f"checkpoint {str(checkpoint_path)!r} was trained with other "
@@ -263,6 +295,9 @@ def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
                 return model(x, t, cond)
         x0 = torch.randn(x1.shape, generator=gen, dtype=x1.dtype).to(dev)
         t = torch.rand(batch_size, generator=gen, dtype=x1.dtype).to(dev)
+        if cooldown is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr * cooldown_factor(step, cooldown)
         loss = _cfm_step(net, model, opt, x0, x1, t, parameterization,
                          grad_clip, ema)
         if (step + 1) % log_every == 0 or step + 1 == steps:
@@ -282,7 +317,7 @@ def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
 
 
 _RESUME_KEYS = ("batch_size", "lr", "weight_decay", "ema_decay", "grad_clip",
-                "label_dropout",
+                "label_dropout", "lr_cooldown",
                 "seed", "parameterization")
 
 

@@ -350,15 +350,23 @@ def sample(velocity, latent_shape, n: int, *, method: str = "midpoint",
 
 def train_part(part: str, out_dir, *, device="cpu", train_steps=None,
                time_budget: float | None = None, chunk: int = 2000,
-               progress: bool = False, on_chunk=None) -> dict:
+               progress: bool = False, on_chunk=None, start_from=None,
+               resume: bool = False) -> dict:
     """Train one recipe part and write its checkpoint to ``out_dir``; :ref:`sec_attributes`.
 
     ``train_steps`` overrides the recipe (for tests and smoke runs). Flows
     train in chunks of ``chunk`` steps through ``train_flow``'s exact resume,
     so a ``time_budget`` (seconds) can stop after the last chunk that fits;
     ``on_chunk(model, step)`` is called after each chunk with the EMA
-    weights loaded (for measurements along training). Returns the record
-    that goes into the manifest (without sha256).
+    weights loaded (for measurements along training); a true return stops
+    the run there. A recipe with a ``finetune`` stage continues from the
+    first stage's EMA weights with the stage's own settings (fresh
+    optimizer; steps counted on from the first stage's); ``start_from`` is
+    a file of the first stage (its sha256 must be the recipe's
+    ``finetune["start_sha256"]``), so only the second stage runs. With
+    ``resume`` the training checkpoints in ``out_dir`` are kept and a later
+    call continues from them exactly. Returns the record that goes into the
+    manifest (without sha256).
     """
     from flowjac.engine.checkpoints import load_checkpoint, save_checkpoint
     from flowjac.engine.train import train_flow
@@ -393,32 +401,59 @@ def train_part(part: str, out_dir, *, device="cpu", train_steps=None,
     if r["kind"] in ("flow", "conditional-flow"):
         cond = (dict(labels=labels, label_dropout=r["label_dropout"])
                 if r["kind"] == "conditional-flow" else {})
-        work = out_dir / f".{part}-training.pt"
-        work.unlink(missing_ok=True)
-        done, chunk_times = 0, []
-        while done < steps:
-            target = min(steps, done + chunk)
-            t0 = time.perf_counter()
-            hist = train_flow(model, images.to(dev), steps=target,
-                              batch_size=r["batch_size"], lr=r["lr"],
-                              ema_decay=r["ema_decay"], grad_clip=r["grad_clip"],
-                              seed=r["seed"], device=dev, checkpoint_path=work,
-                              checkpoint_every=chunk, progress=progress,
-                              log_every=50, **cond)
-            chunk_times.append((time.perf_counter() - t0) / (target - done))
-            done = target
-            if on_chunk is not None:
-                on_chunk(model, done)
-            if done < steps and time_budget is not None and (
-                    time.perf_counter() - start
-                    + chunk * max(chunk_times) > time_budget):
+        stages = [("", r, steps)]
+        if "finetune" in r:
+            stages.append(("-finetune", r["finetune"], r["finetune"]["steps"]))
+        if start_from is not None:      # stage 1 done elsewhere: check it is that file
+            got = sha256(start_from)
+            if got != r.get("finetune", {}).get("start_sha256"):
+                raise ValueError(f"start_from {str(start_from)!r} (sha256 {got[:12]}...) "
+                                 f"is not the first stage of {part!r}'s recipe")
+            load_checkpoint(start_from, model)
+            stages = stages[1:]
+            record["started_from"] = dict(file=str(Path(start_from).name), sha256=got)
+        done_total, chunk_times = 0, []
+        for suffix, st, st_steps in stages:
+            work = out_dir / f".{part}{suffix}-training.pt"
+            if not resume:
+                work.unlink(missing_ok=True)
+            done = 0
+            if resume and work.exists():
+                payload = load_checkpoint(work, model)
+                done = int(payload["step"])
+                if done >= st_steps and payload["ema"] is not None:
+                    model.load_state_dict(payload["ema"])    # a finished stage
+            offset = done_total if suffix == "" else r["train_steps"]
+            while done < st_steps:
+                target = min(st_steps, done + chunk)
+                t0 = time.perf_counter()
+                hist = train_flow(model, images.to(dev), steps=target,
+                                  batch_size=st["batch_size"], lr=st["lr"],
+                                  ema_decay=st["ema_decay"], grad_clip=st["grad_clip"],
+                                  seed=st["seed"], device=dev, checkpoint_path=work,
+                                  checkpoint_every=chunk, progress=progress,
+                                  log_every=50, lr_cooldown=st.get("lr_cooldown"),
+                                  **cond)
+                if hist["resumed_from"] < target:
+                    chunk_times.append((time.perf_counter() - t0)
+                                       / (target - hist["resumed_from"]))
+                done = target
+                if on_chunk is not None and on_chunk(model, offset + done):
+                    break
+                if done < st_steps and time_budget is not None and (
+                        time.perf_counter() - start
+                        + chunk * max(chunk_times or [0]) > time_budget):
+                    break
+                if done < st_steps:      # resume from the raw weights, not the EMA
+                    load_checkpoint(work, model)
+            done_total = offset + done
+            if done < st_steps:
                 break
-            if done < steps:      # resume from the raw weights, not the EMA
-                load_checkpoint(work, model)
-        record.update(train_steps=done, loss_tail=float(
+            if not resume:
+                work.unlink(missing_ok=True)
+        record.update(train_steps=done_total, loss_tail=float(
             sum(hist["loss"][-20:]) / len(hist["loss"][-20:])),
-            seconds_per_step=sum(chunk_times) / len(chunk_times))
-        work.unlink(missing_ok=True)
+            seconds_per_step=sum(chunk_times) / max(1, len(chunk_times)))
     else:
         hist = train_classifier(model, images, labels, steps=steps,
                                 batch_size=r["batch_size"], lr=r["lr"],

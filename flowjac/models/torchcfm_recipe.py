@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from flowjac._checks import check_int, check_number
+from flowjac.engine.train import check_cooldown, cooldown_factor
 from flowjac.utils import atomic_write_bytes
 
 __all__ = ["build_unet", "debiased_ema", "train_torchcfm", "shipped_payload"]
@@ -115,19 +116,11 @@ def train_torchcfm(images: torch.Tensor, out_path, *, unet: dict, train_steps: i
     ema_net.load_state_dict(net.state_dict())
     ema_net.requires_grad_(False)
     optim = torch.optim.Adam(net.parameters(), lr=float(lr))
-    c0 = c1 = None
-    if lr_cooldown is not None:
-        if not isinstance(lr_cooldown, (list, tuple)) or len(lr_cooldown) != 2:
-            raise ValueError("lr_cooldown must be None or (start, end) integers with "
-                             f"0 <= start < end, got {lr_cooldown!r}")
-        c0 = check_int("lr_cooldown start", lr_cooldown[0], minimum=0)
-        c1 = check_int("lr_cooldown end", lr_cooldown[1], minimum=c0 + 1)
+    cooldown = check_cooldown(lr_cooldown)
 
     def lr_factor(step):
         f = min(step, warmup) / warmup if warmup else 1.0
-        if c0 is not None:
-            f *= min(1.0, max(0.0, (c1 - step) / (c1 - c0)))
-        return f
+        return f * cooldown_factor(step, cooldown)
 
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_factor)
     matcher = ConditionalFlowMatcher(sigma=float(sigma))
