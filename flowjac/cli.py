@@ -93,8 +93,15 @@ def _formats(p):
                         "\"num_channels\": 32, \"num_res_blocks\": 1}' for "
                         "torchcfm's UNetModelWrapper")
     p.add_argument("--model-class", default=None, metavar="MODULE:CLASS",
-                   help="flow_matching only: the importable class to build "
-                        "with --arch, e.g. mypackage.models:MyUNetWrapper")
+                   help="flow_matching only: your network's class, a "
+                        "torch.nn.Module subclass defined in MODULE itself, "
+                        "built with --arch, e.g. mypackage.models:MyUNetWrapper "
+                        "(the working folder is on the import path). flowjac "
+                        "imports MODULE, which runs its import-time code: name "
+                        "only code you trust. A module whose source has no "
+                        "class statement for CLASS is refused unimported, and "
+                        "anything but a Module subclass of MODULE is refused "
+                        "before it is called")
     p.add_argument("--latent-shape", type=_integer, nargs="+", default=None,
                    metavar="N", help="flow_matching only: the shape of one "
                    "sample, e.g. 1 28 28 (torchcfm's comes from --arch dim)")
@@ -388,23 +395,120 @@ def _arch(text) -> dict:
     return value
 
 
-def _import_class(spec: str):
+_DOTTED = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*"
+
+
+def _class_statement(tree, qualname: str) -> bool:
+    """Whether a parsed module defines ``qualname`` (``Outer.Inner`` for a
+    nested class) by ``class`` statements at its top level (also inside
+    if, try and with blocks), read without running the module."""
+    import ast
+
+    compound = tuple(getattr(ast, n) for n in ("If", "Try", "TryStar", "With")
+                     if hasattr(ast, n))
+
+    def find(stmts, name):
+        for stmt in stmts:
+            if isinstance(stmt, ast.ClassDef) and stmt.name == name:
+                return stmt
+            if isinstance(stmt, compound):
+                blocks = [stmt.body, getattr(stmt, "orelse", []),
+                          getattr(stmt, "finalbody", [])]
+                blocks += [h.body for h in getattr(stmt, "handlers", [])]
+                for block in blocks:
+                    hit = find(block, name)
+                    if hit is not None:
+                        return hit
+        return None
+
+    node = tree
+    for name in qualname.split("."):
+        node = find(node.body, name)
+        if node is None:
+            return False
+    return True
+
+
+def _import_class(spec, what: str = "model_class"):
+    """The ``torch.nn.Module`` subclass that ``MODULE:CLASS`` names, defined in
+    MODULE itself, or one clear ValueError; nothing is called.
+
+    The working folder is put on the import path first (as ``python -m``
+    does), so that a class beside the user's command imports under both
+    entry points. A module not yet imported is read and parsed before it
+    is imported: unless its source defines CLASS with a ``class``
+    statement, it is refused without running it. Importing it runs its
+    import-time code (the help says so); after the import the object must
+    be a class, a ``torch.nn.Module`` subclass, and defined in MODULE (not
+    re-exported there, as ``subprocess:Popen``-like names of other modules
+    would be). The caller builds it only after these checks.
+    """
+    import ast
     import importlib
+    import importlib.util
+    import os
+    import re
+
+    import torch
 
     module, sep, name = str(spec).partition(":")
-    if not sep or not module or not name:
-        raise ValueError(f"model_class must be MODULE:CLASS, got {spec!r}")
+    if not (sep and re.fullmatch(_DOTTED, module) and re.fullmatch(_DOTTED, name)):
+        raise ValueError(f"{what} must be MODULE:CLASS (dotted Python names, e.g. "
+                         f"mypackage.models:MyNet), got {spec!r}")
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
     try:
-        obj = importlib.import_module(module)
-    except ImportError as err:
-        raise ValueError(f"model_class {spec!r}: cannot import {module!r} ({err})"
-                         ) from None
+        if module not in sys.modules:
+            try:
+                found = importlib.util.find_spec(module)
+            except Exception as err:   # a parent package failed to import
+                raise ValueError(f"{what} {spec!r}: cannot find {module!r} "
+                                 f"({type(err).__name__}: {err})") from None
+            if found is None:
+                raise ValueError(f"{what} {spec!r}: no module {module!r} in the "
+                                 f"working folder {cwd!r} or the installed "
+                                 "packages")
+            try:
+                source = found.loader.get_source(module)
+            except Exception:
+                source = None
+            if source is None:
+                raise ValueError(f"{what} {spec!r}: {module!r} has no Python "
+                                 "source that flowjac can check before "
+                                 "importing it; give a class of a .py module")
+            try:
+                tree = ast.parse(source)
+            except SyntaxError as err:
+                raise ValueError(f"{what} {spec!r}: {module!r} is not valid "
+                                 f"Python ({err.msg}, line {err.lineno})") from None
+            if not _class_statement(tree, name):
+                raise ValueError(f"{what} {spec!r}: {module!r} has no class "
+                                 f"statement for {name!r}; name a class defined "
+                                 "in the module itself (it was not imported)")
+        try:
+            obj = importlib.import_module(module)
+        except Exception as err:
+            raise ValueError(f"{what} {spec!r}: importing {module!r} failed "
+                             f"({type(err).__name__}: {err})") from None
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
     for part in name.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"model_class {spec!r}: {module!r} has no {name!r}")
+            raise ValueError(f"{what} {spec!r}: {module!r} has no {name!r}")
         obj = getattr(obj, part)
     if not isinstance(obj, type):
-        raise ValueError(f"model_class {spec!r} is not a class")
+        raise ValueError(f"{what} {spec!r} is a {type(obj).__name__}, not a "
+                         "class; give your network's torch.nn.Module class")
+    if not issubclass(obj, torch.nn.Module):
+        raise ValueError(f"{what} {spec!r} is not a torch.nn.Module subclass; "
+                         "flowjac builds only networks (it was not called)")
+    if obj.__module__ != module or obj.__qualname__ != name:
+        raise ValueError(f"{what} {spec!r} is defined in {obj.__module__!r}, "
+                         f"not in {module!r}; name it where it is defined, "
+                         f"{obj.__module__}:{obj.__qualname__}")
     return obj
 
 
@@ -469,6 +573,9 @@ def load_any_flow(args, device="cpu", dtype=None):
             net = cls(**arch)
         except TypeError as err:
             raise ValueError(f"arch does not fit {args.model_class}: {err}") from None
+        except Exception as err:    # the user's constructor failed
+            raise ValueError(f"model_class {args.model_class} failed to build "
+                             f"from arch ({type(err).__name__}: {err})") from None
         velocity = adapters.load_flow_matching_checkpoint(net, args.checkpoint)
         shape = tuple(_count("latent_shape", d) for d in args.latent_shape)
         step = None
