@@ -272,3 +272,50 @@ def test_train_part_finetune_stage_start_from_and_resume(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], c[k]) for k in a)
     with pytest.raises(ValueError, match="start_from .* not the first stage"):
         pretrained.train_part("mnist-fives", tmp_path / "bad", start_from=tmp_path / "ft" / "mnist_fives.pt")
+
+
+def test_gates_judge_intervals_pass_borderline_fail():
+    assert quality.judge("readable", (0.91, 0.93)) == "pass"
+    assert quality.judge("readable", (0.89, 0.91)) == "borderline"
+    assert quality.judge("readable", (0.80, 0.85)) == "fail"
+    assert quality.judge("marginal_error", (0.02, 0.04)) == "pass"
+    assert quality.judge("marginal_error", (0.04, 0.06)) == "borderline"
+    assert quality.judge("copy_share", (0.02, 0.05)) == "fail"
+    with pytest.raises(ValueError, match="name"):
+        quality.judge("speed", (0, 1))
+    with pytest.raises(ValueError, match="interval"):
+        quality.judge("readable", (0.9, 0.8))
+
+
+def test_a_gate_near_its_limit_is_borderline_and_not_passed():
+    # 2,000 images of 100 pixels; in about one image in ten, one pixel is out
+    # of range: 0.999 of pixels in range on average, right at the limit
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2000, 1, 10, 10, generator=g) * 0.9
+    hit = torch.rand(2000, generator=g) < 0.1
+    x[hit, 0, 0, 0] = 2.0
+    logits = torch.zeros(2000, 10)
+    logits[:, 5] = 10.0
+    gates = quality.digit_sample_gates(logits, x)
+    lo, hi = gates["intervals"]["in_range"]
+    assert lo < quality.GATES["pixel_in_range_min"] < hi, gates["intervals"]
+    assert gates["status"] == {"share": "pass", "in_range": "borderline"}
+    assert not gates["passed"]
+    # the memorization limits join the table: copies fail a flow whose samples pass
+    train, held = torch.randn(300, 16), torch.randn(200, 16)
+    copies = quality.memorization(train[:100] + 1e-3 * torch.randn(100, 16), train, held)
+    both = quality.combine(dict(quality.digit_sample_gates(logits, x.clamp(0, 1))), copies)
+    assert both["status"]["share"] == both["status"]["in_range"] == "pass"
+    assert both["failed"] == ["copy_share", "nn_ratio"] and not both["passed"]
+
+
+def test_conditional_gates_read_back_labels_with_an_interval():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (1000, 9), generator=g)
+    good = quality.conditional_gates(labels.clone(), labels)
+    assert good["min_accuracy"] == 1.0 and good["passed"]
+    flipped = labels.clone()
+    flip = torch.rand(1000, generator=g) < 0.2
+    flipped[flip, 3] = 1 - flipped[flip, 3]
+    bad = quality.conditional_gates(flipped, labels)
+    assert bad["status"]["min_accuracy"] == "fail" and not bad["passed"]

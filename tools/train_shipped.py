@@ -56,6 +56,65 @@ def override(recipe: dict, item: str) -> dict:
     return out
 
 
+def _classifier(part, cdir, device):
+    cpart = CLASSIFIER_OF[part]
+    clf = pretrained.build(cpart)
+    load_checkpoint(cdir / pretrained.RECIPES[cpart]["file"], clf)
+    return clf.to(device).eval().requires_grad_(False)
+
+
+def _measure(part, model, clf, args, samplers):
+    """Gates of ``model`` under each sampler on --n-gate samples of --gate-seed."""
+    out = []
+    for smp in samplers:
+        t0 = time.perf_counter()
+        g = pretrained.evaluate_part(part, model, device=args.device,
+                                     n=args.n_gate, classifier=clf,
+                                     sampler=smp, seed=args.gate_seed)
+        g["eval_seconds"] = time.perf_counter() - t0
+        out.append(g)
+        print(part, json.dumps({k: v for k, v in g.items() if k in (
+            "n", "seed", "sampler", "status", "intervals", "passed",
+            "readable", "marginal_error", "corr_mae", "share", "in_range",
+            "min_accuracy")}), flush=True)
+    return out
+
+
+def regate(args):
+    """Re-measure the gates of shipped files on a fresh seed and update the manifest."""
+    from flowjac.utils import hardware
+
+    path = args.out / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for part in args.parts:
+        rec = manifest["parts"][part]
+        if pretrained.sha256(args.out / rec["file"]) != rec["sha256"]:
+            raise SystemExit(f"{part}: {rec['file']} is not the file the manifest names")
+        model = pretrained.load_weights(part, args.out / rec["file"])
+        model.to(args.device).eval().requires_grad_(False)
+        clf = _classifier(part, args.classifier_dir or args.out, args.device)
+        samplers = [dict(rec["sampler"])] + [
+            s for s in _samplers(args.samplers) if s != rec["sampler"]]
+        found = _measure(part, model, clf, args, samplers)
+        for g in found:
+            g.pop("samples")
+            g.pop("labels", None)
+        rec.setdefault("gates_when_trained", rec["gates"])
+        rec["gates"], rec["gates_by_sampler"] = found[0], found
+        rec["gates_hardware"] = hardware()
+        manifest["parts"][part] = rec
+        save_json(path, manifest)
+        print(part, "gates written to", path, flush=True)
+
+
+def _samplers(text):
+    out = []
+    for item in text.split(","):
+        method, _, steps = item.partition(":")
+        out.append(dict(method=method, steps=int(steps)))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("parts", nargs="*", metavar="PART",
@@ -94,6 +153,11 @@ def main(argv=None):
                     help="seed of the final gate samples; the gates along "
                          "training (any stopping rule) use seed 1, so keep it "
                          "different")
+    ap.add_argument("--regate", action="store_true",
+                    help="train nothing: measure the gates of the files in "
+                         "--out (e.g. flowjac/weights) with --n-gate samples of "
+                         "--gate-seed and write them into OUT/manifest.json, "
+                         "the earlier gates kept as gates_when_trained")
     ap.add_argument("--manifest", action="store_true",
                     help="write OUT/manifest.json from OUT/<part>.json records")
     args = ap.parse_args(argv)
@@ -113,15 +177,13 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if args.regate:
+        regate(args)
+        return
     for part in args.parts:
         rec_path = args.out / f"{part}.json"
-        clf = None
-        if part in CLASSIFIER_OF:
-            cpart = CLASSIFIER_OF[part]
-            cdir = args.classifier_dir or args.out
-            clf = pretrained.build(cpart)
-            load_checkpoint(cdir / pretrained.RECIPES[cpart]["file"], clf)
-            clf.to(args.device).eval().requires_grad_(False)
+        clf = (_classifier(part, args.classifier_dir or args.out, args.device)
+               if part in CLASSIFIER_OF else None)
         along = []
 
         def on_chunk(model, step, part=part, clf=clf):
@@ -129,7 +191,8 @@ def main(argv=None):
                 return None
             t0 = time.perf_counter()
             g = pretrained.evaluate_part(part, model, device=args.device,
-                                         n=min(args.n_gate, 1000), classifier=clf)
+                                         n=min(args.n_gate, 1000), classifier=clf,
+                                         seed=1)
             g.pop("samples")
             g.pop("labels", None)
             g["step"] = step
@@ -139,7 +202,8 @@ def main(argv=None):
                               if k in ("step", "readable", "marginal_error",
                                        "corr_mae", "share", "in_range",
                                        "memorization", "eval_seconds",
-                                       "min_accuracy", "all_attributes")}),
+                                       "min_accuracy", "all_attributes",
+                                       "status")}),
                   flush=True)
             return bool(args.stop_when_passed and g.get("passed"))
 
@@ -152,26 +216,18 @@ def main(argv=None):
               round(rec["train_seconds"], 1), "s", flush=True)
         model = pretrained.load_weights(part, args.out / rec["file"])
         model.to(args.device).eval().requires_grad_(False)
-        samplers = [dict(method=s.split(":")[0], steps=int(s.split(":")[1]))
-                    for s in args.samplers.split(",")]
         if clf is None:
             rec["gates"] = pretrained.evaluate_part(part, model, device=args.device)
         else:
-            rec["gates_by_sampler"] = []
-            for i, smp in enumerate(samplers):
-                t0 = time.perf_counter()
-                g = pretrained.evaluate_part(part, model, device=args.device,
-                                             n=args.n_gate, classifier=clf,
-                                             sampler=smp, seed=args.gate_seed)
-                g["seed"] = args.gate_seed
-                samples = g.pop("samples")
+            rec["gates_by_sampler"] = _measure(part, model, clf, args,
+                                               _samplers(args.samplers))
+            samples = rec["gates_by_sampler"][0]["samples"]
+            torch.save(to_uint8(samples, part), args.out / f"{part}_samples.pt")
+            for g in rec["gates_by_sampler"]:
+                g.pop("samples")
                 g.pop("labels", None)
-                g["eval_seconds"] = time.perf_counter() - t0
-                if i == 0:
-                    rec["gates"], rec["sampler"] = g, smp
-                    torch.save(to_uint8(samples, part),
-                               args.out / f"{part}_samples.pt")
-                rec["gates_by_sampler"].append(g)
+            rec["gates"] = rec["gates_by_sampler"][0]
+            rec["sampler"] = rec["gates"]["sampler"]
             rec["gates_along_training"] = along
         print(part, json.dumps({k: v for k, v in rec["gates"].items()
                                 if not isinstance(v, (list, dict))}), flush=True)

@@ -552,9 +552,9 @@ def evaluate_part(part: str, model, *, device="cpu", n: int = 2000,
         gates.pop("corr")
     else:
         gates = quality.digit_sample_gates(logits, samples)
-    gates["memorization"] = quality.memorization(samples, train_x, test_x,
-                                                 device=device)
-    gates["sampler"] = smp
+    gates = quality.combine(gates, quality.memorization(samples, train_x, test_x,
+                                                        device=device))
+    gates["sampler"], gates["seed"] = smp, seed
     gates["samples"] = samples
     return gates
 
@@ -571,20 +571,13 @@ def _conditional_gates(model, classifier, smp, n, seed, device) -> dict:
     samples = sample_given(LabelVelocity(model), labels, seed=seed,
                            device=device, **smp)
     read = (predict_logits(classifier, samples) > 0).long()
-    agree = (read == labels).float()
-    per_attr = agree.mean(0)
-    floor = quality.GATES["conditional_min_accuracy"]
+    gates = quality.conditional_gates(read, labels)
+    gates["in_range"] = float(((samples >= -1.05) & (samples <= 1.05)).float().mean())
     train_x, _ = training_data("scm-conditional", "train")
     test_x, _ = training_data("scm-conditional", "test")
-    return dict(accuracy_per_attribute=per_attr.tolist(),
-                min_accuracy=float(per_attr.min()),
-                all_attributes=float(agree.all(1).float().mean()),
-                in_range=float(((samples >= -1.05) & (samples <= 1.05))
-                               .float().mean()),
-                memorization=quality.memorization(samples, train_x, test_x,
-                                                  device=device),
-                sampler=smp, passed=bool(per_attr.min() >= floor),
-                samples=samples, labels=labels)
+    gates = quality.combine(gates, quality.memorization(samples, train_x, test_x,
+                                                        device=device))
+    return dict(gates, sampler=smp, seed=seed, samples=samples, labels=labels)
 
 
 def write_manifest(records: dict, weights_dir=None) -> Path:

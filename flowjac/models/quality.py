@@ -16,7 +16,15 @@ are measured, printed and asserted. This module computes them:
 * ``memorization``: nearest-neighbour distances of samples to the training
   set against those of held-out real images.
 
-Thresholds are in ``GATES``. Explained in :ref:`sec_attributes` and :ref:`sec_mnist`.
+Thresholds are in ``GATES``. Each sample gate comes with a 95% percentile
+bootstrap interval over samples (whole images are resampled, so pixel
+statistics are clustered by image; ``GATE_INTERVAL``), and ``judge`` reads
+it against its limit: ``"pass"`` when the whole interval is on the good
+side, ``"fail"`` when it is wholly on the bad side, ``"borderline"`` when it
+straddles the limit. ``passed`` is true only when every gate passes, the
+memorization limits included. Gates that decide a shipped model are
+measured on at least ``GATE_MIN_N`` samples drawn with a seed that no
+stopping rule has seen. Explained in :ref:`sec_attributes` and :ref:`sec_mnist`.
 """
 from __future__ import annotations
 
@@ -26,9 +34,10 @@ import torch
 from flowjac._checks import check_int
 from flowjac.closedform.empirical import nearest_distances
 
-__all__ = ["GATES", "attribute_sample_gates", "edge_disagreement_accuracy",
+__all__ = ["GATES", "GATE_INTERVAL", "GATE_MIN_N", "GATE_SIDES", "judge",
+           "attribute_sample_gates", "edge_disagreement_accuracy",
            "digit_sample_gates", "memorization",
-           "offdiag_mae",
+           "offdiag_mae", "combine", "conditional_gates",
            "check_gates"]
 
 GATES = {
@@ -47,7 +56,81 @@ GATES = {
     "fives_min_prob": 0.9,
     "pixel_range": (-0.05, 1.05),
     "pixel_in_range_min": 0.999,
+    # every flow: samples no closer to the training set than 0.75 of what
+    # held-out real images are, and at most 1% copies
+    "nn_ratio_min": 0.75,
+    "copy_share_max": 0.01,
 }
+
+# the gate statistic, its limit in GATES and the side the limit bounds
+GATE_SIDES = {
+    "readable": ("readable_min", "min"),
+    "marginal_error": ("marginal_max_error", "max"),
+    "corr_mae": ("corr_max_mae", "max"),
+    "share": ("fives_min_share", "min"),
+    "in_range": ("pixel_in_range_min", "min"),
+    "min_accuracy": ("conditional_min_accuracy", "min"),
+    "nn_ratio": ("nn_ratio_min", "min"),
+    "copy_share": ("copy_share_max", "max"),
+}
+GATE_INTERVAL = dict(alpha=0.05, n_boot=1000, seed=0)
+GATE_MIN_N = 4000
+
+
+def judge(name: str, interval) -> str:
+    """``"pass"``, ``"borderline"`` or ``"fail"`` of a gate statistic's interval against its limit; :ref:`sec_attributes`."""
+    if name not in GATE_SIDES:
+        raise ValueError(f"name must be one of {sorted(GATE_SIDES)}, got {name!r}")
+    key, side = GATE_SIDES[name]
+    limit = GATES[key]
+    lo, hi = (float(v) for v in interval)
+    if not lo <= hi:
+        raise ValueError(f"interval must be (low, high) with low <= high, got {interval!r}")
+    good = lo >= limit if side == "min" else hi <= limit
+    bad = hi < limit if side == "min" else lo > limit
+    return "pass" if good else "fail" if bad else "borderline"
+
+
+def _bootstrap(fn, rows: torch.Tensor) -> tuple:
+    from flowjac.estimators.intervals import bootstrap_ci
+
+    g = torch.Generator().manual_seed(GATE_INTERVAL["seed"])
+    est, lo, hi = bootstrap_ci(fn, rows, n_boot=GATE_INTERVAL["n_boot"],
+                               alpha=GATE_INTERVAL["alpha"], generator=g)
+    return est, lo, hi
+
+
+def conditional_gates(read: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Gates of a label-conditional flow: each requested attribute read back, with intervals; :ref:`sec_interventions`.
+
+    ``read`` and ``labels`` are (n, d) 0/1 tensors (the classifier's reading
+    and the requested labels). Returns ``accuracy_per_attribute``,
+    ``min_accuracy`` (the gate: ``GATES["conditional_min_accuracy"]``),
+    ``all_attributes``, their ``intervals``, ``status`` and ``passed``.
+    """
+    if not (torch.is_tensor(read) and torch.is_tensor(labels)) or read.shape != labels.shape \
+            or read.ndim != 2 or read.shape[0] < 2:
+        raise ValueError("read and labels must be (n, d) tensors of one shape, n >= 2")
+    agree = (read == labels).double()
+    out = dict(n=int(agree.shape[0]), accuracy_per_attribute=agree.mean(0).tolist(),
+               min_accuracy=float(agree.mean(0).min()),
+               all_attributes=float(agree.all(1).double().mean()))
+    _judged(out, ("min_accuracy",), *_bootstrap(lambda r: r.mean(0).min().reshape(1), agree))
+    out["passed"] = _passed(out)
+    return out
+
+
+def _judged(out: dict, names, est, lo, hi) -> dict:
+    out.setdefault("intervals", {})
+    out.setdefault("status", {})
+    for i, name in enumerate(names):
+        out["intervals"][name] = [float(lo[i]), float(hi[i])]
+        out["status"][name] = judge(name, out["intervals"][name])
+    return out
+
+
+def _passed(out: dict) -> bool:
+    return bool(out["status"]) and all(v == "pass" for v in out["status"].values())
 
 
 def offdiag_mae(a, b) -> float:
@@ -97,9 +180,22 @@ def attribute_sample_gates(logits: torch.Tensor, scm) -> dict:
                marginal_error=float(np.abs(marg - exact_m).max()),
                corr=corr.tolist(), corr_mae=offdiag_mae(corr, exact),
                zeros_mae=offdiag_mae(np.zeros_like(exact), exact))
-    out["passed"] = bool(readable >= GATES["readable_min"]
-                         and out["marginal_error"] <= GATES["marginal_max_error"]
-                         and out["corr_mae"] <= GATES["corr_max_mae"])
+    exact_t = torch.as_tensor(exact_m, dtype=torch.float64)
+    mask = ~np.eye(len(exact), dtype=bool)
+
+    def stats(rows):
+        lab = rows[:, 1:]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            c = np.corrcoef(lab.numpy().T)
+        return torch.tensor([float(rows[:, 0].mean()),
+                             float((lab.mean(0) - exact_t).abs().max()),
+                             float(np.nanmean(np.abs(c - exact)[mask]))],
+                            dtype=torch.float64)
+
+    rows = torch.cat([((p <= 0.1) | (p >= 0.9)).all(1, keepdim=True).double(),
+                      torch.as_tensor(labels)], 1)
+    _judged(out, ("readable", "marginal_error", "corr_mae"), *_bootstrap(stats, rows))
+    out["passed"] = _passed(out)
     return out
 
 
@@ -154,8 +250,10 @@ def digit_sample_gates(logits: torch.Tensor, samples: torch.Tensor,
                in_range=float(((s >= lo) & (s <= hi)).double().mean()),
                pixel_min=float(s.min()), pixel_max=float(s.max()),
                class_histogram=torch.bincount(prob.argmax(1), minlength=10).tolist())
-    out["passed"] = bool(out["share"] >= GATES["fives_min_share"]
-                         and out["in_range"] >= GATES["pixel_in_range_min"])
+    rows = torch.stack([(prob[:, digit] >= GATES["fives_min_prob"]).double(),
+                        ((s >= lo) & (s <= hi)).flatten(1).double().mean(1)], 1)
+    _judged(out, ("share", "in_range"), *_bootstrap(lambda r: r.mean(0), rows))
+    out["passed"] = _passed(out)
     return out
 
 
@@ -184,6 +282,32 @@ def memorization(samples: torch.Tensor, train: torch.Tensor,
                copy_share=float((ds[:, 0] < ds[:, 1] / 3).double().mean()),
                heldout_copy_share=float((dh[:, 0] < dh[:, 1] / 3).double().mean()))
     out["nn_ratio"] = out["sample_nn"] / out["heldout_nn"]
+    # both sets resampled: samples and held-out images are independent draws
+    g = torch.Generator().manual_seed(GATE_INTERVAL["seed"])
+    reps = []
+    ds, dh = ds.double().cpu(), dh.double().cpu()
+    for _ in range(GATE_INTERVAL["n_boot"]):
+        i = torch.randint(len(ds), (len(ds),), generator=g)
+        j = torch.randint(len(dh), (len(dh),), generator=g)
+        reps.append([float(ds[i, 0].median() / dh[j, 0].median()),
+                     float((ds[i, 0] < ds[i, 1] / 3).double().mean())])
+    q = torch.tensor(reps, dtype=torch.float64).quantile(torch.tensor(
+        [GATE_INTERVAL["alpha"] / 2, 1 - GATE_INTERVAL["alpha"] / 2], dtype=torch.float64), dim=0)
+    _judged(out, ("nn_ratio", "copy_share"), None, q[0], q[1])
+    out["passed"] = _passed(out)
+    return out
+
+
+def combine(sample_gates: dict, memorization_gates: dict) -> dict:
+    """A flow's sample gates with its memorization gates joined: one ``status`` table and one ``passed``; :ref:`sec_attributes`."""
+    out = dict(sample_gates, memorization=memorization_gates)
+    out["intervals"] = {**sample_gates.get("intervals", {}),
+                        **memorization_gates.get("intervals", {})}
+    out["status"] = {**sample_gates.get("status", {}),
+                     **memorization_gates.get("status", {})}
+    out["borderline"] = sorted(k for k, v in out["status"].items() if v == "borderline")
+    out["failed"] = sorted(k for k, v in out["status"].items() if v == "fail")
+    out["passed"] = _passed(out)
     return out
 
 
