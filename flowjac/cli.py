@@ -70,6 +70,13 @@ def _common(p, seed_help):
                         "terminal, and only by rank 0, anyway)")
 
 
+def _force(p):
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out (never one of the "
+                        "command's input files); without it an existing "
+                        "--out is an error")
+
+
 def _solver(p):
     p.add_argument("--steps", type=_integer, default=None,
                    help="solver steps of the flow ODE (default: the "
@@ -199,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--value-range", choices=("0,1", "-1,1"), default=None,
                     help="pixel range of the samples, for .png output "
                          "(default: -1,1 for the SCM flows, else 0,1)")
+    _force(sa)
     _common(sa, "seed of the latents (default: 0)")
     sa.set_defaults(func=_sample)
 
@@ -253,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "embedding in float32; sums are always float64)")
     _solver(pr)
     _formats(pr)
+    _force(pr)
     _common(pr, "seed of the latents, probes and rho (default: 0)")
     pr.set_defaults(func=_probe)
     return top
@@ -266,12 +275,39 @@ def _count(name, value, minimum=1):
     return check_int(name, value, minimum=minimum)
 
 
-def _writable_file(name, path: Path, suffixes):
+def _writable_file(name, path: Path, suffixes, force=False, inputs=()):
+    """Refuse an ``--out`` that cannot or must not be written: a wrong
+    suffix, a directory, a file among its parents, an existing file without
+    ``--force``, and any of the command's ``inputs`` (even with --force)."""
+    import os
+
     if path.suffix.lower() not in suffixes:
         raise ValueError(f"{name} must end with {' or '.join(suffixes)}, got "
                          f"{str(path)!r}")
     if path.is_dir():
         raise ValueError(f"{name} {str(path)!r} is a directory; give a file")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{name} {str(path)!r}: {str(parent)!r} is a "
+                                 "file, not a folder")
+            break
+    for flag, given in inputs:
+        if given is None or not Path(given).exists():
+            continue
+        same = Path(given).resolve() == path.resolve()
+        if not same and path.exists():
+            try:
+                same = os.path.samefile(given, path)
+            except OSError:
+                pass
+        if same:
+            raise ValueError(f"{name} {str(path)!r} is the input {flag} "
+                             f"{str(given)!r}; flowjac never writes over its "
+                             "input, even with --force; choose another --out")
+    if path.exists() and not force:
+        raise ValueError(f"{name} {str(path)!r} exists; pass --force to replace "
+                         "it, or choose another --out")
 
 
 # -- models -------------------------------------------------------------------
@@ -754,6 +790,15 @@ def _write_png(path: Path, x, data):
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _inputs(args):
+    """(flag, path) of the files a sample or probe command reads."""
+    arch = getattr(args, "arch", None)
+    arch = None if arch is None or str(arch).lstrip().startswith("{") else arch
+    return [("--checkpoint", args.checkpoint),
+            ("--classifier", getattr(args, "classifier", None)),
+            ("--arch", arch)]
+
+
 def _sample(args, ctx):
     import io
 
@@ -768,7 +813,7 @@ def _sample(args, ctx):
     batch_size = _count("batch_size", args.batch_size)
     seed = _count("seed", args.seed, 0)
     out = Path(args.out)
-    _writable_file("out", out, (".pt", ".png"))
+    _writable_file("out", out, (".pt", ".png"), args.force, _inputs(args))
     model, velocity, shape, payload = load_any_flow(args, ctx.device)
     steps, method = _solver_settings(args, payload)
     g = torch.Generator().manual_seed(seed)
@@ -862,7 +907,7 @@ def _probe(args, ctx):
     batch_size = _count("batch_size", args.batch_size)
     seed = _count("seed", args.seed, 0)
     out = Path(args.out)
-    _writable_file("out", out, (".json",))
+    _writable_file("out", out, (".json",), args.force, _inputs(args))
     if args.dtype is None:
         args.dtype = "float32" if args.format == "torchcfm" else "float64"
     elif args.dtype == "float64" and args.format == "torchcfm":

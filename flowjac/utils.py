@@ -243,28 +243,48 @@ def show_table(rows, columns=None, digits: int = 3, index=None):
     return df
 
 
+# the infix of a write's temporary file, .NAME.flowjac-tmp-XXXXXXXX
+_TMP_INFIX = ".flowjac-tmp-"
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)      # elsewhere: read by setting, then restore
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write bytes to ``path`` through a temporary file and ``os.replace``; :ref:`sec_how_to_run`.
 
-    The temporary file is removed on every failure; temporaries that a
-    killed process left beside ``path`` are removed by the next write."""
+    The temporary file, ``.NAME.flowjac-tmp-XXXXXXXX`` beside ``path`` (a
+    unique random name), is this call's own: it is the only file removed on
+    a failure, and no other file is ever deleted, so concurrent writers of
+    one path each replace it with a whole file. The result has the mode a
+    new file gets under the user's umask (0o666 & ~umask), not mkstemp's
+    0o600. A killed process can leave its temporary behind; nothing
+    removes it, since it cannot be told from a write still in progress."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*"):   # left by a killed write
-        try:
-            stale.unlink()
-        except OSError:
-            pass
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{_TMP_INFIX}")
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        try:
             os.unlink(tmp)
+        except OSError:
+            pass
         raise
     return path
 

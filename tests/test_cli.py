@@ -167,6 +167,48 @@ def test_sample_and_probe_equal_the_library(models, tmp_path, capsys):
                                rtol=1e-5, atol=1e-7)
 
 
+def test_sample_and_probe_replace_no_file_unasked(models, tmp_path, capsys):
+    import shutil
+    import stat
+
+    flow, _ = models
+    ckpt = tmp_path / "c.pt"
+    shutil.copy(flow, ckpt)
+    as_json = tmp_path / "c.json"          # a checkpoint with a .json name
+    shutil.copy(flow, as_json)
+    original = ckpt.read_bytes()
+    (tmp_path / "link.pt").symlink_to(ckpt)
+    os.link(ckpt, tmp_path / "hard.pt")
+    (tmp_path / "a_file").write_text("not a folder")
+    out = tmp_path / "s.pt"
+    out.write_bytes(b"the user's")
+    sample = ["sample", "--checkpoint", ckpt, "--n", 2, "--no-progress"]
+    refused = [
+        (sample + ["--out", out], "s.pt' exists; pass --force"),
+        (sample + ["--out", ckpt], "is the input --checkpoint"),
+        (sample + ["--out", ckpt, "--force"], "is the input --checkpoint"),
+        (sample + ["--out", tmp_path / "link.pt", "--force"],
+         "is the input --checkpoint"),
+        (sample + ["--out", tmp_path / "hard.pt", "--force"],
+         "is the input --checkpoint"),
+        (sample + ["--out", tmp_path / "a_file" / "s.pt"],
+         "a_file' is a file, not a folder"),
+        (["probe", "--checkpoint", as_json, "--n", 2, "--out", as_json,
+          "--force", "--no-progress"], "is the input --checkpoint"),
+    ]
+    for argv, fragment in refused:
+        code, err = run_cli(capsys, *argv)
+        assert code == 1 and len(err) == 1 and fragment in err[0], (argv, err)
+    assert ckpt.read_bytes() == original and as_json.read_bytes() == original
+    assert out.read_bytes() == b"the user's"
+    code, err = run_cli(capsys, *sample, "--out", out, "--force")
+    assert code == 0, err
+    assert torch.load(out, weights_only=True)["x"].shape[0] == 2
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~mask
+
+
 # -- two processes under torchrun (gloo) -----------------------------------
 
 needs_gloo = pytest.mark.skipif(

@@ -242,14 +242,19 @@ def test_unwritable_checkpoint_path_fails_before_training(tmp_path):
                    progress=False, checkpoint_path=tmp_path)
 
 
-def test_stale_temporary_files_are_removed(tmp_path):
+def test_files_beside_the_target_are_never_removed(tmp_path):
+    """A user's ``.out.bin.*`` files survive a write (the old write deleted
+    them as 'stale temporaries'); only the write's own temporary goes."""
     from flowjac.utils import atomic_write_bytes
 
-    stale = tmp_path / ".out.bin.abc123"
-    stale.write_bytes(b"half")
+    mine = [tmp_path / ".out.bin.abc123", tmp_path / ".out.bin.orig"]
+    for p in mine:
+        p.write_bytes(b"the user's")
     atomic_write_bytes(tmp_path / "out.bin", b"whole")
-    assert not stale.exists()
     assert (tmp_path / "out.bin").read_bytes() == b"whole"
+    assert all(p.read_bytes() == b"the user's" for p in mine)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".out.bin.abc123", ".out.bin.orig", "out.bin"]
 
 
 def test_lr_cooldown_resumes_exactly_and_ends_with_still_weights(tmp_path):

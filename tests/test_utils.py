@@ -123,3 +123,60 @@ def test_page_print_wraps_long_lines_only(capsys):
     assert wrapped[0].startswith("  word") and wrapped[1].startswith("    word")
     assert " ".join(w.strip() for w in wrapped).split() == ["word"] * 40
     assert out[-1] == "a-b"
+
+
+def test_a_failed_write_removes_only_its_own_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    user = tmp_path / ".out.bin.flowjac-tmp-mine"   # even a look-alike survives
+    user.write_bytes(b"the user's")
+
+    def broken_replace(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(utils.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="No space"):
+        utils.atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old" and user.read_bytes() == b"the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".out.bin.flowjac-tmp-mine", "out.bin"]
+
+
+def test_written_files_keep_the_users_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        for mask, name in [(0o027, "a.bin"), (0o002, "b.json")]:
+            os.umask(mask)
+            path = (utils.atomic_write_bytes(tmp_path / name, b"x")
+                    if name.endswith(".bin") else
+                    utils.save_json(tmp_path / name, {"a": 1}))
+            assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, name
+    finally:
+        os.umask(old)
+
+
+def test_concurrent_writers_of_one_path_each_leave_a_whole_file(tmp_path):
+    import threading
+
+    target = tmp_path / "shared.bin"
+    payloads = [bytes([i]) * (1 << 20) for i in range(6)]
+    errors, seen = [], []
+
+    def write(data):
+        try:
+            for _ in range(5):
+                utils.atomic_write_bytes(target, data)
+                seen.append(target.read_bytes() in payloads)
+        except Exception as err:           # a writer broken by another
+            errors.append(err)
+
+    threads = [threading.Thread(target=write, args=(p,)) for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and all(seen) and len(seen) == 30
+    assert target.read_bytes() in payloads
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.bin"]
