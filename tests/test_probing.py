@@ -86,3 +86,37 @@ def test_redraw_returns_the_rows_that_probe_used(flow):
     assert torch.allclose(outp.float(), res["out_pair"][rows], atol=1e-6)
     with pytest.raises(ValueError, match="rows"):
         probing.redraw(res["meta"], (4,), [7])
+
+
+def test_interrupted_probe_and_plain_runs_resume_to_the_same_tensors(flow, tmp_path):
+    velocity, readout = flow
+    kw = dict(k=2, steps=3, method="midpoint", batch_size=3, grad_outputs=[1], seed=4)
+    calls = {"n": 0, "die_after": None}
+
+    def counted(x):
+        calls["n"] += 1
+        if calls["die_after"] is not None and calls["n"] > calls["die_after"]:
+            raise KeyboardInterrupt
+        return readout(x)
+    whole = probing.probe(velocity, counted, (4,), 8, **kw)
+    per_run = calls["n"]
+    part = tmp_path / "probe.partial"
+    calls.update(n=0, die_after=per_run // 2)      # dies in the second of three batches
+    with pytest.raises(KeyboardInterrupt):
+        probing.probe(velocity, counted, (4,), 8, partial_path=part, **kw)
+    assert torch.load(part, weights_only=True)["done"] == 3
+    resumed = probing.probe(velocity, readout, (4,), 8, partial_path=part, **kw)
+    for key in ("out", "jvp", "rho", "out_pair", "jvp_pair", "grad_norm", "paper_change"):
+        assert torch.equal(whole[key], resumed[key]), key
+    with pytest.raises(ValueError, match="partial_path .* other settings .*k: 2 there, 3 now"):
+        probing.probe(velocity, readout, (4,), 8, partial_path=part, **dict(kw, k=3))
+    plain, _ = probing.plain_outputs(velocity, readout, (4,), 10, steps=3, batch_size=4)
+    ppart = tmp_path / "plain.partial"
+    calls.update(n=0, die_after=1)                 # one batch of three, then dies
+    with pytest.raises(KeyboardInterrupt):
+        probing.plain_outputs(velocity, counted, (4,), 10, steps=3, batch_size=4,
+                              partial_path=ppart)
+    assert torch.load(ppart, weights_only=True)["done"] == 4
+    again, _ = probing.plain_outputs(velocity, readout, (4,), 10, steps=3, batch_size=4,
+                                     partial_path=ppart)
+    assert torch.equal(plain, again)

@@ -12,6 +12,10 @@ of fives trained with torchcfm's own code, on the same patch (its flow lives
 in [-1, 1], the readout maps it to pixels), latents and probes (float32:
 torchcfm's UNet computes its time embedding in float32).
 Runs in float64 by default (``--dtype float32`` for speed; TF32 is off either way).
+Every batch is written to ``DIR/.<model>-probe.partial`` and
+``DIR/.<model>-plain.partial``: an interrupted run, started again with the
+same arguments, continues where it stopped and ends with the same tensors;
+the partial files are removed when the result is written.
 The chapters load these files and compute every number from them.
 """
 from __future__ import annotations
@@ -52,7 +56,7 @@ def save(obj, path):
 
 
 def run(name, readout_of, k, n, n_plain, device, batch, grad_outputs,
-        dtype, weights_dir):
+        dtype, weights_dir, out_dir):
     pre = pretrained.load({"mnist": "mnist-fives"}.get(name, name),
                           device=device, weights_dir=weights_dir)
     pre.flow.to(dtype)
@@ -63,13 +67,15 @@ def run(name, readout_of, k, n, n_plain, device, batch, grad_outputs,
                         steps=smp["steps"], method=smp["method"], seed=0,
                         device=device, dtype=dtype, batch_size=batch,
                         grad_outputs=grad_outputs, grad_batch=250,
-                        progress=True)
+                        progress=True,
+                        partial_path=out_dir / f".{name}-probe.partial")
     res["meta"]["total_seconds"] = time.perf_counter() - t0
     plain, secs = probing.plain_outputs(pre.velocity, readout, pre.latent_shape,
                                         n_plain, steps=smp["steps"],
                                         method=smp["method"], seed=1,
                                         device=device, dtype=dtype,
-                                        batch_size=2 * batch)
+                                        batch_size=2 * batch,
+                                        partial_path=out_dir / f".{name}-plain.partial")
     res["plain"] = plain
     res["meta"].update(plain_n=n_plain, plain_seconds=secs, model=name,
                        hardware=hardware(), sampler=smp,
@@ -77,6 +83,12 @@ def run(name, readout_of, k, n, n_plain, device, batch, grad_outputs,
     print(name, {k_: v for k_, v in res["meta"].items() if k_ != "hardware"},
           flush=True)
     return res
+
+
+def done(out_dir, name):
+    """Remove the run's own partial files once its result is written."""
+    for what in ("probe", "plain"):
+        (out_dir / f".{name}-{what}.partial").unlink(missing_ok=True)
 
 
 def main(argv=None):
@@ -102,21 +114,26 @@ def main(argv=None):
         res = run("scm", lambda: pre.classifier, k, args.n,
                   args.n * (1 + k), args.device, args.batch,
                   [pre.attr_names.index(a) for a in ("C_warm", "Z_framed", "M_marker")],
-                  dtype, wd)
+                  dtype, wd, args.out)
         save(res, args.out / "attributes_probes.pt")
+        done(args.out, "scm")
     if args.only in (None, "mnist"):
         k = args.k
         res = run("mnist", lambda: Patch(PATCH), k, args.n,
-                  2 * args.n * (1 + k), args.device, args.batch, (), dtype, wd)
+                  2 * args.n * (1 + k), args.device, args.batch, (), dtype, wd,
+                  args.out)
         res["plain"] = res["plain"].half()
         save(res, args.out / "mnist_probes.pt")
+        done(args.out, "mnist")
     if args.only == "mnist-torchcfm":
         k = args.k
         vr = pretrained.value_range_of("mnist-fives-torchcfm")    # [-1, 1]: pixels (x + 1) / 2
         res = run("mnist-fives-torchcfm", lambda: Patch(PATCH, vr), k, args.n,
-                  2 * args.n * (1 + k), args.device, args.batch, (), torch.float32, wd)
+                  2 * args.n * (1 + k), args.device, args.batch, (), torch.float32, wd,
+                  args.out)
         res["plain"] = res["plain"].half()
         save(res, args.out / "mnist_torchcfm_probes.pt")
+        done(args.out, "mnist-fives-torchcfm")
 
 
 if __name__ == "__main__":

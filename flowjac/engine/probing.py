@@ -18,7 +18,11 @@ z ~ N(0, I) (seeded, drawn batch by batch on the CPU) ``probe`` records
   probe normalized), ε = 1e-2 by default; they kept ``|Δ| < 1e-4``.
 
 ``plain_outputs`` draws r(φ(z)) for fresh latents: the plain-sample
-estimate to compare at equal compute. ``evaluations`` counts velocity
+estimate to compare at equal compute. Both take ``partial_path``: the
+results so far are written there (atomically) after every batch, and a
+later call with the same settings continues after the last batch written,
+so an interrupted run ends with the tensors an uninterrupted one gives
+(the latents are drawn in the same order; finished batches are skipped). ``evaluations`` counts velocity
 evaluations in units of one primal evaluation per latent (a JVP stage with
 k probes counts 1 + k). Explained in :ref:`sec_attributes` and :ref:`sec_mnist`.
 """
@@ -34,6 +38,40 @@ from flowjac._checks import check_choice, check_int
 __all__ = ["probe", "plain_outputs", "stage_count", "redraw"]
 
 _STAGES = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+
+
+class _Partial:
+    """Batches of results written after each batch, and read back by a later
+    call with the same settings (``partial_path`` of probe and plain_outputs)."""
+
+    def __init__(self, path, settings: dict):
+        from pathlib import Path
+
+        self.path = None if path is None else Path(path)
+        self.settings = settings
+        self.done, self.res, self.secs = 0, None, None
+        if self.path is not None and self.path.exists():
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            if state.get("settings") != settings:
+                diff = {k: (state.get("settings", {}).get(k), v) for k, v in settings.items()
+                        if state.get("settings", {}).get(k) != v}
+                raise ValueError(f"partial_path {str(self.path)!r} holds a run with other "
+                                 f"settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
+                                 "remove it or name another file")
+            self.done, self.res, self.secs = state["done"], state["res"], state["secs"]
+
+    def save(self, done: int, res: dict, secs: dict) -> None:
+        if self.path is None:
+            return
+        import io
+
+        from flowjac.utils import atomic_write_bytes
+
+        buf = io.BytesIO()
+        torch.save(dict(settings=self.settings, done=done, secs=dict(secs),
+                        res={k: [t.detach().cpu() for t in v] for k, v in res.items()}),
+                   buf)
+        atomic_write_bytes(self.path, buf.getvalue())
 
 
 def _latent_batches(n, k, latent_shape, seed, batch_size):
@@ -108,7 +146,8 @@ def probe(velocity, readout, latent_shape, n: int, *, k: int = 4,
           steps: int = 10, method: str = "midpoint", seed: int = 0,
           device="cpu", dtype=torch.float64, batch_size: int = 256,
           pairs: bool = True, grad_outputs=(), grad_batch: int = 32,
-          eps: float = 1e-2, progress: bool = False) -> dict:
+          eps: float = 1e-2, progress: bool = False,
+          partial_path=None) -> dict:
     """Outputs, JVPs, pair JVPs, true gradient norms and the paper's change for n latents; :ref:`sec_attributes`.
 
     ``velocity`` and ``readout`` must already be on ``device`` in
@@ -117,6 +156,8 @@ def probe(velocity, readout, latent_shape, n: int, *, k: int = 4,
     (n, len(grad_outputs))), ``grad_batch`` latents at a time (reverse mode
     stores every solver stage). Results come back as float32 CPU tensors,
     with ``meta`` (settings, seconds and evaluation counts of each part).
+    ``partial_path``: write the results after every batch and continue a
+    run with the same settings from there (module docstring).
     """
     from flowjac.engine.composite import attribute_jvp
     from flowjac.engine.ode import integrate
@@ -140,6 +181,12 @@ def probe(velocity, readout, latent_shape, n: int, *, k: int = 4,
     res = {key: [] for key in keys}
     secs = {"jvp": 0.0, "pair": 0.0, "grad_norm": 0.0, "paper": 0.0}
     dev = torch.device(device)
+    partial = _Partial(partial_path, dict(
+        what="probe", n=n, k=k, steps=steps, method=method, seed=seed,
+        batch_size=batch_size, dtype=str(dtype), pairs=bool(pairs),
+        grad_outputs=grad_outputs, eps=float(eps), latent_shape=list(latent_shape)))
+    if partial.res is not None:
+        res, secs = partial.res, partial.secs
 
     def sync():
         if dev.type == "cuda":
@@ -149,6 +196,8 @@ def probe(velocity, readout, latent_shape, n: int, *, k: int = 4,
                desc="probing", mininterval=2.0)
     for i, z, v, zp in bar:
         b = z.shape[0]
+        if i < partial.done:        # written by an earlier call
+            continue
         z, v, zp = (t.to(dev, dtype) for t in (z, v, zp))
 
         def timed_jvp(x, part, v=v):
@@ -187,7 +236,8 @@ def probe(velocity, readout, latent_shape, n: int, *, k: int = 4,
         sync()
         secs["paper"] += time.perf_counter() - t0
         res["paper_change"].append((moved - out).abs())
-    out = {key: torch.cat(val).float().cpu() for key, val in res.items()}
+        partial.save(i + b, res, secs)
+    out = {key: torch.cat([t.float().cpu() for t in val]) for key, val in res.items()}
     out["meta"] = dict(n=n, k=k, steps=steps, method=method, seed=seed,
                        grad_outputs=grad_outputs,
                        eps=eps, batch_size=batch_size, dtype=str(dtype),
@@ -202,21 +252,35 @@ def probe(velocity, readout, latent_shape, n: int, *, k: int = 4,
 def plain_outputs(velocity, readout, latent_shape, n: int, *,
                   steps: int = 10, method: str = "midpoint", seed: int = 1,
                   device="cpu", dtype=torch.float64,
-                  batch_size: int = 1024) -> tuple:
-    """r(φ(z)) for n fresh latents (the plain-sample estimate) and the seconds it took; :ref:`sec_attributes`."""
+                  batch_size: int = 1024, partial_path=None) -> tuple:
+    """r(φ(z)) for n fresh latents (the plain-sample estimate) and the seconds it took; :ref:`sec_attributes`.
+
+    ``partial_path``: write the outputs after every batch and continue a
+    run with the same settings from there.
+    """
     from flowjac.engine.ode import integrate
 
     n = check_int("n", n, minimum=1)
     batch_size = check_int("batch_size", batch_size, minimum=1)
-    g = torch.Generator().manual_seed(check_int("seed", seed, minimum=0))
+    seed = check_int("seed", seed, minimum=0)
+    g = torch.Generator().manual_seed(seed)
     dev = torch.device(device)
-    outs, t0 = [], time.perf_counter()
+    partial = _Partial(partial_path, dict(
+        what="plain", n=n, steps=steps, method=method, seed=seed,
+        batch_size=batch_size, dtype=str(dtype), latent_shape=list(latent_shape)))
+    outs = partial.res["out"] if partial.res is not None else []
+    spent = partial.secs["plain"] if partial.secs is not None else 0.0
     with torch.no_grad():
         for i in range(0, n, batch_size):
             b = min(batch_size, n - i)
             z = torch.randn(b, *tuple(latent_shape), generator=g,
                             dtype=torch.float64).to(dev, dtype)
-            outs.append(readout(integrate(velocity, z, steps, method=method)))
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    return torch.cat(outs).float().cpu(), time.perf_counter() - t0
+            if i < partial.done:
+                continue
+            t0 = time.perf_counter()
+            outs.append(readout(integrate(velocity, z, steps, method=method)).float().cpu())
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            spent += time.perf_counter() - t0
+            partial.save(i + b, {"out": outs}, {"plain": spent})
+    return torch.cat(outs).float().cpu(), spent
