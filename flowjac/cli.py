@@ -275,6 +275,49 @@ def _count(name, value, minimum=1):
     return check_int(name, value, minimum=minimum)
 
 
+def _available_bytes(device=None):
+    """Memory free for new tensors: the GPU's free memory on a CUDA device,
+    else the machine's available memory (None where it cannot be read)."""
+    import os
+
+    if device is not None and getattr(device, "type", device) == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _fits(what: str, nbytes: float, hint: str, device=None) -> None:
+    """Refuse, before allocating, work whose tensors alone (``nbytes``, a
+    lower estimate) exceed the memory available."""
+    free = _available_bytes(device)
+    if free is not None and nbytes > free:
+        where = "GPU memory" if getattr(device, "type", device) == "cuda" \
+            else "memory"
+        raise ValueError(f"{what} needs at least {nbytes / 2 ** 30:.3g} GiB of "
+                         f"{where}, more than the {free / 2 ** 30:.3g} GiB "
+                         f"available; {hint}")
+
+
+def _no_file_above(name, path: Path) -> None:
+    """Refuse a path one of whose existing parents is a file, not a folder."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{name} {str(path)!r}: {str(parent)!r} is a "
+                                 "file, not a folder")
+            return
+
+
 def _writable_file(name, path: Path, suffixes, force=False, inputs=()):
     """Refuse an ``--out`` that cannot or must not be written: a wrong
     suffix, a directory, a file among its parents, an existing file without
@@ -286,12 +329,7 @@ def _writable_file(name, path: Path, suffixes, force=False, inputs=()):
                          f"{str(path)!r}")
     if path.is_dir():
         raise ValueError(f"{name} {str(path)!r} is a directory; give a file")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{name} {str(path)!r}: {str(parent)!r} is a "
-                                 "file, not a folder")
-            break
+    _no_file_above(name, path)
     for flag, given in inputs:
         if given is None or not Path(given).exists():
             continue
@@ -346,20 +384,12 @@ def _a(name) -> str:
 
 
 def _read_payload(path: Path, what: str) -> dict:
-    """The checkpoint's payload (weights_only), or the loader's clear error."""
-    import torch
-
-    from flowjac.engine.checkpoints import load_checkpoint
+    """The checkpoint's payload, read once by the one safe read, with its
+    format tag checked."""
+    from flowjac.engine.checkpoints import read_checkpoint
 
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        # let the loader name the problem (empty, LFS pointer, pickle, ...)
-        load_checkpoint(path, torch.nn.Module())
-        raise
+    payload = read_checkpoint(path, what)
     if not isinstance(payload, dict) or payload.get("format") != \
             "flowjac-checkpoint-1":
         raise ValueError(f"{what} {str(path)!r} is not a flowjac checkpoint "
@@ -367,16 +397,27 @@ def _read_payload(path: Path, what: str) -> dict:
     return payload
 
 
+def _build(cls, cfg, what, path):
+    """``cls(**cfg)`` from a checkpoint's stored config, or one clear error."""
+    try:
+        return cls(**cfg)
+    except (TypeError, ValueError, AssertionError) as err:
+        raise ValueError(f"{what} {str(path)!r} stores a {cls.__name__} config "
+                         f"that does not build one ({type(err).__name__}: "
+                         f"{err})") from None
+
+
 def load_flow(path, device="cpu", dtype=None):
     """(model, velocity, latent_shape, payload) of a flow checkpoint, EMA weights if stored; :ref:`sec_running_at_scale`.
 
     Builds the FlowUNet or MLPFlow its stored config describes; raises
     FileNotFoundError for a missing file and ValueError for a file that is
-    not a flow checkpoint (e.g. a classifier's).
+    not a flow checkpoint (e.g. a classifier's), a config that does not
+    build the network, EMA weights of another shape, or NaN/inf weights.
     """
     import torch
 
-    from flowjac.engine.checkpoints import load_checkpoint
+    from flowjac.engine.checkpoints import check_finite_weights, load_checkpoint
     from flowjac.engine.velocity import velocity_fn
     from flowjac.models.nets import FlowUNet, MLPFlow
 
@@ -391,10 +432,21 @@ def load_flow(path, device="cpu", dtype=None):
     cfg = dict(arch["config"])
     if "channel_mult" in cfg:
         cfg["channel_mult"] = tuple(cfg["channel_mult"])
-    model = cls(**cfg)
-    load_checkpoint(path, model)
-    if payload.get("ema") is not None:
-        model.load_state_dict(payload["ema"])
+    model = _build(cls, cfg, "checkpoint", path)
+    load_checkpoint(path, model, payload=payload)
+    check_finite_weights(model.state_dict(), f"checkpoint {str(path)!r}")
+    ema = payload.get("ema")
+    if ema is not None:
+        own = model.state_dict()
+        bad = sorted(set(own) ^ set(ema)) + sorted(
+            k for k in set(own) & set(ema)
+            if not torch.is_tensor(ema[k]) or own[k].shape != ema[k].shape)
+        if bad:
+            raise ValueError(f"checkpoint {str(path)!r}: its EMA weights do not "
+                             f"match its {cls.__name__}; mismatched entries: "
+                             f"{bad[:5]}")
+        check_finite_weights(ema, f"checkpoint {str(path)!r} (EMA weights)")
+        model.load_state_dict(ema)
     model.to(device, dtype or torch.float32).eval().requires_grad_(False)
     config = payload.get("config") or {}
     velocity = velocity_fn(model, config.get("parameterization", "velocity"))
@@ -616,6 +668,9 @@ def load_any_flow(args, device="cpu", dtype=None):
         shape = tuple(_count("latent_shape", d) for d in args.latent_shape)
         step = None
     model = velocity.model
+    from flowjac.engine.checkpoints import check_finite_weights
+    check_finite_weights(model.state_dict(),
+                         f"checkpoint {str(args.checkpoint)!r}")
     model.to(device, dtype).requires_grad_(False)
     if isinstance(getattr(model, "dtype", None), torch.dtype):
         model.dtype = dtype      # torchcfm's UNet casts x to model.dtype
@@ -627,7 +682,7 @@ def load_classifier(path, latent_shape, device="cpu", dtype=None):
     """(AttributeNet, output names) of a classifier checkpoint that reads images of ``latent_shape``; :ref:`sec_running_at_scale`."""
     import torch
 
-    from flowjac.engine.checkpoints import load_checkpoint
+    from flowjac.engine.checkpoints import check_finite_weights, load_checkpoint
     from flowjac.models.classifiers import AttributeNet
 
     payload = _read_payload(path, "classifier")
@@ -637,13 +692,18 @@ def load_classifier(path, latent_shape, device="cpu", dtype=None):
                          f"{_a(arch.get('class'))}, not an AttributeNet; give "
                          "a classifier checkpoint, e.g. "
                          "flowjac/weights/scm_classifier.pt")
-    cfg = arch["config"]
+    cfg = arch.get("config")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("in_channels"), int) \
+            or not isinstance(cfg.get("n_attr"), int):
+        raise ValueError(f"classifier {str(path)!r} stores no AttributeNet "
+                         "config (in_channels, n_attr)")
     if len(latent_shape) != 3 or cfg["in_channels"] != latent_shape[0]:
         raise ValueError(f"classifier {str(path)!r} reads images with "
                          f"{cfg['in_channels']} channels, but the flow makes "
                          f"samples of shape {tuple(latent_shape)}")
-    model = AttributeNet(**cfg)
-    load_checkpoint(path, model)
+    model = _build(AttributeNet, cfg, "classifier", path)
+    load_checkpoint(path, model, payload=payload)
+    check_finite_weights(model.state_dict(), f"classifier {str(path)!r}")
     model.to(device, dtype or torch.float32).eval().requires_grad_(False)
     kind = (payload.get("config") or {}).get("kind")
     if kind == "attribute-classifier" and cfg["n_attr"] == 9:
@@ -701,7 +761,8 @@ def _train(args, ctx):
         raise ValueError(f"data must be one of {DATA}, got {args.data!r}")
     recipe = RECIPES[_RECIPE[args.data]]
     train_steps = _count("train_steps", args.train_steps)
-    batch_size = _count("batch_size", args.batch_size or recipe["batch_size"])
+    batch_size = _count("batch_size", recipe["batch_size"] if args.batch_size
+                        is None else args.batch_size)
     every = _count("checkpoint_every", args.checkpoint_every)
     seed = _count("seed", args.seed, 0)
     lr = recipe["lr"] if args.lr is None else args.lr
@@ -719,6 +780,18 @@ def _train(args, ctx):
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out {str(out)!r} is a file; give a folder")
+    _no_file_above("out", out)
+    size = net["image_size"]
+    n_images = (20_000 if args.n_train is None else _count("n_train", args.n_train)
+                ) if args.data == "scm" else 6_000
+    channels = net["in_channels"]
+    _fits(f"train: {n_images:,} training images of {channels} x {size} x {size}",
+          2 * n_images * channels * size * size * 4,
+          "give a smaller --size or --n-train")
+    _fits(f"train: a batch of {batch_size:,} images of {size} x {size} with "
+          f"{net['base_channels']} base channels",
+          4 * batch_size * net["base_channels"] * size * size * 4,
+          "give a smaller --batch-size, --size or --base-channels", ctx.device)
     ckpt = out / "checkpoint.pt"
     if ckpt.exists() and not args.resume:
         raise ValueError(f"out {str(out)!r} already holds a checkpoint; pass "
@@ -815,6 +888,12 @@ def _sample(args, ctx):
     out = Path(args.out)
     _writable_file("out", out, (".pt", ".png"), args.force, _inputs(args))
     model, velocity, shape, payload = load_any_flow(args, ctx.device)
+    numel = math.prod(shape)
+    _fits(f"sample: {n:,} samples of shape {tuple(shape)}", 16 * n * numel,
+          "give a smaller --n (and write several files)")
+    _fits(f"sample: a batch of {min(n, batch_size):,} samples of shape "
+          f"{tuple(shape)}", 4 * min(n, batch_size) * numel * 4,
+          "give a smaller --batch-size", ctx.device)
     steps, method = _solver_settings(args, payload)
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, *shape, generator=g)
@@ -939,6 +1018,9 @@ def _probe(args, ctx):
         readout, names, kind = pixels, pixels.names(), "pixels"
     p = len(names)
     pairs = args.estimator == "covariance"
+    _fits(f"probe: {p:,} outputs (p x p matrices in the JSON file)",
+          (9 if pairs else 2) * 60 * p * p + (32 * n * (1 + k) * p if pairs else 0),
+          "probe fewer outputs (--patch, or a classifier)")
     rho_all, draws = distributed.sharded_latents(
         n, k, shape, seed, batch_size, ctx.rank, ctx.world_size)
     dev = ctx.device
@@ -1013,6 +1095,28 @@ def _probe(args, ctx):
 
 # -- entry point ---------------------------------------------------------------------
 
+def _message(err: BaseException) -> str:
+    """The one line a failure prints: the message of a ValueError or a
+    missing file; disk full, permissions and out-of-memory named as such;
+    anything else as an unexpected error of its type."""
+    import errno
+
+    if isinstance(err, (ValueError, FileNotFoundError)):
+        return str(err)
+    where = f" ({err.filename!r})" if getattr(err, "filename", None) else ""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return f"disk full: no space left on the device while writing{where}"
+    if isinstance(err, OSError):
+        return f"{err.strerror or err}{where}"
+    text = str(err)
+    if isinstance(err, MemoryError) or "out of memory" in text.lower() \
+            or "can't allocate memory" in text:
+        return (f"out of memory ({type(err).__name__}: {text[:200]}); give a "
+                "smaller --batch-size or --n")
+    return (f"unexpected {type(err).__name__}: {text[:300]} (set "
+            "FLOWJAC_DEBUG=1 for the traceback)")
+
+
 def main(argv=None) -> int:
     """Run ``flowjac COMMAND ...`` and return the exit status (0, 1 for bad input, 2 for a bad command line); :ref:`sec_running_at_scale`."""
     import os
@@ -1042,8 +1146,12 @@ def main(argv=None) -> int:
 
         ctx = distributed.init(args.device)
         return args.func(args, ctx)
-    except (ValueError, FileNotFoundError) as err:
-        msg = " ".join(str(err).split())
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:
+        if os.environ.get("FLOWJAC_DEBUG"):
+            raise
+        msg = " ".join(_message(err).split())
         if ctx is None and os.environ.get("RANK", "0") not in ("", "0"):
             # setting up this process failed, perhaps on this rank only
             print(f"flowjac {args.command}: error on rank "
@@ -1051,8 +1159,6 @@ def main(argv=None) -> int:
         elif ctx is None or ctx.is_main:   # the others fail alike, or wait
             print(f"flowjac {args.command}: error: {msg}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
     finally:
         if ctx is not None:
             from flowjac.engine import distributed

@@ -88,7 +88,7 @@ def test_checkpoint_paths(tmp_path):
         load_checkpoint(lfs, net)
     tag = tmp_path / "tag.pt"
     tag.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(ValueError, match="corrupted or not a flowjac checkpoint"):
+    with pytest.raises(ValueError, match="corrupted or not a torch checkpoint"):
         load_checkpoint(tag, net)
     good = tmp_path / "good.pt"
     save_checkpoint(good, net, step=3, config={"lr": np.float64(1e-3)})

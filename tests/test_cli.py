@@ -67,7 +67,7 @@ def test_bad_input_gives_one_line_and_nonzero_status(models, tmp_path, capsys):
         (["probe", "--checkpoint", flow, "--classifier", flow, "--n", 4,
           "--out", out], 1, "FlowUNet, not an AttributeNet"),
         (["probe", "--checkpoint", junk, "--n", 4, "--out", out], 1,
-         "corrupted or not a flowjac checkpoint"),
+         "corrupted or not a torch checkpoint"),
         (["train", "--data", "cifar", "--train-steps", 2, "--out",
           tmp_path / "t"], 1, "data must be one of ('mnist', 'scm')"),
         (["probe", "--checkpoint", flow, "--n", -3, "--out", out], 1,
@@ -207,6 +207,79 @@ def test_sample_and_probe_replace_no_file_unasked(models, tmp_path, capsys):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~mask
+
+
+def test_failures_are_loud_one_line_and_status_1(models, tmp_path, capsys,
+                                                 monkeypatch):
+    import errno
+
+    flow, _ = models
+    good = torch.load(flow, weights_only=True)
+
+    def variant(name, change):
+        payload = {k: (dict(v) if isinstance(v, dict) else v)
+                   for k, v in good.items()}
+        payload["model"] = dict(good["model"])
+        payload["arch"] = {"class": good["arch"]["class"],
+                           "config": dict(good["arch"]["config"])}
+        change(payload)
+        torch.save(payload, tmp_path / name)
+        return tmp_path / name
+
+    first = next(iter(good["model"]))
+    nan = variant("nan.pt", lambda p: p["model"].__setitem__(
+        first, torch.full_like(good["model"][first], float("nan"))))
+    nan_ema = variant("nan_ema.pt", lambda p: p.__setitem__("ema", {
+        k: v * float("inf") for k, v in good["model"].items()}))
+    bad_ema = variant("bad_ema.pt", lambda p: p.__setitem__("ema", {
+        k: v[..., :1] for k, v in good["model"].items()}))
+    bad_key = variant("bad_key.pt", lambda p: p["arch"]["config"].__setitem__(
+        "bogus", 1))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+    torch.save({"format": "flowjac-checkpoint-1", "model": Evil()},
+               tmp_path / "evil.pt")
+    (tmp_path / "a_file").write_text("x")
+    out = tmp_path / "o.pt"
+    sample = ["sample", "--n", 2, "--out", out, "--no-progress"]
+    cases = [
+        (["train", *TINY[:-3], "--batch-size", 0, "--train-steps", 2, "--out",
+          tmp_path / "t0"], "batch_size must be >= 1, got 0"),
+        (["train", *TINY, "--lr", "1e30", "--train-steps", 3, "--out",
+          tmp_path / "nan_run"], "training stopped: the CFM loss was"),
+        (["train", *TINY, "--train-steps", 2, "--out", tmp_path / "a_file" / "t"],
+         "a_file' is a file, not a folder"),
+        (["train", *TINY[:2], "--size", 10 ** 6, *TINY[4:], "--train-steps", 2,
+          "--out", tmp_path / "t1"], "GiB of memory, more than"),
+        (["sample", "--checkpoint", flow, "--n", 10 ** 13, "--out", out],
+         "GiB of memory, more than"),
+        (sample + ["--checkpoint", nan], f"checkpoint '{nan}' holds NaN or inf"),
+        (sample + ["--checkpoint", nan_ema], "(EMA weights) holds NaN or inf"),
+        (sample + ["--checkpoint", bad_ema], "EMA weights do not match"),
+        (sample + ["--checkpoint", bad_key],
+         "stores a FlowUNet config that does not build one"),
+        (sample + ["--checkpoint", tmp_path / "evil.pt"],
+         "is unsafe: it holds pickled Python objects"),
+        (sample + ["--checkpoint", tmp_path / "evil.pt", "--format", "torchcfm",
+                   "--arch", '{"dim": [1, 8, 8]}'],
+         "is unsafe: it holds pickled Python objects"),
+    ]
+    for argv, fragment in cases:
+        code, err = run_cli(capsys, *argv)
+        assert code == 1 and len(err) == 1 and fragment in err[0], (argv, err)
+        assert "weights_only" not in err[0]
+    assert not out.exists() and not (tmp_path / "ran").exists()
+    assert not (tmp_path / "nan_run" / "checkpoint.pt").exists()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr("flowjac.utils.os.fsync", full)
+    code, err = run_cli(capsys, *sample, "--checkpoint", flow)
+    assert code == 1 and err == [f"flowjac sample: error: disk full: no space "
+                                 f"left on the device while writing ('{out}')"]
+    assert [p.name for p in tmp_path.glob(".o.pt*")] == []
 
 
 # -- two processes under torchrun (gloo) -----------------------------------

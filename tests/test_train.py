@@ -281,3 +281,26 @@ def test_lr_cooldown_resumes_exactly_and_ends_with_still_weights(tmp_path):
     for bad in [(5, 5), (-1, 3), [1], "4-8"]:
         with pytest.raises(ValueError, match="lr_cooldown"):
             train_flow(new_model(), sample, steps=3, **dict(cool, lr_cooldown=bad))
+
+
+@pytest.mark.parametrize("ema_decay", [None, 0.9])
+def test_a_non_finite_loss_stops_training_and_keeps_the_good_checkpoint(
+        tmp_path, ema_decay):
+    ck = tmp_path / "ck.pt"
+    good = dict(batch_size=16, lr=1e-3, seed=0, progress=False, log_every=100,
+                checkpoint_every=2, ema_decay=ema_decay, checkpoint_path=ck)
+    train_flow(new_model(), sample, steps=4, **good)
+    before = ck.read_bytes()
+    with pytest.raises(ValueError, match=r"training stopped: the CFM loss was "
+                       r"(nan|inf) at step \d+; the checkpoint .*ck.pt' keeps "
+                       r"step 4; lower lr \(now 1e\+30\)"):
+        train_flow(new_model(), sample, steps=40, allow_config_change=True,
+                   **dict(good, lr=1e30))
+    assert ck.read_bytes() == before
+    payload = load_checkpoint(ck, new_model())
+    assert payload["step"] == 4
+    assert all(torch.isfinite(v).all() for v in payload["model"].values())
+    # without a checkpoint, the error says that nothing was saved
+    with pytest.raises(ValueError, match=r"at step \d+; nothing was saved"):
+        train_flow(new_model(), sample, steps=40,
+                   **dict(good, lr=1e30, checkpoint_path=None))

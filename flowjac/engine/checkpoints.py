@@ -2,10 +2,10 @@
 
 A checkpoint holds the model's state and config as plain JSON-able values,
 and optionally the optimizer, the EMA weights and training extras (the
-generator state and losses for exact resume). A load failure keeps torch's
-whole reason, names an unsafe pickle as such (never suggesting
-``weights_only=False``), and gives one clear error for a missing, empty or
-directory path. Explained in :ref:`sec_neural_gaussian`.
+generator state and losses for exact resume). Every checkpoint is read
+by ``read_checkpoint``: a load failure keeps torch's reason, names an
+unsafe pickle as such (never suggesting to load it unsafely), and gives one
+clear error for a missing, empty or directory path. Explained in :ref:`sec_neural_gaussian`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from torch import nn
 from flowjac._checks import check_int
 from flowjac.utils import atomic_write_bytes
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_or_train"]
+__all__ = ["read_checkpoint", "save_checkpoint", "load_checkpoint", "load_or_train",
+           "check_finite_weights"]
 
 
 def _plain(value, where: str):
@@ -77,48 +78,93 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, step: int = 0,
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path, model: nn.Module, optimizer=None) -> dict:
-    """Load a checkpoint into ``model`` (and ``optimizer``), weights_only; :ref:`sec_neural_gaussian`.
+def _reason(text: str) -> str:
+    """torch's reason for refusing a file, without its advice to load it unsafely."""
+    text = " ".join(text.split())
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    text = text.split("Check the documentation", 1)[0]
+    keep = [sentence for sentence in re.split(r"(?<=\.)\s+", text)
+            if not any(s in sentence.lower() for s in (
+                "weights_only", "weights only load failed", "trusted source",
+                "please file an issue", "in pytorch 2.6"))]
+    return " ".join(keep).strip()
 
-    Returns the payload dict (``step``, ``config``, ``ema``, ``extra``).
-    Raises FileNotFoundError for a missing file and ValueError for a
-    directory, an empty file, a corrupted file (with torch's full reason),
-    a file holding arbitrary pickled objects (named as such) or one saved
-    from a different architecture.
+
+def read_checkpoint(path, what: str = "checkpoint", allow=()) -> object:
+    """The one safe read of a checkpoint file: ``torch.load(..., weights_only=True)`` with errors a user can act on; :ref:`sec_neural_gaussian`.
+
+    ``what`` names the file in messages (``"checkpoint"``, ``"classifier"``);
+    ``allow`` lists further classes the weights-only unpickler may build
+    (e.g. ``argparse.Namespace`` for flow_matching's checkpoints). Raises
+    FileNotFoundError for a missing file and ValueError for a directory, an
+    empty file, a Git LFS pointer, a file that names Python objects beyond
+    tensors and plain containers ("unsafe", never loaded, and never with
+    advice to load it unsafely) and a corrupted file (with torch's reason).
     """
+    import pickle
+    import warnings
+
     path = Path(path)
+    name = f"{what} {str(path)!r}"
     if path.is_dir():
-        raise ValueError(f"checkpoint {str(path)!r} is a directory, not a "
-                         "checkpoint file")
+        raise ValueError(f"{name} is a directory, not a checkpoint file")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        raise FileNotFoundError(f"{name} does not exist")
     if path.stat().st_size == 0:
-        raise ValueError(f"checkpoint {str(path)!r} is empty (0 bytes): an "
-                         "interrupted write or a truncated copy")
+        raise ValueError(f"{name} is empty (0 bytes): an interrupted write or "
+                         "a truncated copy")
     with open(path, "rb") as fh:
         head = fh.read(64)
     if head.startswith(b"version https://git-lfs"):
-        raise ValueError(f"checkpoint {str(path)!r} is a Git LFS pointer, not "
-                         "the file itself; fetch it with `git lfs pull`")
+        raise ValueError(f"{name} is a Git LFS pointer, not the file itself; "
+                         "fetch it with `git lfs pull`")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():      # torch warns about old pickles
+            warnings.simplefilter("ignore")
+            with torch.serialization.safe_globals(list(allow)):
+                return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling/zip errors of many kinds
-        text = str(err)
-        if "WeightsUnpickler error:" in text:
-            # keep torch's reason, not its advice to load with weights_only=False
-            text = text.split("WeightsUnpickler error:", 1)[1]
-            text = " ".join(text.split("Check the documentation")[0].split())
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        reason = _reason(str(err))
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
         if found:
             raise ValueError(
-                f"checkpoint {str(path)!r} holds pickled Python objects "
-                f"beyond tensors and plain containers (it names "
-                f"{found.group(1)}), which flowjac refuses to load because "
-                "unpickling them can execute arbitrary code; flowjac never "
-                "writes such files") from None
-        raise ValueError(f"checkpoint {str(path)!r} is corrupted or not a "
-                         f"flowjac checkpoint ({type(err).__name__}: "
-                         f"{text})") from None
+                f"{name} is unsafe: it holds pickled Python objects beyond "
+                f"tensors and plain containers (it names {found.group(1)}), and "
+                "unpickling them can execute arbitrary code, so flowjac refuses "
+                "to load it; flowjac never writes such files") from None
+        if isinstance(err, pickle.UnpicklingError):
+            raise ValueError(
+                f"{name} is corrupted or not a torch checkpoint: flowjac's "
+                f"safe loader refuses its pickle ({reason[:300]})") from None
+        raise ValueError(f"{name} is corrupted or not a torch checkpoint "
+                         f"({type(err).__name__}: {reason[:300]})") from None
+
+
+def check_finite_weights(tensors, source: str) -> None:
+    """Raise ValueError naming ``source`` unless every floating tensor of ``tensors`` (a state dict or an iterable) is finite; :ref:`sec_neural_gaussian`."""
+    items = tensors.items() if isinstance(tensors, dict) else enumerate(tensors)
+    bad = [str(k) for k, v in items if torch.is_tensor(v)
+           and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{source} holds NaN or inf weights ({len(bad)} "
+                         f"tensors, e.g. {bad[:3]}); it cannot give finite "
+                         "samples: retrain it, or take an earlier checkpoint")
+
+
+def load_checkpoint(path, model: nn.Module, optimizer=None, payload=None) -> dict:
+    """Load a checkpoint into ``model`` (and ``optimizer``), weights_only; :ref:`sec_neural_gaussian`.
+
+    Returns the payload dict (``step``, ``config``, ``ema``, ``extra``);
+    ``payload``, when given, is that dict already read from ``path``.
+    Reads the file with ``read_checkpoint``: FileNotFoundError for a
+    missing file, ValueError for a directory, an empty file, a corrupted
+    file (with torch's reason), an unsafe one (pickled objects, named as
+    such) or one saved from a different architecture.
+    """
+    path = Path(path)
+    if payload is None:
+        payload = read_checkpoint(path)
     if not isinstance(payload, dict) or payload.get("format") != \
             "flowjac-checkpoint-1":
         raise ValueError(f"checkpoint {str(path)!r} is not a flowjac "

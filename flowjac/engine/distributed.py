@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from flowjac._checks import check_int
 from flowjac.engine.checkpoints import _check_writable, _plain, load_checkpoint, save_checkpoint
-from flowjac.engine.train import EMA, _cfm_step, _check_settings, _sampler
+from flowjac.engine.train import EMA, _cfm_step, _check_settings, _FiniteWatch, _sampler
 from flowjac.utils import get_device
 
 __all__ = ["Context", "launched_by_torchrun", "init", "shutdown", "rank_seed", "shard_batches",
@@ -369,13 +369,22 @@ def train_flow_distributed(model: nn.Module, sample_x1, *, train_steps: int,
         net = DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
+    watch = _FiniteWatch(dev, checkpoint_path, lr)
+    if start:
+        watch.saved = start
+
+    def reduce_min(value):
+        return -all_reduce_max(-value, ctx)
+
     def save(step):
+        watch.check(model, ema, step, reduce_min)
         state = gen.get_state()
         states = gather_rows(state[None].double(), [rank], world, ctx)
         states = states.to(torch.uint8)
         on_main(ctx, save_checkpoint, checkpoint_path, model, opt, step,
                 config, ema, rng=states[0].clone(), rng_ranks=states,
                 loss=hist["loss"], loss_step=hist["step"], world_size=world)
+        watch.saved = step
 
     bar = tqdm(range(start, train_steps),
                disable=None if (progress and ctx.is_main) else True,
@@ -387,7 +396,9 @@ def train_flow_distributed(model: nn.Module, sample_x1, *, train_steps: int,
         t = torch.rand(local_batch, generator=gen, dtype=x1.dtype).to(dev)
         loss = _cfm_step(net, model, opt, x0, x1, t, parameterization,
                          grad_clip, ema)
+        watch.update(loss, step + 1)
         if (step + 1) % log_every == 0 or step + 1 == train_steps:
+            watch.check(model, ema, step + 1, reduce_min)
             value = loss.detach()
             if ctx.distributed:
                 value = all_reduce_sum(value, ctx) / world
@@ -398,6 +409,7 @@ def train_flow_distributed(model: nn.Module, sample_x1, *, train_steps: int,
                 (step + 1) % checkpoint_every == 0 or step + 1 == train_steps):
             save(step + 1)
     bar.close()
+    watch.check(model, ema, train_steps, reduce_min)
     if ema is not None:
         model.load_state_dict(ema.state_dict())
     model.eval()

@@ -160,6 +160,51 @@ def _cfm_step(net, model, opt, x0, x1, t, parameterization, grad_clip, ema):
     return loss
 
 
+class _FiniteWatch:
+    """The first step whose CFM loss was not finite, kept on the device
+    (no synchronisation per step) and checked, with the weights, before
+    every checkpoint and at the end: training stops with one ValueError
+    that names the step, and the last checkpoint written stays the last
+    good one (NaN weights are never saved)."""
+
+    _NONE = 2 ** 62
+
+    def __init__(self, device, checkpoint_path, lr):
+        self.first = torch.full((), self._NONE, dtype=torch.int64, device=device)
+        self.value = torch.zeros((), device=device)
+        self.path, self.lr, self.saved = checkpoint_path, lr, None
+
+    def update(self, loss, step: int) -> None:
+        """Record ``loss`` of optimiser step ``step`` (1-based)."""
+        new = (~torch.isfinite(loss.detach())) & (self.first == self._NONE)
+        self.first = torch.where(new, torch.full_like(self.first, step), self.first)
+        self.value = torch.where(new, loss.detach().float(), self.value)
+
+    def check(self, model, ema, step: int, reduce_min=None) -> None:
+        """Raise unless every loss so far and the weights (and EMA) are finite."""
+        tensors = [p for p in model.parameters()] + (
+            [v for v in ema.shadow.values() if v.is_floating_point()] if ema else [])
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all() \
+            if tensors else torch.tensor(True)
+        first = int(self.first)
+        bad_weights = 0 if bool(finite) else step
+        if reduce_min is not None:      # every rank decides alike
+            first = int(reduce_min(first))
+            bad_weights = -int(reduce_min(-bad_weights))
+        if first == self._NONE and not bad_weights:
+            return
+        kept = (f"the checkpoint {str(self.path)!r} keeps step {self.saved}"
+                if self.saved is not None else
+                "no checkpoint of this run was written" if self.path is not None
+                else "nothing was saved")
+        if first != self._NONE:
+            what = f"the CFM loss was {float(self.value)} at step {first}"
+        else:
+            what = f"the weights were not finite (NaN or inf) at step {bad_weights}"
+        raise ValueError(f"training stopped: {what}; {kept}; lower lr (now "
+                         f"{self.lr}) or check the data")
+
+
 def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
                lr: float, weight_decay: float = 0.0,
                parameterization: str = "velocity", ema_decay=None,
@@ -273,10 +318,16 @@ def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
             ema.shadow = {k: v.to(dev) for k, v in payload["ema"].items()}
         model.to(dev)
 
+    watch = _FiniteWatch(dev, checkpoint_path, lr)
+    if start:
+        watch.saved = start
+
     def save(step):
+        watch.check(model, ema, step)
         save_checkpoint(checkpoint_path, model, opt, step, config, ema,
                         rng=gen.get_state(), loss=hist["loss"],
                         loss_step=hist["step"])
+        watch.saved = step
 
     bar = tqdm(range(start, steps), disable=not progress or None,
                desc="CFM training", mininterval=1.0, initial=start,
@@ -300,13 +351,16 @@ def train_flow(model: nn.Module, sample_x1, *, steps: int, batch_size: int,
                 group["lr"] = lr * cooldown_factor(step, cooldown)
         loss = _cfm_step(net, model, opt, x0, x1, t, parameterization,
                          grad_clip, ema)
+        watch.update(loss, step + 1)
         if (step + 1) % log_every == 0 or step + 1 == steps:
+            watch.check(model, ema, step + 1)
             hist["loss"].append(float(loss.detach()))
             hist["step"].append(step + 1)
             bar.set_postfix(loss=f"{hist['loss'][-1]:.4f}", refresh=False)
         if checkpoint_path is not None and (
                 (step + 1) % checkpoint_every == 0 or step + 1 == steps):
             save(step + 1)
+    watch.check(model, ema, steps)
     if ema is not None:
         model.load_state_dict(ema.state_dict())
     model.eval()

@@ -48,9 +48,7 @@ from __future__ import annotations
 
 import math
 import numbers
-import re
 import warnings
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -1169,29 +1167,13 @@ def from_callable(fn: Callable, *, order: str, fast: bool = True) -> AdaptedVelo
 # checkpoints
 
 def _read(path):
-    """torch.load(path, weights_only=True) with flowjac's errors."""
+    """The checkpoint's contents by flowjac's one safe read (weights only;
+    an ``args`` Namespace, as flow_matching's example scripts save, allowed)."""
     import argparse
 
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"checkpoint {str(path)!r} is a directory, not a file")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if path.stat().st_size == 0:
-        raise ValueError(f"checkpoint {str(path)!r} is empty (0 bytes)")
-    try:   # argparse.Namespace: the 'args' entry of flow_matching's checkpoints
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        text = " ".join(str(err).split("Check the documentation")[0].split())
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        if found:
-            raise ValueError(f"checkpoint {str(path)!r} holds pickled Python "
-                             f"objects beyond tensors (it names {found.group(1)}); "
-                             "flowjac loads weights only, because unpickling "
-                             "them can execute arbitrary code") from None
-        raise ValueError(f"checkpoint {str(path)!r} is corrupted or not a torch "
-                         f"checkpoint ({type(err).__name__}: {text[:300]})") from None
+    from flowjac.engine.checkpoints import read_checkpoint
+
+    return read_checkpoint(path, "checkpoint", allow=[argparse.Namespace])
 
 
 def _strip(state: dict) -> dict:
