@@ -2,6 +2,7 @@
 #   make book   create .venv, execute every chapter (PROFILE=quick|full), build _build/html
 #   make test   create .venv, run unit tests, nbval, the sync check, a golden render
 #               and the browser check of its pages (installs chromium by apt if missing)
+#   make test-changed  the same, re-executing only chapters whose inputs changed
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PROFILE ?= quick
@@ -11,7 +12,7 @@ PARAM_FLAGS = $(foreach p,$(PARAMS),--param $(p))
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: book test golden venv chapter clean browser pair
+.PHONY: book test test-changed golden venv chapter clean browser pair
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,9 +33,22 @@ book: venv
 chapter: venv
 	$(VENV)/bin/python tools/build_book.py book --profile $(PROFILE) --only $(CH) $(if $(DEVICE),--device $(DEVICE)) $(PARAM_FLAGS)
 
+# Two xdist workers with one torch thread each (the 2-core CI machine);
+# chapters first, since they are the longest items (conftest.py keeps each
+# chapter's cells on one worker); the 25 slowest items are printed.
+PYTEST_RUN = OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/python -m pytest notebooks tests \
+	--nbval-lax -p no:cacheprovider -n 2 --dist loadgroup --durations=25
+
 test: venv browser
-	$(VENV)/bin/ruff check flowjac tests tools benchmarks
-	$(VENV)/bin/python -m pytest tests notebooks --nbval-lax -p no:cacheprovider --durations=25
+	$(VENV)/bin/ruff check flowjac tests tools benchmarks conftest.py
+	$(PYTEST_RUN)
+
+# The development loop: the same, but chapters whose inputs have not changed
+# since they last passed here are not re-executed (tools/chapter_inputs.py;
+# the header says which chapters run and why).
+test-changed: venv browser
+	$(VENV)/bin/ruff check flowjac tests tools benchmarks conftest.py
+	$(PYTEST_RUN) --changed-only
 
 # Headless Chromium for tests/test_browser.py (Debian packages; as root, or
 # through sudo), with the DejaVu fonts its layout is measured in. Skipped
