@@ -15,6 +15,8 @@ from flowjac.utils import repo_root
                     "--mlp-batch", "16"], None),
     ("interop.py", ["--steps", "1", "--repeats", "1", "--threads", "1", "--batch", "1",
                     "--mlp-batch", "16", "--mlp-hidden", "16"], None),
+    ("cpu_speed.py", ["--part", "mnist-fives", "--batch", "2", "--sample-batch", "2",
+                      "--steps", "1", "--repeats", "1", "--threads", "1", "--no-compile"], None),
     ("scaling.py", ["--n", "8", "--batch-size", "4", "--repeats", "1", "--size", "8",
                     "--base-channels", "8", "--steps", "1"], None),
 ])

@@ -37,7 +37,7 @@ from flowjac.closedform.empirical import nearest_distances
 __all__ = ["GATES", "GATE_INTERVAL", "GATE_MIN_N", "GATE_SIDES", "judge",
            "attribute_sample_gates", "edge_disagreement_accuracy",
            "digit_sample_gates", "memorization",
-           "offdiag_mae", "combine", "conditional_gates",
+           "offdiag_mae", "combine", "conditional_gates", "gate_rows",
            "check_gates"]
 
 GATES = {
@@ -309,6 +309,37 @@ def combine(sample_gates: dict, memorization_gates: dict) -> dict:
     out["failed"] = sorted(k for k, v in out["status"].items() if v == "fail")
     out["passed"] = _passed(out)
     return out
+
+
+def _value(gates: dict, name: str):
+    if name in gates:
+        return gates[name]
+    return gates.get("memorization", {}).get(name)
+
+
+def gate_rows(gates: dict) -> list[dict]:
+    """One row per gate of a gate record: value, 95% interval, limit and status; :ref:`sec_attributes`.
+
+    Records measured before intervals existed (no ``status``) are judged on
+    their point value, and their status says so (``"pass (point)"``).
+    """
+    rows = []
+    names = list(gates.get("status") or [n for n in GATE_SIDES if _value(gates, n) is not None])
+    for name in names:
+        key, side = GATE_SIDES[name]
+        value = _value(gates, name)
+        interval = (gates.get("intervals") or {}).get(name)
+        if gates.get("status"):
+            status = gates["status"][name]
+        else:
+            ok = value >= GATES[key] if side == "min" else value <= GATES[key]
+            status = "pass (point)" if ok else "fail (point)"
+        rows.append(dict(gate=name, value=value,
+                         low=None if interval is None else interval[0],
+                         high=None if interval is None else interval[1],
+                         limit=f"{'>=' if side == 'min' else '<='} {GATES[key]}",
+                         status=status))
+    return rows
 
 
 def check_gates(name: str, gates: dict) -> None:
