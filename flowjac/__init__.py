@@ -21,7 +21,7 @@ forms never import training code, nothing imports a chapter):
 - ``data``: ``images`` (MNIST, CelebA), ``scm_images`` (the SCM renderer)
 - ``causal``: ``scm`` (the binary SCM, exact by enumeration),
   ``discovery`` (PC, CPDAG, SHD)
-- ``estimators``: ``moments``, ``covariance`` (exact covariances from JVPs),
+- ``estimators``: ``moments``, ``covariance`` (covariances from JVPs, unbiased),
   ``intervals`` (bootstrap and heavy-tail-aware intervals), ``spectra``
   (local spectra of the flow map, divergence, log-likelihood, Hutch++)
 - ``pipelines``: ``stored`` (stored GPU runs), ``interventions`` and
@@ -37,7 +37,26 @@ Chapters import subpackages under readable names, e.g.
 ``from flowjac.closedform import gaussian``; see CONTRIBUTING.md for the
 vocabulary (one name per concept).
 """
-from .utils import Run, get_device, load_results, seed_everything, setup
+import importlib
 
 __all__ = ["Run", "get_device", "load_results", "seed_everything", "setup"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    """The names of ``__all__`` (from ``utils``) and the subpackages, imported
+    on first use (PEP 562), so that ``import flowjac`` (and ``flowjac
+    --help``) does not import torch."""
+    if name in __all__:
+        return getattr(importlib.import_module(".utils", __name__), name)
+    if not name.startswith("_"):
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

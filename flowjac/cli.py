@@ -6,10 +6,11 @@
 
 ``sample`` and ``probe`` also read flows trained with the peers' libraries:
 ``--format torchcfm --arch ARCH`` (a torchcfm training checkpoint; ARCH the
-``UNetModelWrapper`` arguments, a JSON file or an inline JSON object) and
-``--format flow_matching --model-class MODULE:CLASS --arch ARCH
---latent-shape C H W`` (the user's own ``ModelWrapper`` class), both through
-``flowjac.models.adapters``.
+``UNetModelWrapper`` arguments, or the README ``MLP``'s with an integer
+``dim``, a JSON file or an inline JSON object) and ``--format flow_matching
+--model-class MODULE:CLASS [--wrapper MODULE:CLASS] --arch ARCH
+--latent-shape C H W`` (the user's own network class, optionally wrapped as
+flow_matching's examples wrap it), both through ``flowjac.models.adapters``.
 
 The same commands run under ``torchrun --nproc_per_node=N -m flowjac ...``:
 training becomes DDP (the global batch split over the ranks), sampling and
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -38,6 +40,28 @@ DATA = ("mnist", "scm")
 METHODS = ("euler", "midpoint", "heun", "rk4")
 FORMATS = ("flowjac", "torchcfm", "flow_matching")
 ESTIMATORS = ("moment", "covariance")
+# what flowjac probe's numbers are for: its help and its JSON file say so
+_WHAT_TO_READ = {
+    "covariances and correlations of the outputs": (
+        "sample_covariance (standard error sample_covariance_stderr) and "
+        "sample_correlation, the plain sample covariance of r(phi(z)) over "
+        "the n latents. Read these for covariances: the book measures the "
+        "paper's E[J J^T] several times further from the flow's correlation "
+        "than plain samples at equal compute (book/byom.md), and when the "
+        "identity below wins (book/exact_covariances.md)."),
+    "local sensitivity, spectra, likelihoods, the h(rho) profile": (
+        "the JVPs. second_moment = E[(Jv)(Jv)^T] = E[J J^T] (standard error "
+        "second_moment_stderr) says how strongly the outputs move with the "
+        "latent, averaged over z; it is not their covariance (it bounds it "
+        "from above). Spectra, divergences, log-likelihoods and the h(rho) "
+        "profile are built from JVPs by flowjac.estimators.spectra and "
+        "flowjac.estimators.covariance."),
+    "the interpolation identity (--estimator covariance)": (
+        "covariance.cov (standard error covariance.stderr), an unbiased Monte "
+        "Carlo estimate of the covariance from 2 n k JVPs, not an exact value; "
+        "compare its standard error with sample_covariance_stderr before "
+        "preferring it."),
+}
 # the recipe each --data starts from (flowjac.models.pretrained.RECIPES)
 _RECIPE = {"scm": "scm-flow", "mnist": "mnist-fives"}
 _NATIVE_SIZE = {"scm": 32, "mnist": 28}
@@ -90,15 +114,19 @@ def _formats(p):
     p.add_argument("--format", choices=FORMATS, default="flowjac",
                    help="who wrote the checkpoint: 'flowjac' (flowjac train, "
                         "the shipped weights), 'torchcfm' (its image scripts' "
-                        "dict: net_model, ema_model, step; needs --arch) or "
-                        "'flow_matching' (a state dict of your ModelWrapper "
-                        "class; needs --model-class, --arch, --latent-shape) "
-                        "(default: flowjac)")
+                        "dict: net_model, ema_model, step, or a bare state "
+                        "dict of its README MLP; needs --arch) or "
+                        "'flow_matching' (a state dict of your network or its "
+                        "ModelWrapper; needs --model-class, --arch, "
+                        "--latent-shape; --wrapper for the WrappedModel(model) "
+                        "pattern) (default: flowjac)")
     p.add_argument("--arch", default=None, metavar="JSON",
                    help="the network's constructor arguments, a .json file or "
                         "an inline JSON object, e.g. '{\"dim\": [1, 28, 28], "
                         "\"num_channels\": 32, \"num_res_blocks\": 1}' for "
-                        "torchcfm's UNetModelWrapper")
+                        "torchcfm's UNetModelWrapper, or '{\"dim\": 2, \"w\": "
+                        "64, \"time_varying\": true}' for torchcfm's README "
+                        "MLP (an integer dim selects the MLP)")
     p.add_argument("--model-class", default=None, metavar="MODULE:CLASS",
                    help="flow_matching only: your network's class, a "
                         "torch.nn.Module subclass defined in MODULE itself, "
@@ -109,6 +137,13 @@ def _formats(p):
                         "class statement for CLASS is refused unimported, and "
                         "anything but a Module subclass of MODULE is refused "
                         "before it is called")
+    p.add_argument("--wrapper", default=None, metavar="MODULE:CLASS",
+                   help="flow_matching only: a ModelWrapper subclass built as "
+                        "CLASS(model) around the --model-class network, as "
+                        "flow_matching's examples wrap theirs (wrapped = "
+                        "WrappedModel(model)); checked and imported as "
+                        "--model-class is. The checkpoint may hold the "
+                        "network's or the wrapper's state dict")
     p.add_argument("--latent-shape", type=_integer, nargs="+", default=None,
                    metavar="N", help="flow_matching only: the shape of one "
                    "sample, e.g. 1 28 28 (torchcfm's comes from --arch dim)")
@@ -210,20 +245,24 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sa, "seed of the latents (default: 0)")
     sa.set_defaults(func=_sample)
 
-    pr = sub.add_parser("probe", allow_abbrev=False, help="JVP second moments and covariances",
+    pr = sub.add_parser("probe", allow_abbrev=False,
+                        help="covariances of a readout, and its JVPs",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
                         description=(
-                            "JVPs of a readout of the flow map at n latents, "
-                            "k probes each, drawn as flowjac.engine.probing."
-                            "probe draws them: attribute JVPs J_{c o phi} v "
-                            "through a classifier, or pixel JVPs. Writes a "
-                            "JSON file with the second moment E[(Jv)(Jv)^T] "
-                            "(p x p), its correlation, the mean output, the "
-                            "settings and the hardware; --estimator covariance "
-                            "adds the exact covariance of the interpolation "
-                            "identity (flowjac.estimators.covariance). Under "
-                            "torchrun the latents are sharded by batch and the "
-                            "sums reduced in float64: the result equals the "
-                            "single-process one to round-off."))
+                            "Evaluates a readout r of the flow map phi (a "
+                            "classifier's logits, or pixels) at n latents z, "
+                            "with k JVPs J v each, drawn as flowjac.engine."
+                            "probing.probe draws them, and writes a JSON file "
+                            "(with the settings and the hardware).\n\n"
+                            "What to read for what (also the file's "
+                            "'what_to_read'):\n" + "\n".join(
+                                textwrap.fill(f"{k}: {v}", 78,
+                                              initial_indent="  * ",
+                                              subsequent_indent="    ")
+                                for k, v in _WHAT_TO_READ.items()) + "\n\n"
+                            "Under torchrun the latents are sharded by batch "
+                            "and the sums reduced in float64: the result equals "
+                            "the single-process one to round-off."))
     pr.add_argument("--checkpoint", required=True, type=Path,
                     help="a flow checkpoint (see flowjac sample --help)")
     pr.add_argument("--classifier", type=Path, default=None,
@@ -243,15 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--k", type=_integer, default=4,
                     help="probes v ~ N(0, I) per latent (default: 4)")
     pr.add_argument("--estimator", choices=ESTIMATORS, default="moment",
-                    help="'moment': the paper's second moment E[(Jv)(Jv)^T] "
-                         "from n k JVPs; 'covariance': also the exact "
-                         "covariance Cov(r(phi(Z))) by the interpolation "
-                         "identity, from JVPs at a second latent z_rho along "
-                         "the same probes (twice the cost; the n x k x p "
-                         "JVPs are gathered in memory) (default: moment)")
+                    help="'moment': the plain sample covariance and the "
+                         "paper's second moment E[(Jv)(Jv)^T] from n k JVPs; "
+                         "'covariance': also the interpolation identity's "
+                         "unbiased Monte Carlo estimate of Cov(r(phi(Z))) with "
+                         "its standard error, from JVPs at a second latent "
+                         "z_rho along the same probes (twice the cost; the "
+                         "n x k x p JVPs are gathered in memory) (default: "
+                         "moment)")
     pr.add_argument("--out", required=True, type=Path,
-                    help="the JSON file to write, e.g. results/NAME.json "
-                         "(read back with flowjac.load_results('NAME'))")
+                    help="the JSON file to write, e.g. runs/NAME.json (read "
+                         "back with flowjac.load_results('runs/NAME.json'))")
     pr.add_argument("--batch-size", type=_integer, default=256,
                     help="latents per batch, the unit of sharding; changing "
                          "it changes the draw (default: 256)")
@@ -616,6 +657,7 @@ def load_any_flow(args, device="cpu", dtype=None):
     from flowjac._checks import check_choice
     check_choice("format", fmt, FORMATS)
     foreign = dict(arch=args.arch, model_class=args.model_class,
+                   wrapper=getattr(args, "wrapper", None),
                    latent_shape=args.latent_shape, label=args.label,
                    raw_weights=args.raw_weights or None)
     if fmt == "flowjac":
@@ -635,16 +677,27 @@ def load_any_flow(args, device="cpu", dtype=None):
     if not Path(args.checkpoint).exists():
         raise FileNotFoundError(f"checkpoint {str(args.checkpoint)!r} does not exist")
     if fmt == "torchcfm":
-        for key in ("model_class", "latent_shape"):
+        for key in ("model_class", "wrapper", "latent_shape"):
             if foreign[key] is not None:
                 raise ValueError(f"{key} applies to --format flow_matching only "
                                  "(torchcfm's shape is arch's dim)")
         if "dim" not in arch:
-            raise ValueError("arch for torchcfm must give dim, e.g. [1, 28, 28]")
-        arch["dim"] = tuple(arch["dim"])
+            raise ValueError("arch for torchcfm must give dim, e.g. [1, 28, 28] "
+                             "for its UNet or 2 for its MLP")
+        dim = arch["dim"]
+        if isinstance(dim, bool) or not (isinstance(dim, int) or (
+                isinstance(dim, list) and len(dim) == 3
+                and all(isinstance(d, int) and not isinstance(d, bool)
+                        for d in dim))):
+            raise ValueError(f"arch's dim must be [C, H, W] (torchcfm's UNet) or "
+                             f"an integer (torchcfm's MLP), got {dim!r}")
+        if isinstance(dim, list):
+            arch["dim"] = tuple(dim)
+            shape = tuple(_count("arch dim", d) for d in dim)
+        else:
+            shape = (_count("arch dim", dim),)
         velocity = adapters.load_torchcfm_checkpoint(
             args.checkpoint, ema=not args.raw_weights, y=args.label, **arch)
-        shape = tuple(int(d) for d in arch["dim"])
         step = velocity.step
     else:
         for key in ("label", "raw_weights"):
@@ -652,11 +705,13 @@ def load_any_flow(args, device="cpu", dtype=None):
                 raise ValueError(f"{key} applies to --format torchcfm only")
         if args.model_class is None:
             raise ValueError("format flow_matching needs model_class "
-                             "(MODULE:CLASS, your ModelWrapper subclass)")
+                             "(MODULE:CLASS, your network's class)")
         if not args.latent_shape:
             raise ValueError("format flow_matching needs latent_shape, the "
                              "shape of one sample, e.g. 1 28 28")
         cls = _import_class(args.model_class)
+        wrapper = (None if args.wrapper is None
+                   else _import_class(args.wrapper, "wrapper"))
         try:
             net = cls(**arch)
         except TypeError as err:
@@ -664,6 +719,13 @@ def load_any_flow(args, device="cpu", dtype=None):
         except Exception as err:    # the user's constructor failed
             raise ValueError(f"model_class {args.model_class} failed to build "
                              f"from arch ({type(err).__name__}: {err})") from None
+        if wrapper is not None:
+            try:
+                net = wrapper(net)
+            except Exception as err:
+                raise ValueError(f"wrapper {args.wrapper} failed to wrap the "
+                                 f"{args.model_class} network as wrapper(model) "
+                                 f"({type(err).__name__}: {err})") from None
         velocity = adapters.load_flow_matching_checkpoint(net, args.checkpoint)
         shape = tuple(_count("latent_shape", d) for d in args.latent_shape)
         step = None
@@ -977,7 +1039,7 @@ def _probe(args, ctx):
     from flowjac.engine import distributed
     from flowjac.engine.composite import attribute_jvp
     from flowjac.engine.probing import stage_count
-    from flowjac.estimators.covariance import covariance_from_pairs
+    from flowjac.estimators.covariance import covariance_from_pairs, sample_covariance
     from flowjac.estimators.moments import moment_to_corr
     from flowjac.utils import hardware, save_json
 
@@ -1019,13 +1081,16 @@ def _probe(args, ctx):
     p = len(names)
     pairs = args.estimator == "covariance"
     _fits(f"probe: {p:,} outputs (p x p matrices in the JSON file)",
-          (9 if pairs else 2) * 60 * p * p + (32 * n * (1 + k) * p if pairs else 0),
+          (12 if pairs else 6) * 60 * p * p + 16 * n * p
+          + (32 * n * (1 + k) * p if pairs else 0),
           "probe fewer outputs (--patch, or a classifier)")
     rho_all, draws = distributed.sharded_latents(
         n, k, shape, seed, batch_size, ctx.rank, ctx.world_size)
     dev = ctx.device
     moment = torch.zeros(p, p, dtype=torch.float64, device=dev)
+    moment_sq = torch.zeros(p, p, dtype=torch.float64, device=dev)
     out_sum = torch.zeros(p, dtype=torch.float64, device=dev)
+    chunk = max(1, 4_000_000 // (p * p))
     rows = {"index": [], "fz": [], "jz": [], "fzr": [], "jzr": []}
     own = distributed.shard_batches(n, batch_size, ctx.rank, ctx.world_size)
     t0 = time.perf_counter()
@@ -1039,7 +1104,13 @@ def _probe(args, ctx):
                                    steps=steps, method=method)
         d = jz.reshape(-1, p).double()
         moment += d.T @ d
+        per = d.reshape(b, -1, p)     # one latent's k probes: one unit of the SE
+        for c in range(0, b, chunk):
+            t = torch.einsum("ikp,ikq->ipq", per[c:c + chunk], per[c:c + chunk])
+            moment_sq += (t * t).sum(0)
         out_sum += fz.double().sum(0)
+        rows["index"].extend(range(i, i + b))
+        rows["fz"].append(fz.double().cpu())
         if pairs:
             rho = rho_all[i:i + b].to(dev, dtype)
             view = (b,) + (1,) * len(shape)
@@ -1047,15 +1118,17 @@ def _probe(args, ctx):
             with torch.no_grad():
                 fzr, jzr = attribute_jvp(velocity, readout, zr, tangents=v,
                                          steps=steps, method=method)
-            rows["index"].extend(range(i, i + b))
-            for key, val in (("fz", fz), ("jz", jz), ("fzr", fzr),
-                             ("jzr", jzr)):
+            for key, val in (("jz", jz), ("fzr", fzr), ("jzr", jzr)):
                 rows[key].append(val.double().cpu())
     if dev.type == "cuda":
         torch.cuda.synchronize()
     solve_seconds = distributed.all_reduce_max(time.perf_counter() - t0, ctx)
     t1 = time.perf_counter()
-    moment = distributed.all_reduce_sum(moment, ctx).cpu() / (n * k)
+    moment_sum = distributed.all_reduce_sum(moment, ctx).cpu()
+    moment_sq = distributed.all_reduce_sum(moment_sq, ctx).cpu()
+    moment = moment_sum / (n * k)
+    var = (moment_sq - moment_sum ** 2 / n).clamp_min(0) / (n - 1)
+    moment_se = (n * var).sqrt() / (n * k)
     mean = distributed.all_reduce_sum(out_sum, ctx).cpu() / n
     result = dict(
         command="probe", estimator=args.estimator, readout=kind, outputs=names,
@@ -1063,26 +1136,35 @@ def _probe(args, ctx):
         batch_size=batch_size, dtype=args.dtype, patch=args.patch,
         checkpoint=str(args.checkpoint), format=args.format,
         classifier=None if args.classifier is None else str(args.classifier),
+        what_to_read=_WHAT_TO_READ,
         second_moment=_json_matrix(moment),
+        second_moment_stderr=_json_matrix(moment_se),
         second_moment_corr=_json_matrix(moment_to_corr(moment)),
         mean_output=_json_matrix(mean),
         evaluations=n * stage_count(method, steps) * (1 + k) * (2 if pairs else 1),
         world_size=ctx.world_size, backend=ctx.backend, device=str(dev),
         hardware=hardware())
-    if pairs:
-        gathered = {}
-        for key, width in (("fz", (p,)), ("jz", (k, p)), ("fzr", (p,)),
-                           ("jzr", (k, p))):
+    gathered = {}
+    for key, width in (("fz", (p,)), ("jz", (k, p)), ("fzr", (p,)),
+                       ("jzr", (k, p))):
+        if key == "fz" or pairs:
             local = (torch.cat(rows[key]) if rows[key]
                      else torch.zeros(0, *width, dtype=torch.float64))
             gathered[key] = distributed.gather_rows(local, rows["index"], n, ctx)
-        if ctx.is_main:
+    if ctx.is_main:
+        if pairs:
             est = covariance_from_pairs(gathered["jz"], gathered["jzr"], rho_all,
                                         fz=gathered["fz"], fzr=gathered["fzr"])
             result["covariance"] = {
                 key: _json_matrix(getattr(est, key))
                 for key in ("cov", "stderr", "corr", "upper", "upper_stderr",
                             "sample", "sample_stderr")}
+            cov, cov_se = est.sample, est.sample_stderr
+        else:
+            cov, cov_se = sample_covariance(gathered["fz"])
+        result.update(sample_covariance=_json_matrix(cov),
+                      sample_covariance_stderr=_json_matrix(cov_se),
+                      sample_correlation=_json_matrix(moment_to_corr(cov)))
     result["seconds"] = dict(solves=solve_seconds,
                              reduce=time.perf_counter() - t1)
     distributed.on_main(ctx, save_json, out, result)
@@ -1090,10 +1172,35 @@ def _probe(args, ctx):
         print(f"probed {n} latents x {k} probes ({p} outputs) in "
               f"{solve_seconds:.1f} s on {ctx.world_size} process(es); "
               f"wrote {out}")
+        print("read: covariances -> sample_covariance (standard error "
+              "sample_covariance_stderr); local sensitivity -> second_moment "
+              "(E[J J^T], not a covariance)" + ("; the identity's unbiased "
+              "Monte Carlo estimate -> covariance.cov (covariance.stderr)"
+              if pairs else "") + "; see what_to_read in the file")
     return 0
 
 
 # -- entry point ---------------------------------------------------------------------
+
+# flags whose values may start with "-", which argparse takes for a flag
+_SIGNED = ("--value-range",)
+
+
+def _join_negative_values(argv):
+    """``--value-range -1,1`` as ``--value-range=-1,1``: argparse reads a
+    value that starts with "-" (and is no plain number) as another flag."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = str(argv[i])
+        if arg in _SIGNED and i + 1 < len(argv) and str(argv[i + 1]).startswith("-") \
+                and not str(argv[i + 1]).startswith("--"):
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
 
 def _message(err: BaseException) -> str:
     """The one line a failure prints: the message of a ValueError or a
@@ -1131,6 +1238,7 @@ def main(argv=None) -> int:
     argv = list(argv)
     if argv[:1] == ["--"]:      # torchrun ... -m flowjac -- COMMAND ...
         argv = argv[1:]
+    argv = _join_negative_values(argv)
     if argv[:1] == ["train"] and any(a == "--steps" or a.startswith("--steps=")
                                      for a in argv):
         print("flowjac train: error: --steps means solver steps; give the "

@@ -307,12 +307,37 @@ def _json_default(o):
     raise TypeError(f"cannot serialise {type(o).__name__} to JSON")
 
 
-def load_results(name: str) -> dict | None:
-    """Load ``results/<name>.json`` (stored full-profile numbers) or None; :ref:`sec_how_to_run`."""
-    path = repo_root() / "results" / f"{name}.json"
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())
+def load_results(name: str | os.PathLike) -> dict | None:
+    """A stored result: ``results/<name>.json`` (None if not stored) or the JSON file at a path; :ref:`sec_how_to_run`.
+
+    A bare name (no folder, no ``.json``), e.g. ``"scm_cli"``, reads the
+    repository's ``results/scm_cli.json`` and gives None when it is not
+    there. A path (a ``Path``, or text with a folder or ending in
+    ``.json``), e.g. the ``--out`` of ``flowjac probe``, reads that file;
+    a missing path is a FileNotFoundError, a file that is not JSON a
+    ValueError naming it.
+    """
+    text = os.fspath(name) if isinstance(name, os.PathLike) else name
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"name must be a result name or a path to a JSON "
+                         f"file, got {name!r}")
+    is_path = isinstance(name, os.PathLike) or text.endswith(".json") or \
+        "/" in text or os.sep in text
+    if is_path:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"results file {text!r} does not exist"
+                                    + (" (it is a directory)" if path.is_dir()
+                                       else ""))
+    else:
+        path = repo_root() / "results" / f"{text}.json"
+        if not path.exists():
+            return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"results file {str(path)!r} is not valid JSON "
+                         f"({err})") from None
 
 
 def bound_heap(threshold: int = 1 << 20) -> bool:

@@ -165,6 +165,23 @@ def test_sample_and_probe_equal_the_library(models, tmp_path, capsys):
     torch.testing.assert_close(torch.tensor(res["second_moment"],
                                             dtype=torch.float64), ref,
                                rtol=1e-5, atol=1e-7)
+    # what to read for covariances: the plain sample covariance, with its
+    # standard error, and the second moment's standard error over latents
+    assert set(res["what_to_read"]) == set(cli._WHAT_TO_READ)
+    f = lib["out"].double()
+    torch.testing.assert_close(torch.tensor(res["sample_covariance"],
+                                            dtype=torch.float64),
+                               torch.cov(f.T), rtol=1e-4, atol=1e-7)
+    fc = f - f.mean(0)
+    terms = fc[:, :, None] * fc[:, None, :]
+    torch.testing.assert_close(torch.tensor(res["sample_covariance_stderr"],
+                                            dtype=torch.float64),
+                               terms.std(0) / 5 ** 0.5, rtol=1e-3, atol=1e-7)
+    d = lib["jvp"].reshape(5, 2, 12).double()
+    per = torch.einsum("ikp,ikq->ipq", d, d) / 2       # each latent's mean
+    torch.testing.assert_close(torch.tensor(res["second_moment_stderr"],
+                                            dtype=torch.float64),
+                               per.std(0) / 5 ** 0.5, rtol=1e-4, atol=1e-8)
 
 
 def test_sample_and_probe_replace_no_file_unasked(models, tmp_path, capsys):
@@ -280,6 +297,52 @@ def test_failures_are_loud_one_line_and_status_1(models, tmp_path, capsys,
     assert code == 1 and err == [f"flowjac sample: error: disk full: no space "
                                  f"left on the device while writing ('{out}')"]
     assert [p.name for p in tmp_path.glob(".o.pt*")] == []
+
+
+def test_help_is_fast_and_says_what_to_read(tmp_path):
+    # no torch import before the command runs: --help costs what argparse costs
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys, time; t = time.perf_counter(); "
+         "from flowjac.cli import main; code = main(['probe', '--help']); "
+         "print('torch' in sys.modules, time.perf_counter() - t)"],
+        capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    *text, last = proc.stdout.strip().splitlines()
+    assert last.split()[0] == "False", last
+    text = " ".join(" ".join(text).split())
+    assert "What to read for what" in text
+    assert "covariances and correlations of the outputs: sample_covariance" in text
+    assert "unbiased Monte Carlo estimate" in text
+    assert "exact covariance" not in text and "not an exact value" in text
+
+
+def test_value_range_and_load_results_take_what_the_docs_show(models, tmp_path,
+                                                             capsys):
+    import flowjac as fj
+
+    flow, _ = models
+    for i, argv in enumerate([["--value-range", "-1,1"], ["--value-range=-1,1"],
+                              ["--value-range", "0,1"]]):
+        out = tmp_path / f"s{i}.png"
+        code, err = run_cli(capsys, "sample", "--checkpoint", flow, "--n", 2,
+                            *argv, "--out", out, "--no-progress")
+        assert code == 0 and out.stat().st_size > 0, (argv, err)
+    code, err = run_cli(capsys, "sample", "--checkpoint", flow, "--n", 2,
+                        "--value-range", "-2,1", "--out", tmp_path / "x.png")
+    assert code == 2 and "invalid choice: '-2,1'" in err[-1]
+    # a probe's --out reads back with load_results, by path
+    code, err = run_cli(capsys, "probe", "--checkpoint", flow, "--patch", 0, 0, 1,
+                        "--n", 3, "--k", 1, "--out", tmp_path / "r" / "p.json",
+                        "--no-progress")
+    assert code == 0, err
+    for path in (tmp_path / "r" / "p.json", str(tmp_path / "r" / "p.json")):
+        assert fj.load_results(path)["n"] == 3
+    with pytest.raises(FileNotFoundError, match="results file .*q.json' does not"):
+        fj.load_results(tmp_path / "r" / "q.json")
+    (tmp_path / "r" / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json' is not valid JSON"):
+        fj.load_results(tmp_path / "r" / "bad.json")
+    assert fj.load_results("no_such_stored_result") is None
 
 
 # -- two processes under torchrun (gloo) -----------------------------------
@@ -550,3 +613,109 @@ def test_foreign_format_errors_are_one_line(models, torchcfm_checkpoint, tmp_pat
     code, err = run_cli(capsys, "sample", "--format", "keras", "--checkpoint", path,
                         "--n", 2, "--out", tmp_path / "x.pt")
     assert code == 2 and "invalid choice" in err[-1]
+
+
+def test_torchcfm_readme_mlp_from_the_command_line(tmp_path, capsys):
+    pytest.importorskip("torchcfm")
+    from torch.func import jvp
+
+    from torchcfm.models.models import MLP
+
+    from flowjac.models.adapters import from_torchcfm
+    from flowjac.models.pretrained import sample
+
+    torch.manual_seed(0)
+    mlp = MLP(dim=2, w=16, time_varying=True).eval()
+    arch = '{"dim": 2, "w": 16, "time_varying": true}'
+    # torchcfm's README calls it on cat([x, t]); the adapter does the same
+    x, t = torch.randn(5, 2), torch.tensor(0.3)
+    v = from_torchcfm(mlp)
+    torch.testing.assert_close(v(x, t), mlp(torch.cat([x, t.expand(5, 1)], 1)))
+    tangent = torch.randn(5, 2)
+    ref = jvp(lambda z: mlp(torch.cat([z, t.expand(5, 1)], 1)), (x,), (tangent,))
+    torch.testing.assert_close(v.jvp(x, t, tangent)[1], ref[1])
+    assert v.last_path == "fast"
+    want = sample(v, (2,), 6, seed=3)
+    state = mlp.state_dict()
+    files = {"bare.pt": state,
+             "script.pt": {"ema_model": state, "net_model": state, "step": 9},
+             "wrapper.pt": {f"model.{k}": w for k, w in state.items()}}
+    for name, payload in files.items():
+        torch.save(payload, tmp_path / name)
+        code, err = run_cli(capsys, "sample", "--format", "torchcfm", "--arch", arch,
+                            "--checkpoint", tmp_path / name, "--n", 6, "--seed", 3,
+                            "--out", tmp_path / f"{name}.s.pt", "--no-progress")
+        assert code == 0, (name, err)
+        got = torch.load(tmp_path / f"{name}.s.pt", weights_only=True)["x"]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    code, err = run_cli(capsys, "probe", "--format", "torchcfm", "--arch", arch,
+                        "--checkpoint", tmp_path / "bare.pt", "--n", 4, "--k", 2,
+                        "--out", tmp_path / "p.json", "--no-progress")
+    assert code == 0, err
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert res["p"] == 2 and all(a is not None for row in res["second_moment"]
+                                 for a in row)
+    for arch_bad, fragment in [('{"dim": 2, "w": 8, "time_varying": true}',
+                                "does not match MLP"),
+                               ('{"dim": 2, "width": 8}', "do not describe a "
+                                "torchcfm MLP"),
+                               ('{"dim": [2, 3]}', "dim must be [C, H, W]")]:
+        code, err = run_cli(capsys, "sample", "--format", "torchcfm", "--arch",
+                            arch_bad, "--checkpoint", tmp_path / "bare.pt",
+                            "--n", 2, "--out", tmp_path / "x.pt")
+        assert code == 1 and len(err) == 1 and fragment in err[0], (arch_bad, err)
+
+
+def test_flow_matching_wrapped_model_pattern(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("flow_matching")
+    from flowjac.models.adapters import from_flow_matching
+    from flowjac.models.pretrained import sample
+
+    (tmp_path / "fm_wrapped_example.py").write_text(textwrap.dedent("""\
+        import torch
+        from flow_matching.utils import ModelWrapper
+
+        class MLP(torch.nn.Module):      # as flow_matching's 2D example
+            def __init__(self, input_dim=2, hidden_dim=16):
+                super().__init__()
+                self.main = torch.nn.Sequential(
+                    torch.nn.Linear(input_dim + 1, hidden_dim), torch.nn.SiLU(),
+                    torch.nn.Linear(hidden_dim, input_dim))
+            def forward(self, x, t):
+                t = t.reshape(-1, 1).expand(x.shape[0], 1)
+                return self.main(torch.cat([x, t], 1))
+
+        class WrappedModel(ModelWrapper):
+            def forward(self, x, t, **extras):
+                return self.model(x, t)
+        """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        import fm_wrapped_example as ex
+        torch.manual_seed(2)
+        net = ex.MLP(2, 16)
+        want = sample(from_flow_matching(ex.WrappedModel(net).eval()), (2,), 4,
+                      seed=1)
+        torch.save(net.state_dict(), tmp_path / "vf.pt")            # the network's
+        torch.save({"model": ex.WrappedModel(net).state_dict()},
+                   tmp_path / "wrapped.pt")                          # the wrapper's
+        common = ["--format", "flow_matching", "--model-class",
+                  "fm_wrapped_example:MLP", "--arch",
+                  '{"input_dim": 2, "hidden_dim": 16}', "--latent-shape", 2,
+                  "--n", 4, "--seed", 1, "--no-progress"]
+        for name in ("vf.pt", "wrapped.pt"):
+            code, err = run_cli(capsys, "sample", *common, "--wrapper",
+                                "fm_wrapped_example:WrappedModel", "--checkpoint",
+                                name, "--out", f"{name}.s.pt")
+            assert code == 0, (name, err)
+            got = torch.load(tmp_path / f"{name}.s.pt", weights_only=True)["x"]
+            torch.testing.assert_close(got, want)
+        for wrapper, fragment in [("os:system", "wrapper 'os:system' is a"),
+                                  ("fm_wrapped_example:torch", "is a module, not a class"),
+                                  ("subprocess:Popen", "not a torch.nn.Module")]:
+            code, err = run_cli(capsys, "sample", *common, "--wrapper", wrapper,
+                                "--checkpoint", "vf.pt", "--out", "x.pt")
+            assert code == 1 and len(err) == 1 and fragment in err[0], (wrapper, err)
+    finally:
+        sys.modules.pop("fm_wrapped_example", None)

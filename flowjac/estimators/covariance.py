@@ -1,4 +1,4 @@
-"""Exact covariances from JVPs: the Gaussian interpolation identity.
+"""Covariances from JVPs: the Gaussian interpolation identity, estimated by unbiased Monte Carlo.
 
 For Z, Z' independent N(0, I) in the latent space, rho in [0, 1],
 Z_rho = rho Z + sqrt(1 - rho^2) Z' and a map f with Jacobian J,
@@ -80,13 +80,13 @@ import numpy as np
 import torch
 from torch.func import jvp as _func_jvp
 
-from flowjac._checks import check_choice, check_int
+from flowjac._checks import check_choice, check_finite, check_int
 from flowjac.engine.jvp import flow_jvp
 from flowjac.engine.ode import check_solver_args
 
 __all__ = ["QUADRATURES", "PROBES", "PairDesign",
            "CovarianceEstimate", "draw_pairs", "covariance_from_pairs",
-           "jvp_covariance",
+           "sample_covariance", "jvp_covariance",
            "flow_jvp_covariance",]
 
 QUADRATURES = ("stratified", "uniform", "gauss-legendre", "importance")
@@ -492,6 +492,29 @@ def _sample_cov(fz: torch.Tensor, fzr: torch.Tensor):
         s1 += t.sum(0)
         s2 += (t * t).sum(0)
     return cov, _block_stats(s1, s2, n, n)
+
+
+def sample_covariance(f: torch.Tensor, f2: torch.Tensor | None = None):
+    """``(cov, stderr)``: the plain sample covariance of outputs ``f`` (n, p), with entrywise standard errors; :ref:`sec_exact_covariances`.
+
+    The unbiased (n - 1) estimate in float64; with ``f2``, a second sample of
+    the same law row for row (f(Z_rho) beside f(Z)), the average of the two,
+    as ``covariance_from_pairs`` reports it as ``sample``. The standard
+    errors are over the n rows (the mean's estimation is neglected).
+    """
+    def rows(name, x):
+        if not torch.is_tensor(x) or x.ndim != 2:
+            raise ValueError(f"{name} must be a (n, p) tensor of outputs, got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+        return check_finite(name, x.detach().double())
+
+    f = rows("f", f)
+    _check_n(f.shape[0])
+    f2 = f if f2 is None else rows("f2", f2)
+    if f2.shape != f.shape:
+        raise ValueError(f"f2 must have the shape of f, {tuple(f.shape)}, got "
+                         f"{tuple(f2.shape)}")
+    return _sample_cov(f, f2.to(f.device))
 
 
 def covariance_from_pairs(jz: torch.Tensor, jzr: torch.Tensor | None, rho,

@@ -568,6 +568,16 @@ def _silu_deriv(x0, out0):
     return torch.addcmul(x0, x0, s, value=-1).add_(1).mul_(s)   # s (1 + x0 (1 - s))
 
 
+# SELU's constants (Klambauer et al. 2017), as torch defines them
+_SELU_ALPHA, _SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+
+
+def _selu_deriv(x0, out0, inplace=False):
+    # scale for x > 0; d/dx scale alpha (e^x - 1) = out0 + scale alpha otherwise
+    return torch.where(x0 > 0, torch.full_like(x0, _SELU_SCALE),
+                       out0 + _SELU_SCALE * _SELU_ALPHA)
+
+
 def _leaky_deriv(x0, out0, negative_slope=0.01):
     return torch.where(x0 > 0, torch.ones_like(x0), torch.full_like(x0, negative_slope))
 
@@ -589,6 +599,8 @@ _DERIVATIVES = {
     F.gelu: _gelu_deriv,
     F.softplus: _softplus_deriv,
     F.leaky_relu: _leaky_deriv,
+    F.selu: _selu_deriv,
+    torch.selu: _selu_deriv,
     F.elu: lambda x0, y, alpha=1.0: torch.where(x0 > 0, torch.ones_like(x0), y + alpha),
     F.tanh: lambda x0, y: (y * y).neg_().add_(1),
     F.sigmoid: lambda x0, y: torch.addcmul(y, y, y, value=-1),
@@ -598,6 +610,8 @@ _DERIVATIVES = {
 def _unary_rule(fn):
     def rule(input, *args, **kwargs):
         inplace = kwargs.pop("inplace", False)
+        if fn is F.selu and args:           # F.selu(input, inplace)
+            inplace, args = bool(args[0]), args[1:]
         out = _unary(fn, input, *args, **kwargs)
         return input._become(out) if inplace else out   # torch's aliasing
     return rule
@@ -1099,8 +1113,21 @@ def _batch_labels(y, x) -> torch.Tensor:
     return y.to(x.device)
 
 
+def _torchcfm_mlp(model):
+    """torchcfm's README ``MLP`` (called ``net(cat([x, t], 1))``), itself or
+    inside torchcfm's ``torch_wrapper``; None for any other module."""
+    if type(model).__name__ == "torch_wrapper" and \
+            type(model).__module__ == "torchcfm.utils":
+        model = model.model
+    try:
+        from torchcfm.models.models import MLP
+    except ImportError:
+        return None
+    return model if isinstance(model, MLP) else None
+
+
 def from_torchcfm(model: nn.Module, *, y=None, fast: bool = True) -> AdaptedVelocity:
-    """A torchcfm network (``UNetModelWrapper``, called ``net(t, x, y=None)``) as a flowjac velocity; :ref:`sec_byom`.
+    """A torchcfm network (``UNetModelWrapper``, called ``net(t, x, y=None)``, or the README's ``MLP``) as a flowjac velocity; :ref:`sec_byom`.
 
     ``y``: the class label(s) of a class-conditional UNet (an int for every
     row, or a (B,) tensor), required exactly when the UNet has
@@ -1108,12 +1135,31 @@ def from_torchcfm(model: nn.Module, *, y=None, fast: bool = True) -> AdaptedVelo
     ``net(t, x)`` works. The model must be in eval mode if it has dropout
     (``model.eval()``; this function does not change it), and x must have
     its dtype (torchcfm's UNet computes in ``model.dtype``, float32).
-    DistributedDataParallel wrappers are unwrapped.
+    DistributedDataParallel wrappers are unwrapped. torchcfm's README model
+    ``MLP(dim, w=64, time_varying=True)`` (and its ``torch_wrapper``) is
+    called as torchcfm trains it, ``net(cat([x, t], dim=1))`` for x of shape
+    (B, dim) (``net(x)`` when it is not ``time_varying``).
     """
     model = _unwrap(model)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_eval(model)
+    mlp = _torchcfm_mlp(model)
+    if mlp is not None:
+        if y is not None:
+            raise ValueError("y was given but torchcfm's MLP is not "
+                             "class-conditional")
+
+        def call_mlp(x, t):
+            if x.ndim != 2:
+                raise ValueError(f"torchcfm's MLP takes x of shape (B, dim), got "
+                                 f"{tuple(x.shape)}")
+            if not mlp.time_varying:
+                return mlp(x)
+            tb = t.reshape(1, 1).expand(x.shape[0], 1) if t.ndim == 0 else t[:, None]
+            return mlp(torch.cat([x, tb], 1))
+
+        return AdaptedVelocity(call_mlp, model=mlp, source="torchcfm", fast=fast)
     labels = _labels(y, model)
 
     def call(x, t):
@@ -1210,7 +1256,7 @@ def _state(payload, key: str, path) -> dict:
 
 def load_torchcfm_checkpoint(path, *, ema: bool = True, y=None,
                              **unet_kwargs) -> AdaptedVelocity:
-    """The velocity of a torchcfm training checkpoint (``UNetModelWrapper(**unet_kwargs)``); :ref:`sec_byom`.
+    """The velocity of a torchcfm checkpoint (``UNetModelWrapper(**unet_kwargs)``, or the README's ``MLP``); :ref:`sec_byom`.
 
     Reads the dict torchcfm's image scripts save (``net_model``,
     ``ema_model``, ``sched``, ``optim``, ``step``) with ``weights_only=True``,
@@ -1222,31 +1268,47 @@ def load_torchcfm_checkpoint(path, *, ema: bool = True, y=None,
     attention_resolutions="16", dropout=0.1``), loads the weights in eval
     mode and returns ``from_torchcfm(net, y=y)``; ``velocity.step`` is the
     checkpoint's training step. A checkpoint of another architecture is one
-    ValueError naming the mismatched keys.
+    ValueError naming the mismatched keys. An integer ``dim`` builds
+    torchcfm's README model instead, ``MLP(dim, out_dim=None, w=64,
+    time_varying=False)`` (the README trains it with ``time_varying=True``);
+    its file may also be a bare state dict (``torch.save(model.state_dict(),
+    path)``, of the MLP or of its ``torch_wrapper``).
     """
     if not isinstance(ema, bool):
         raise ValueError(f"ema must be True or False, got {ema!r}")
+    mlp = isinstance(unet_kwargs.get("dim"), numbers.Integral)
+    name = "MLP" if mlp else "UNetModelWrapper"
     try:
-        from torchcfm.models.unet.unet import UNetModelWrapper
+        if mlp:
+            from torchcfm.models.models import MLP as build
+        else:
+            from torchcfm.models.unet.unet import UNetModelWrapper as build
     except ImportError as err:
         raise ImportError(f"load_torchcfm_checkpoint needs torchcfm ({err}); "
                           f"install the interop extra: {INSTALL_HINT}") from None
     payload = _read(path)
     state = _state(payload, "ema_model" if ema else "net_model", path)
     try:
-        net = UNetModelWrapper(**unet_kwargs)
+        net = build(**unet_kwargs)
     except (TypeError, ValueError, AssertionError) as err:
-        raise ValueError(f"unet_kwargs do not describe a UNetModelWrapper: {err}"
-                         ) from None
+        what = ("MLP (dim, out_dim, w, time_varying)" if mlp else
+                "UNetModelWrapper (dim a list [C, H, W] for its images, an "
+                "integer for torchcfm's MLP)")
+        raise ValueError(f"unet_kwargs (--arch) do not describe a torchcfm "
+                         f"{what}: {err}") from None
+    if mlp and state and all(k.startswith("model.") for k in state) and \
+            _mismatch(net, state):      # saved from torch_wrapper(model)
+        state = {k[len("model."):]: v for k, v in state.items()}
     bad = _mismatch(net, state)
     if bad:
         raise ValueError(f"checkpoint {str(path)!r} does not match "
-                         f"UNetModelWrapper({', '.join(f'{k}={v!r}' for k, v in unet_kwargs.items())}); "
+                         f"{name}({', '.join(f'{k}={v!r}' for k, v in unet_kwargs.items())}); "
                          f"mismatched keys ({len(bad)}): {bad[:8]}")
     net.load_state_dict(state)
     net.eval()
     velocity = from_torchcfm(net, y=y)
-    velocity.step = payload.get("step") if isinstance(payload, dict) else None
+    velocity.step = payload.get("step") if isinstance(payload, dict) and \
+        not torch.is_tensor(payload.get("step")) else None
     return velocity
 
 
