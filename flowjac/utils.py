@@ -80,8 +80,8 @@ class Run:
               detail: str = "", section: str | None = None) -> dict:
         """Record the verdict on one claim of ``flowjac.scorecard.CLAIMS``; :ref:`sec_scorecard`.
 
-        ``holds`` True or False is the verdict the chapter computed (None:
-        untested here, with the reason in ``detail``); ``value`` is the
+        ``holds`` True or False is the verdict the chapter computed (None: untested
+        here; "inconclusive": its power is too low; reasons in ``detail``); ``value`` is the
         number behind it as text, rounded as the page prints it;
         ``section`` the label of the section that decides it. The record
         is merged into ``output_dir/claims.json`` and glued into the
@@ -93,9 +93,10 @@ class Run:
         if key not in {c.key for c in scorecard.CLAIMS}:
             raise ValueError(f"key must be one of flowjac.scorecard.CLAIMS, "
                              f"got {key!r}")
-        if holds not in (True, False, None):
-            holds = bool(holds)
-        verdict = {True: "holds", False: "fails", None: "untested-here"}[holds]
+        if isinstance(holds, str) and holds != "inconclusive":
+            raise ValueError(f"holds must be a bool, None or 'inconclusive', got {holds!r}")
+        verdict = holds if isinstance(holds, str) else {True: "holds", False: "fails", None:
+                                                        "untested-here"}[holds if holds is None else bool(holds)]
         rec = scorecard.ClaimRecord(key=key, verdict=verdict,
                                     value=str(value), detail=str(detail),
                                     section=section, chapter=self.chapter)

@@ -34,6 +34,15 @@ def test_claim_writes_json_and_refuses_unknown_keys(tmp_path):
         "fig5_celeba": "untested-here"}
     with pytest.raises(ValueError, match="key must be one of"):
         run.claim("no_such_claim", True)
+    # a test without power: inconclusive, and the page keeps it so
+    rec = run.claim("table6_selection", "inconclusive", "0.10",
+                    detail="groups span -0.6 to 0.9")
+    assert rec["verdict"] == "inconclusive"
+    rows = {r["key"]: r for r in scorecard.rows({"table6_selection": rec},
+                                                failing={})}
+    assert rows["table6_selection"]["verdict"] == "inconclusive"
+    with pytest.raises(ValueError, match="inconclusive"):
+        run.claim("table6_selection", "maybe")
 
 
 def test_collect_and_rows_mark_missing_claims_untested(tmp_path):
