@@ -196,3 +196,42 @@ def test_velocity_protocol():
     _, jb = flow_jvp(bare, x, v[:, 0], steps=20)
     assert torch.allclose(jb, v[:, 0] * torch.exp(torch.tensor(-1.0, dtype=F64)),
                           rtol=1e-6)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_every_loader_reads_through_the_one_safe_read(tmp_path):
+    """A pickle that would run code is refused as unsafe by every reader of
+    the package (checkpoints, peers' formats, stored runs, the torchcfm
+    recipe), never run, and no message advises weights_only=False."""
+    import torch
+    from torch import nn
+
+    from flowjac.engine.checkpoints import load_checkpoint
+    from flowjac.models import torchcfm_recipe
+    from flowjac.models.adapters import load_flow_matching_checkpoint
+    from flowjac.pipelines.stored import load_probes
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "flowjac-checkpoint-1", "model": _RunsCode(marker),
+                "ema_model": {}, "step": 1}, evil)
+    readers = [
+        lambda: load_checkpoint(evil, MLPFlow(2)),
+        lambda: load_flow_matching_checkpoint(nn.Linear(2, 2), evil),
+        lambda: load_probes("evil", results_dir=tmp_path),
+        lambda: torchcfm_recipe.shipped_payload(evil),
+    ]
+    for read in readers:
+        with pytest.raises(ValueError, match=r"evil.pt. is unsafe: .*it names "
+                           r"posix.system") as info:
+            read()
+        assert "weights_only" not in str(info.value)
+    assert not marker.exists()

@@ -116,7 +116,9 @@ def celeba_resnet50(weights_path=None, n_attr: int = 40) -> nn.Module:
                 f"weights_path {path} does not exist; save torchvision's "
                 "ResNet50_Weights.IMAGENET1K_V2 state_dict there with "
                 "torch.save(model.state_dict(), path) on a machine with internet")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from flowjac.engine.checkpoints import read_checkpoint
+
+        state = read_checkpoint(path, "weights_path")
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         missing, unexpected = net.load_state_dict(state, strict=False)

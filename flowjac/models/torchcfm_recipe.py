@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from flowjac._checks import check_int, check_number
+from flowjac.engine.checkpoints import read_checkpoint
 from flowjac.engine.train import check_cooldown, cooldown_factor
 from flowjac.utils import atomic_write_bytes
 
@@ -127,7 +128,7 @@ def train_torchcfm(images: torch.Tensor, out_path, *, unet: dict, train_steps: i
     gen = torch.Generator().manual_seed(int(seed) + 1)
     step, losses, spent = 0, [], 0.0
     if out_path.is_file():
-        state = torch.load(out_path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(out_path)
         net.load_state_dict(state["net_model"])
         ema_net.load_state_dict(state["ema_model"])
         optim.load_state_dict(state["optim"])
@@ -184,6 +185,6 @@ def train_torchcfm(images: torch.Tensor, out_path, *, unet: dict, train_steps: i
 
 def shipped_payload(training_checkpoint) -> dict:
     """The file that ships: torchcfm's dict with the EMA weights (debiased if trained so) and the step only; :ref:`sec_byom`."""
-    state = torch.load(training_checkpoint, map_location="cpu", weights_only=True)
+    state = read_checkpoint(training_checkpoint)
     return {"ema_model": state.get("ema_debiased", state["ema_model"]),
             "step": int(state["step"])}

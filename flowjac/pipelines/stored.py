@@ -34,7 +34,12 @@ def load_probes(name: str, results_dir=None) -> dict:
         raise FileNotFoundError(f"stored probe run {path} is missing; make it "
                                 "with tools/probe_shipped.py (see "
                                 "results/README.md)")
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    from flowjac.engine.checkpoints import read_checkpoint
+
+    data = read_checkpoint(path, "stored probe run")
+    if not isinstance(data, dict):
+        raise ValueError(f"stored probe run {path} holds a "
+                         f"{type(data).__name__}, not a dict")
     missing = [k for k in _KEYS if k not in data]
     if missing:
         raise ValueError(f"stored probe run {path} lacks {missing}")
