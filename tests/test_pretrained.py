@@ -319,3 +319,21 @@ def test_conditional_gates_read_back_labels_with_an_interval():
     flipped[flip, 3] = 1 - flipped[flip, 3]
     bad = quality.conditional_gates(flipped, labels)
     assert bad["status"]["min_accuracy"] == "fail" and not bad["passed"]
+
+
+def test_accuracy_gates_of_classifiers_with_intervals():
+    g = torch.Generator().manual_seed(0)
+    right = (torch.rand(4000, 3, generator=g) < torch.tensor([0.99, 0.995, 0.999])).long()
+    gate = quality.accuracy_gate("classifier_accuracy", right)
+    assert abs(gate["classifier_accuracy"] - right.double().mean(0).min()) < 1e-12
+    lo, hi = gate["intervals"]["classifier_accuracy"]
+    assert lo < gate["classifier_accuracy"] < hi and gate["passed"]
+    # on masked subsets: the edge gate reads column 0 only where the mask holds
+    mask = torch.zeros(4000, 1, dtype=torch.long)
+    mask[:100, 0] = 1
+    right[:100, 0] = 0
+    right[:50, 0] = 1                 # half right on the masked rows
+    edge = quality.accuracy_gate("edge_accuracy", right, (mask, [0]))
+    assert edge["edge_accuracy"] == 0.5 and edge["status"]["edge_accuracy"] == "fail"
+    with pytest.raises(ValueError, match="accuracy gate"):
+        quality.accuracy_gate("readable", right)

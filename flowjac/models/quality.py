@@ -37,7 +37,7 @@ from flowjac.closedform.empirical import nearest_distances
 __all__ = ["GATES", "GATE_INTERVAL", "GATE_MIN_N", "GATE_SIDES", "judge",
            "attribute_sample_gates", "edge_disagreement_accuracy",
            "digit_sample_gates", "memorization",
-           "offdiag_mae", "combine", "conditional_gates", "gate_rows",
+           "offdiag_mae", "combine", "conditional_gates", "gate_rows", "accuracy_gate",
            "check_gates"]
 
 GATES = {
@@ -70,6 +70,9 @@ GATE_SIDES = {
     "share": ("fives_min_share", "min"),
     "in_range": ("pixel_in_range_min", "min"),
     "min_accuracy": ("conditional_min_accuracy", "min"),
+    "classifier_accuracy": ("classifier_min_accuracy", "min"),
+    "edge_accuracy": ("classifier_min_accuracy", "min"),
+    "digit_accuracy": ("digit_min_accuracy", "min"),
     "nn_ratio": ("nn_ratio_min", "min"),
     "copy_share": ("copy_share_max", "max"),
 }
@@ -116,6 +119,39 @@ def conditional_gates(read: torch.Tensor, labels: torch.Tensor) -> dict:
                min_accuracy=float(agree.mean(0).min()),
                all_attributes=float(agree.all(1).double().mean()))
     _judged(out, ("min_accuracy",), *_bootstrap(lambda r: r.mean(0).min().reshape(1), agree))
+    out["passed"] = _passed(out)
+    return out
+
+
+def accuracy_gate(name: str, correct: torch.Tensor, masks=None) -> dict:
+    """A classifier's worst accuracy over columns (or over masked subsets) with its interval, judged; :ref:`sec_attributes`.
+
+    ``correct`` (n, d) of 0/1: whether each of n held-out images is read
+    right on each of d outputs. ``masks`` (n, m) of 0/1 restricts column
+    ``cols[j]`` to the rows of mask j (the edge gate: images where parent
+    and child disagree) and is given as ``(masks, cols)``. Returns
+    ``{name: value, "n": n, "intervals", "status", "passed"}``.
+    """
+    if name not in ("classifier_accuracy", "edge_accuracy", "digit_accuracy"):
+        raise ValueError(f"name must be an accuracy gate, got {name!r}")
+    if not torch.is_tensor(correct) or correct.ndim != 2 or correct.shape[0] < 2:
+        raise ValueError("correct must be an (n, d) tensor of 0/1 with n >= 2")
+    c = correct.double()
+    if masks is None:
+        def stat(r):
+            return r.mean(0).min().reshape(1)
+        rows = c
+    else:
+        m, cols = masks
+        d = c.shape[1]
+
+        def stat(r):
+            acc = [(r[:, col] * r[:, d + j]).sum() / r[:, d + j].sum().clamp_min(1)
+                   for j, col in enumerate(cols)]
+            return torch.stack(acc).min().reshape(1)
+        rows = torch.cat([c, m.double()], 1)
+    out = {name: float(stat(rows)), "n": int(c.shape[0])}
+    _judged(out, (name,), *_bootstrap(stat, rows))
     out["passed"] = _passed(out)
     return out
 
