@@ -8,10 +8,10 @@ does not make is a separate claim of kind ``"implied"`` (its ``tested``
 says so); the document's own statement is kind ``"stated"``.
 
 Quotations follow two conventions, both undone by ``quote_fragments``
-before a quote is matched against the seed text: words in square brackets
-restore what the text extraction lost (mostly mathematics, written
-``⟨…⟩`` where it is not restored), and `` … `` joins two fragments of
-one passage.
+before a quote is matched against the seed text: words in angle brackets
+(⟨do⟩) restore what the text extraction lost, ⟨…⟩ marks lost mathematics
+that is not restored, and an ellipsis between spaces joins two fragments
+of one passage.
 
 A chapter decides a verdict and calls ``run.claim(key, holds, value, ...)``
 (``flowjac.utils.Run.claim``): the verdict is written to the chapter's
@@ -335,7 +335,7 @@ def _normalise(text: str) -> str:
 
 
 def quote_fragments(quote: str) -> list[str]:
-    """The verbatim fragments of a quote: restorations ``⟨ ⟩`` dropped, split at `` … ``, whitespace normalised; :ref:`sec_scorecard`."""
+    """The verbatim fragments of a quote: restorations in angle brackets dropped, split at each spaced ellipsis, whitespace normalised; :ref:`sec_scorecard`."""
     out = []
     for part in quote.split(" … "):
         part = _normalise(re.sub(r"⟨[^⟩]*⟩", " ", part))
