@@ -152,15 +152,19 @@ def check_finite_weights(tensors, source: str) -> None:
                          "samples: retrain it, or take an earlier checkpoint")
 
 
-def load_checkpoint(path, model: nn.Module, optimizer=None, payload=None) -> dict:
+def load_checkpoint(path, model: nn.Module, optimizer=None, payload=None,
+                    ema: bool = False) -> dict:
     """Load a checkpoint into ``model`` (and ``optimizer``), weights_only; :ref:`sec_neural_gaussian`.
 
     Returns the payload dict (``step``, ``config``, ``ema``, ``extra``);
     ``payload``, when given, is that dict already read from ``path``.
-    Reads the file with ``read_checkpoint``: FileNotFoundError for a
-    missing file, ValueError for a directory, an empty file, a corrupted
-    file (with torch's reason), an unsafe one (pickled objects, named as
-    such) or one saved from a different architecture.
+    With ``ema=True`` the stored EMA weights, where there are any, are
+    loaded instead of the raw ones (both checked against the model first;
+    the raw ones are never loaded and then overwritten). Reads the file
+    with ``read_checkpoint``: FileNotFoundError for a missing file,
+    ValueError for a directory, an empty file, a corrupted file (with
+    torch's reason), an unsafe one (pickled objects, named as such), one
+    saved from a different architecture or EMA weights of other shapes.
     """
     path = Path(path)
     if payload is None:
@@ -181,6 +185,16 @@ def load_checkpoint(path, model: nn.Module, optimizer=None, payload=None) -> dic
     if bad:
         raise ValueError(f"checkpoint {str(path)!r} does not match the model "
                          f"architecture; mismatched entries: {bad[:10]}")
+    averaged = payload.get("ema") if ema else None
+    if averaged is not None:
+        bad = sorted(set(own) ^ set(averaged)) + sorted(
+            k for k in set(own) & set(averaged)
+            if not torch.is_tensor(averaged[k]) or own[k].shape != averaged[k].shape)
+        if bad:
+            raise ValueError(f"checkpoint {str(path)!r}: its EMA weights do not "
+                             f"match its {type(model).__name__}; mismatched "
+                             f"entries: {bad[:5]}")
+        state = averaged
     model.load_state_dict(state)
     if optimizer is not None and payload.get("optimizer") is not None:
         optimizer.load_state_dict(payload["optimizer"])

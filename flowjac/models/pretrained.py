@@ -45,6 +45,8 @@ from flowjac._checks import check_choice, check_int
 from flowjac.utils import hardware
 
 __all__ = ["WEIGHTS_DIR", "RECIPES", "NAMES", "Pretrained", "available",
+           "Recipe", "ClassifierRecipe", "AttributeClassifierRecipe", "FlowRecipe", "ConditionalFlowRecipe",
+           "TorchcfmFlowRecipe", "recipe",
            "load", "manifest", "sha256", "build", "train_part", "velocity_of",
            "value_range_of", "to_pixels",
            "load_weights",
@@ -142,10 +144,184 @@ class Pretrained:
     attr_names: tuple | None = None
     manifest: dict = field(default_factory=dict)
     value_range: tuple = (0.0, 1.0)
+    _flow: object = field(default=None, repr=False)
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Flow-space images as pixels in [0, 1]: (x - lo) / (hi - lo); :ref:`sec_byom`."""
         return to_pixels(x, self.value_range)
+
+    def as_flow(self):
+        """The ``adapters.Flow`` this shipped flow was loaded as (what ``adapters.open_flow(name)`` returns); :ref:`sec_byom`."""
+        if self._flow is None:
+            raise ValueError(f"{self.name!r} holds no flow (only a classifier); "
+                             f"give one of {sorted(n for n in NAMES if n != 'mnist-digits')}")
+        return self._flow
+
+
+class Recipe:
+    """One recipe part as an object: its network, its file, its value range; :ref:`sec_attributes`.
+
+    ``recipe(part)`` returns the class of the part's ``kind``; the settings
+    stay in the plain dict ``RECIPES[part]`` (``settings``), read when used.
+    """
+
+    kinds: tuple = ()
+
+    def __init__(self, part: str):
+        check_choice("part", part, tuple(RECIPES))
+        self.part = part
+
+    @property
+    def settings(self) -> dict:
+        """The part's entry of ``RECIPES``."""
+        return RECIPES[self.part]
+
+    @property
+    def value_range(self) -> tuple:
+        """The (lo, hi) of the part's space that pixels 0 and 1 map to."""
+        if "value_range" in self.settings:
+            return tuple(float(v) for v in self.settings["value_range"])
+        return (0.0, 1.0) if self.part.startswith("mnist") else (-1.0, 1.0)
+
+    def load_file(self, path, model=None) -> torch.nn.Module:
+        """The part's network (built if None) with the weights of a flowjac checkpoint, in eval mode."""
+        from flowjac.engine.checkpoints import load_checkpoint
+
+        model = self.build() if model is None else model
+        load_checkpoint(path, model)
+        return model.eval()
+
+
+class ClassifierRecipe(Recipe):
+    """A digit classifier (``AttributeNet`` with one logit per class); :ref:`sec_attributes`."""
+
+    kinds = ("digit-classifier",)
+
+    def build(self) -> torch.nn.Module:
+        """The untrained network."""
+        from flowjac.models.classifiers import AttributeNet
+
+        return AttributeNet(**self.settings["net"])
+
+    @property
+    def attr_names(self) -> tuple:
+        """The names of the logits: the digits."""
+        return tuple(str(d) for d in range(self.settings["net"]["n_attr"]))
+
+
+class AttributeClassifierRecipe(ClassifierRecipe):
+    """The SCM attribute classifier, one logit per attribute; :ref:`sec_attributes`."""
+
+    kinds = ("attribute-classifier",)
+
+    @property
+    def attr_names(self) -> tuple:
+        """The names of the logits: the SCM's attributes."""
+        from flowjac.causal.scm import ATTRIBUTES
+
+        return tuple(ATTRIBUTES)
+
+
+class FlowRecipe(Recipe):
+    """A flowjac ``FlowUNet`` flow; :ref:`sec_attributes`."""
+
+    kinds = ("flow",)
+
+    def build(self) -> torch.nn.Module:
+        """The untrained network."""
+        from flowjac.models.nets import FlowUNet
+
+        net = self.settings["net"]
+        return FlowUNet(**dict(net, channel_mult=tuple(net["channel_mult"])))
+
+    @property
+    def latent_shape(self) -> tuple:
+        """The shape of one latent."""
+        net = self.settings["net"]
+        return (net["in_channels"], net["image_size"], net["image_size"])
+
+    def velocity(self, model):
+        """The velocity (x, t) of the trained network."""
+        from flowjac.engine.velocity import velocity_fn
+
+        return velocity_fn(model)
+
+    def open(self, path, device="cpu", entry=None):
+        """The part's file as an ``adapters.Flow`` on ``device`` (sampler: the manifest ``entry``'s, else the recipe's)."""
+        from flowjac.models.adapters import Flow
+
+        model = self.load_file(path).to(device).eval().requires_grad_(False)
+        return Flow(self.velocity(model), self.latent_shape, self.value_range,
+                    self._sampler(entry), dict(kind="flowjac", path=str(path)), model)
+
+    def _sampler(self, entry) -> dict:
+        return dict((entry or {}).get("sampler") or self.settings["sampler"])
+
+
+class ConditionalFlowRecipe(FlowRecipe):
+    """A label-conditional ``FlowUNet``, whose velocity is a ``LabelVelocity``; :ref:`sec_interventions`."""
+
+    kinds = ("conditional-flow",)
+
+    def velocity(self, model):
+        """``LabelVelocity(model)``: velocity(x, t, labels)."""
+        from flowjac.models.conditional import LabelVelocity
+
+        return LabelVelocity(model)
+
+
+class TorchcfmFlowRecipe(FlowRecipe):
+    """A torchcfm ``UNetModelWrapper`` in torchcfm's checkpoint format, opened as a user's file is; :ref:`sec_byom`."""
+
+    kinds = ("torchcfm-flow",)
+
+    def build(self) -> torch.nn.Module:
+        """The untrained network."""
+        from flowjac.models.torchcfm_recipe import build_unet
+
+        return build_unet(**self.settings["unet"])
+
+    @property
+    def latent_shape(self) -> tuple:
+        """The shape of one latent: the UNet's dim."""
+        return tuple(self.settings["unet"]["dim"])
+
+    def velocity(self, model):
+        """``adapters.from_torchcfm(model)``."""
+        from flowjac.models.adapters import from_torchcfm
+
+        return from_torchcfm(model)
+
+    def load_file(self, path, model=None) -> torch.nn.Module:
+        """The network (built if None) with the EMA weights of a torchcfm checkpoint, in eval mode."""
+        from flowjac.models.adapters import _read, _state
+
+        model = self.build() if model is None else model
+        model.load_state_dict(_state(_read(path), "ema_model", path))
+        return model.eval()
+
+    def open(self, path, device="cpu", entry=None):
+        """The file through ``adapters.open_flow``, the door a user's torchcfm file takes."""
+        from flowjac.models.adapters import open_flow
+
+        return open_flow(path, format="torchcfm", arch=dict(self.settings["unet"]),
+                         device=device, value_range=self.value_range,
+                         sampler=self._sampler(entry))
+
+
+_RECIPE_CLASSES = (ClassifierRecipe, AttributeClassifierRecipe, FlowRecipe, ConditionalFlowRecipe,
+                   TorchcfmFlowRecipe)
+
+
+def recipe(part: str) -> Recipe:
+    """The recipe object of a part, by its ``kind``; :ref:`sec_attributes`."""
+    check_choice("part", part, tuple(RECIPES))
+    kind = RECIPES[part]["kind"]
+    for cls in _RECIPE_CLASSES:
+        if kind in cls.kinds:
+            return cls(part)
+    raise ValueError(f"RECIPES[{part!r}] has kind {kind!r}; known kinds: "
+                     f"{[k for c in _RECIPE_CLASSES for k in c.kinds]}")
 
 
 def value_range_of(part: str) -> tuple:
@@ -154,11 +330,7 @@ def value_range_of(part: str) -> tuple:
     The SCM flows live in [-1, 1], the flowjac flow of fives in [0, 1],
     the torchcfm flow of fives in [-1, 1] as torchcfm's examples normalize.
     """
-    check_choice("part", part, tuple(RECIPES))
-    r = RECIPES[part]
-    if "value_range" in r:
-        return tuple(float(v) for v in r["value_range"])
-    return (0.0, 1.0) if part.startswith("mnist") else (-1.0, 1.0)
+    return recipe(part).value_range
 
 
 def to_pixels(x: torch.Tensor, value_range) -> torch.Tensor:
@@ -193,18 +365,7 @@ def manifest(weights_dir=None) -> dict:
 
 def build(part: str) -> torch.nn.Module:
     """The untrained network of a recipe part; :ref:`sec_attributes`."""
-    from flowjac.models.classifiers import AttributeNet
-    from flowjac.models.nets import FlowUNet
-
-    check_choice("part", part, tuple(RECIPES))
-    r = RECIPES[part]
-    if r["kind"] == "torchcfm-flow":
-        from flowjac.models.torchcfm_recipe import build_unet
-        return build_unet(**r["unet"])
-    if r["kind"] in ("flow", "conditional-flow"):
-        net = dict(r["net"], channel_mult=tuple(r["net"]["channel_mult"]))
-        return FlowUNet(**net)
-    return AttributeNet(**r["net"])
+    return recipe(part).build()
 
 
 def load(name: str, device="cpu", weights_dir=None) -> Pretrained:
@@ -214,10 +375,6 @@ def load(name: str, device="cpu", weights_dir=None) -> Pretrained:
     name or a file whose sha256 differs from the manifest (altered or
     truncated), FileNotFoundError for a missing file or manifest.
     """
-    from flowjac.causal.scm import ATTRIBUTES
-    from flowjac.engine.checkpoints import load_checkpoint
-    from flowjac.engine.velocity import velocity_fn
-
     if not isinstance(name, str) or name not in NAMES:
         raise ValueError(f"name must be one of {available()}, got {name!r}")
     wdir = Path(weights_dir or WEIGHTS_DIR)
@@ -244,36 +401,17 @@ def load(name: str, device="cpu", weights_dir=None) -> Pretrained:
                              "file was altered or truncated; restore it or "
                              "retrain it")
         out.manifest[part] = entry
-        kind = RECIPES[part]["kind"]
-        if kind.endswith("classifier"):
-            model = build(part)
-            load_checkpoint(path, model)
-            out.classifier = model.to(device).eval().requires_grad_(False)
-            out.attr_names = (tuple(ATTRIBUTES) if kind == "attribute-classifier"
-                              else tuple(str(d) for d in range(10)))
+        rec = recipe(part)
+        if isinstance(rec, ClassifierRecipe):
+            out.classifier = rec.load_file(path).to(device).eval().requires_grad_(False)
+            out.attr_names = rec.attr_names
             continue
-        if kind == "torchcfm-flow":     # through the public loader, as a user's file
-            from flowjac.models.adapters import load_torchcfm_checkpoint
-
-            unet = dict(RECIPES[part]["unet"], dim=tuple(RECIPES[part]["unet"]["dim"]))
-            out.velocity = load_torchcfm_checkpoint(path, ema=True, **unet)
-            out.flow = out.velocity.model.to(device).requires_grad_(False)
-            out.latent_shape = unet["dim"]
-        else:
-            model = build(part)
-            load_checkpoint(path, model)
-            model.to(device).eval().requires_grad_(False)
-            if kind == "conditional-flow":
-                from flowjac.models.conditional import LabelVelocity
-
-                out.flow, out.velocity = model, LabelVelocity(model)
-            else:
-                out.flow, out.velocity = model, velocity_fn(model)
-            net = RECIPES[part]["net"]
-            out.latent_shape = (net["in_channels"], net["image_size"],
-                                net["image_size"])
-        out.sampler = dict(entry.get("sampler") or RECIPES[part]["sampler"])
-        out.value_range = value_range_of(part)
+        flow = rec.open(path, device, entry)
+        flow.source.update(kind="shipped", name=name, part=part, sha256=digest,
+                           format=flow.source["kind"], step=entry.get("train_steps"))
+        out._flow = flow
+        out.flow, out.velocity, out.latent_shape = flow.model, flow.velocity, flow.latent_shape
+        out.sampler, out.value_range = dict(flow.sampler), flow.value_range
     return out
 
 
@@ -333,19 +471,40 @@ def _training_data(part: str, split: str):
 
 def sample(velocity, latent_shape, n: int, *, method: str = "midpoint",
            steps: int = 10, seed: int = 0, batch_size: int = 500,
-           device="cpu") -> torch.Tensor:
-    """Draw n flow samples phi(z), z ~ N(0, I) seeded on the CPU; :ref:`sec_attributes`."""
+           device="cpu", ctx=None, progress: bool = False) -> torch.Tensor:
+    """Draw n flow samples phi(z), z ~ N(0, I) seeded on the CPU, on one process or sharded over torchrun's ranks; :ref:`sec_attributes`.
+
+    ``ctx`` (a ``distributed.init`` Context): each rank solves its own
+    batches (``distributed.shard_batches``) and every rank returns all n
+    samples, equal to the single-process ones. ``progress`` shows a bar
+    (on a terminal).
+    """
+    from tqdm import tqdm
+
     from flowjac.engine.ode import integrate
 
     n = check_int("n", n, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
     g = torch.Generator().manual_seed(check_int("seed", seed, minimum=0))
     z = torch.randn(n, *latent_shape, generator=g)
-    out = []
+    if ctx is None:
+        starts = range(0, n, batch_size)
+    else:
+        from flowjac.engine import distributed
+
+        starts = [b * batch_size for b in distributed.shard_batches(
+            n, batch_size, ctx.rank, ctx.world_size)]
+    out, index = [], []
     with torch.no_grad():
-        for i in range(0, n, batch_size):
+        for i in tqdm(starts, disable=None if progress else True,
+                      desc="sampling", mininterval=2.0):
             out.append(integrate(velocity, z[i:i + batch_size].to(device),
                                  steps, method).cpu())
-    return torch.cat(out)
+            index.extend(range(i, min(n, i + batch_size)))
+    if ctx is None:
+        return torch.cat(out)
+    local = torch.cat(out) if out else torch.zeros(0, *latent_shape)
+    return distributed.gather_rows(local, index, n, ctx).to(local.dtype)
 
 
 def train_part(part: str, out_dir, *, device="cpu", train_steps=None,
@@ -471,25 +630,15 @@ def train_part(part: str, out_dir, *, device="cpu", train_steps=None,
 
 def velocity_of(part: str, model):
     """The velocity (x, t) of a recipe part's trained flow network; :ref:`sec_byom`."""
-    check_choice("part", part, tuple(RECIPES))
-    if RECIPES[part]["kind"] == "torchcfm-flow":
-        from flowjac.models.adapters import from_torchcfm
-        return from_torchcfm(model)
-    from flowjac.engine.velocity import velocity_fn
-    return velocity_fn(model)
+    rec = recipe(part)
+    if not isinstance(rec, FlowRecipe):
+        raise ValueError(f"part {part!r} is a classifier, not a flow")
+    return rec.velocity(model)
 
 
 def load_weights(part: str, path, model=None):
     """Load a recipe part's file (flowjac or torchcfm format) into ``model`` (built if None); :ref:`sec_byom`."""
-    from flowjac.engine.checkpoints import load_checkpoint
-
-    model = build(part) if model is None else model
-    if RECIPES[part]["kind"] == "torchcfm-flow":
-        from flowjac.models.adapters import _read, _state
-        model.load_state_dict(_state(_read(path), "ema_model", path))
-    else:
-        load_checkpoint(path, model)
-    return model.eval()
+    return recipe(part).load_file(path, model)
 
 
 def evaluate_part(part: str, model, *, device="cpu", n: int = 2000,
@@ -554,11 +703,7 @@ def evaluate_part(part: str, model, *, device="cpu", n: int = 2000,
     smp = dict(sampler or r["sampler"])
     if part == "scm-conditional":
         return _conditional_gates(model, classifier, smp, n, seed, device)
-    if r["kind"] == "torchcfm-flow":
-        shape = tuple(r["unet"]["dim"])
-    else:
-        net = r["net"]
-        shape = (net["in_channels"], net["image_size"], net["image_size"])
+    shape = recipe(part).latent_shape
     model.to(device).eval()
     samples = sample(velocity_of(part, model), shape, n, seed=seed, device=device,
                      **smp)
