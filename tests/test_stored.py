@@ -53,3 +53,21 @@ def test_group_spread_and_label_corr():
     assert stored.label_corr(lab, 0, 1) == pytest.approx(1.0)
     lab[:, 1] = 1
     assert stored.label_corr(lab, 0, 1) != stored.label_corr(lab, 0, 1)   # nan
+
+
+def test_selection_verdict_states_its_power():
+    from flowjac.pipelines.stored import selection_verdict
+
+    # a correlation of about 0.5 in every group, removed by the selection
+    assert selection_verdict((0.5, 0.5, 0.4, 0.6), (0.0, 0.02, -0.1, 0.1))[0] == "holds"
+    # the same for a negative correlation
+    assert selection_verdict((-0.5, -0.5, -0.6, -0.4), (0.0, -0.02, -0.1, 0.1))[0] == "holds"
+    # not moved: fails, since the test could have seen a fall
+    assert selection_verdict((0.5, 0.5, 0.4, 0.6), (0.5, 0.5, 0.45, 0.55))[0] == "fails"
+    # unselected groups across 0: nothing the test could remove
+    v, why = selection_verdict((0.3, 0.14, -0.2, 0.86), (0.0, 0.0, -0.1, 0.1))
+    assert v == "inconclusive" and "no power" in why
+    # selected groups as wide as the effect: a fall to 0 would not be seen
+    v, why = selection_verdict((0.5, 0.5, 0.4, 0.6), (0.1, 0.1, -0.5, 0.4))
+    assert v == "inconclusive" and "as wide" in why
+    assert selection_verdict((0.5, 0.5, 0.4, 0.6), (float("nan"),) * 4)[0] == "inconclusive"

@@ -22,7 +22,7 @@ import torch
 from flowjac._checks import check_int
 from flowjac.utils import repo_root
 
-__all__ = ["load_probes", "reproduce", "group_spread", "label_corr"]
+__all__ = ["load_probes", "reproduce", "group_spread", "selection_verdict", "label_corr"]
 
 _KEYS = ("out", "jvp", "rho", "out_pair", "jvp_pair", "plain", "meta")
 
@@ -95,6 +95,39 @@ def group_spread(stat, *arrays, groups: int = 10) -> tuple:
             for lo, hi in zip(edges[:-1], edges[1:])]
     return (float(stat(*arrays)), float(np.nanmedian(vals)),
             float(np.nanmin(vals)), float(np.nanmax(vals)))
+
+
+def selection_verdict(unselected: tuple, selected: tuple) -> tuple:
+    """Does a selection lower a correlation towards 0, and has the test the power to say? :ref:`sec_attributes`.
+
+    Both arguments are ``group_spread`` results ``(full, median, low,
+    high)`` of one correlation over disjoint groups of latents: all of them
+    and the selected ones. Criteria, fixed before any data: the test has
+    power only if the unselected groups all lie on one side of 0 (there is a
+    correlation to remove) and the selected groups' range is narrower than
+    the unselected median's distance from 0 (a fall to 0 would be seen).
+    Without power: ``"inconclusive"``. With it: ``"holds"`` when every
+    selected group lies nearer 0 than every unselected group and the
+    selected range covers 0 or lies between 0 and the unselected groups,
+    else ``"fails"``. Returns ``(verdict, reason)``.
+    """
+    _, un_med, un_lo, un_hi = (float(v) for v in unselected)
+    _, sel_med, sel_lo, sel_hi = (float(v) for v in selected)
+    if any(v != v for v in (un_med, un_lo, un_hi, sel_med, sel_lo, sel_hi)):
+        return "inconclusive", "too few latents kept for ten groups"
+    if un_lo <= 0 <= un_hi:
+        return "inconclusive", (f"no power: the unselected groups span {un_lo:+.2f} to "
+                                f"{un_hi:+.2f}, across 0")
+    if sel_hi - sel_lo >= abs(un_med):
+        return "inconclusive", (f"no power: the selected groups span {sel_hi - sel_lo:.2f}, "
+                                f"as wide as the correlation to remove ({abs(un_med):.2f})")
+    sign = 1.0 if un_med > 0 else -1.0
+    lo, hi = sorted((sign * sel_lo, sign * sel_hi))
+    if hi < sign * (un_lo if sign > 0 else un_hi) and lo > -abs(un_med):
+        return "holds", (f"every selected group ({sel_lo:+.2f} to {sel_hi:+.2f}) lies nearer 0 "
+                         f"than every unselected group ({un_lo:+.2f} to {un_hi:+.2f})")
+    return "fails", (f"the selected groups ({sel_lo:+.2f} to {sel_hi:+.2f}) do not all lie "
+                     f"nearer 0 than the unselected ones ({un_lo:+.2f} to {un_hi:+.2f})")
 
 
 def label_corr(labels: torch.Tensor, i: int, j: int) -> float:
