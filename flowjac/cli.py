@@ -20,9 +20,13 @@ line on stderr and exits with status 1 (2 for a malformed command line).
 ``--steps`` always means solver steps; optimiser steps are
 ``--train-steps``. Explained in :ref:`sec_running_at_scale` (``book/running_at_scale.md``).
 
+Every flow is opened by ``flowjac.models.adapters.open_flow`` (the one
+door), sampled by ``flowjac.models.pretrained.sample`` and probed by
+``flowjac.engine.probing.probe`` (reduced by
+``flowjac.estimators.covariance.summarize_probe``); this module holds the
+parser, the checks of the command line and thin commands over them.
 Longer than 400 lines because it is the whole command line: the three
-commands' flags and help texts, their checks and their runs share one
-parser, one way of loading checkpoints and one error path.
+commands' flags and help texts, their checks and one error path.
 """
 from __future__ import annotations
 
@@ -417,370 +421,64 @@ def flow_config(data: str, size=None, base_channels=None) -> dict:
     return net
 
 
-def _a(name) -> str:
-    """'a FlowUNet', 'an AttributeNet', or 'no network' for a missing class."""
-    if not name:
-        return "no network"
-    return f"{'an' if str(name)[0] in 'AEIOU' else 'a'} {name}"
-
-
-def _read_payload(path: Path, what: str) -> dict:
-    """The checkpoint's payload, read once by the one safe read, with its
-    format tag checked."""
-    from flowjac.engine.checkpoints import read_checkpoint
-
-    path = Path(path)
-    payload = read_checkpoint(path, what)
-    if not isinstance(payload, dict) or payload.get("format") != \
-            "flowjac-checkpoint-1":
-        raise ValueError(f"{what} {str(path)!r} is not a flowjac checkpoint "
-                         "(no 'flowjac-checkpoint-1' format tag)")
-    return payload
-
-
-def _build(cls, cfg, what, path):
-    """``cls(**cfg)`` from a checkpoint's stored config, or one clear error."""
-    try:
-        return cls(**cfg)
-    except (TypeError, ValueError, AssertionError) as err:
-        raise ValueError(f"{what} {str(path)!r} stores a {cls.__name__} config "
-                         f"that does not build one ({type(err).__name__}: "
-                         f"{err})") from None
+def _legacy(flow):
+    """The (model, velocity, latent_shape, payload) tuple of the old loaders."""
+    payload = {"config": flow.source.get("config") or {}, "format": flow.source.get("kind"),
+               "step": flow.source.get("step")}
+    return flow.model, flow.velocity, flow.latent_shape, payload
 
 
 def load_flow(path, device="cpu", dtype=None):
-    """(model, velocity, latent_shape, payload) of a flow checkpoint, EMA weights if stored; :ref:`sec_running_at_scale`.
+    """(model, velocity, latent_shape, payload) of a flowjac checkpoint, EMA weights if stored, by ``adapters.open_flow``; :ref:`sec_running_at_scale`.
 
-    Builds the FlowUNet or MLPFlow its stored config describes; raises
-    FileNotFoundError for a missing file and ValueError for a file that is
-    not a flow checkpoint (e.g. a classifier's), a config that does not
-    build the network, EMA weights of another shape, or NaN/inf weights.
+    Kept for older code: ``adapters.open_flow(path)`` returns the same as
+    one ``Flow`` (the payload here holds ``config``, ``format`` and
+    ``step``).
     """
-    import torch
+    from flowjac.models.adapters import open_flow
 
-    from flowjac.engine.checkpoints import check_finite_weights, load_checkpoint
-    from flowjac.engine.velocity import velocity_fn
-    from flowjac.models.nets import FlowUNet, MLPFlow
-
-    payload = _read_payload(path, "checkpoint")
-    arch = payload.get("arch") or {}
-    cls = {"FlowUNet": FlowUNet, "MLPFlow": MLPFlow}.get(arch.get("class"))
-    if cls is None or not isinstance(arch.get("config"), dict):
-        raise ValueError(f"checkpoint {str(path)!r} holds "
-                         f"{_a(arch.get('class'))}, not a flow (FlowUNet or "
-                         "MLPFlow); give a flow checkpoint, e.g. the "
-                         "checkpoint.pt of flowjac train")
-    cfg = dict(arch["config"])
-    if "channel_mult" in cfg:
-        cfg["channel_mult"] = tuple(cfg["channel_mult"])
-    model = _build(cls, cfg, "checkpoint", path)
-    load_checkpoint(path, model, payload=payload)
-    check_finite_weights(model.state_dict(), f"checkpoint {str(path)!r}")
-    ema = payload.get("ema")
-    if ema is not None:
-        own = model.state_dict()
-        bad = sorted(set(own) ^ set(ema)) + sorted(
-            k for k in set(own) & set(ema)
-            if not torch.is_tensor(ema[k]) or own[k].shape != ema[k].shape)
-        if bad:
-            raise ValueError(f"checkpoint {str(path)!r}: its EMA weights do not "
-                             f"match its {cls.__name__}; mismatched entries: "
-                             f"{bad[:5]}")
-        check_finite_weights(ema, f"checkpoint {str(path)!r} (EMA weights)")
-        model.load_state_dict(ema)
-    model.to(device, dtype or torch.float32).eval().requires_grad_(False)
-    config = payload.get("config") or {}
-    velocity = velocity_fn(model, config.get("parameterization", "velocity"))
-    if cls is FlowUNet:
-        shape = (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
-    else:
-        shape = (cfg["dim"],)
-    return model, velocity, shape, payload
+    return _legacy(open_flow(path, format="flowjac", device=device, dtype=dtype))
 
 
-def _arch(text) -> dict:
-    """--arch: a JSON file or an inline JSON object of constructor arguments."""
-    import json
+def _open(args, device="cpu", dtype=None):
+    """The flow that ``--checkpoint`` and the format flags name, through the one door."""
+    from flowjac.models.adapters import open_flow
 
-    if text is None:
-        return None
-    text = str(text)
-    if text.lstrip().startswith("{"):
-        source, raw = "--arch", text
-    else:
-        path = Path(text)
-        if not path.is_file():
-            raise FileNotFoundError(f"arch {text!r} is neither an inline JSON "
-                                    "object nor an existing .json file")
-        source, raw = f"arch file {text!r}", path.read_text()
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{source} is not valid JSON ({err.msg} at line "
-                         f"{err.lineno} column {err.colno})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{source} must be a JSON object of constructor "
-                         f"arguments, got {type(value).__name__}")
-    return value
-
-
-_DOTTED = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*"
-
-
-def _class_statement(tree, qualname: str) -> bool:
-    """Whether a parsed module defines ``qualname`` (``Outer.Inner`` for a
-    nested class) by ``class`` statements at its top level (also inside
-    if, try and with blocks), read without running the module."""
-    import ast
-
-    compound = tuple(getattr(ast, n) for n in ("If", "Try", "TryStar", "With")
-                     if hasattr(ast, n))
-
-    def find(stmts, name):
-        for stmt in stmts:
-            if isinstance(stmt, ast.ClassDef) and stmt.name == name:
-                return stmt
-            if isinstance(stmt, compound):
-                blocks = [stmt.body, getattr(stmt, "orelse", []),
-                          getattr(stmt, "finalbody", [])]
-                blocks += [h.body for h in getattr(stmt, "handlers", [])]
-                for block in blocks:
-                    hit = find(block, name)
-                    if hit is not None:
-                        return hit
-        return None
-
-    node = tree
-    for name in qualname.split("."):
-        node = find(node.body, name)
-        if node is None:
-            return False
-    return True
-
-
-def _import_class(spec, what: str = "model_class"):
-    """The ``torch.nn.Module`` subclass that ``MODULE:CLASS`` names, defined in
-    MODULE itself, or one clear ValueError; nothing is called.
-
-    The working folder is put on the import path first (as ``python -m``
-    does), so that a class beside the user's command imports under both
-    entry points. A module not yet imported is read and parsed before it
-    is imported: unless its source defines CLASS with a ``class``
-    statement, it is refused without running it. Importing it runs its
-    import-time code (the help says so); after the import the object must
-    be a class, a ``torch.nn.Module`` subclass, and defined in MODULE (not
-    re-exported there, as ``subprocess:Popen``-like names of other modules
-    would be). The caller builds it only after these checks.
-    """
-    import ast
-    import importlib
-    import importlib.util
-    import os
-    import re
-
-    import torch
-
-    module, sep, name = str(spec).partition(":")
-    if not (sep and re.fullmatch(_DOTTED, module) and re.fullmatch(_DOTTED, name)):
-        raise ValueError(f"{what} must be MODULE:CLASS (dotted Python names, e.g. "
-                         f"mypackage.models:MyNet), got {spec!r}")
-    cwd = os.getcwd()
-    added = cwd not in sys.path and "" not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        if module not in sys.modules:
-            try:
-                found = importlib.util.find_spec(module)
-            except Exception as err:   # a parent package failed to import
-                raise ValueError(f"{what} {spec!r}: cannot find {module!r} "
-                                 f"({type(err).__name__}: {err})") from None
-            if found is None:
-                raise ValueError(f"{what} {spec!r}: no module {module!r} in the "
-                                 f"working folder {cwd!r} or the installed "
-                                 "packages")
-            try:
-                source = found.loader.get_source(module)
-            except Exception:
-                source = None
-            if source is None:
-                raise ValueError(f"{what} {spec!r}: {module!r} has no Python "
-                                 "source that flowjac can check before "
-                                 "importing it; give a class of a .py module")
-            try:
-                tree = ast.parse(source)
-            except SyntaxError as err:
-                raise ValueError(f"{what} {spec!r}: {module!r} is not valid "
-                                 f"Python ({err.msg}, line {err.lineno})") from None
-            if not _class_statement(tree, name):
-                raise ValueError(f"{what} {spec!r}: {module!r} has no class "
-                                 f"statement for {name!r}; name a class defined "
-                                 "in the module itself (it was not imported)")
-        try:
-            obj = importlib.import_module(module)
-        except Exception as err:
-            raise ValueError(f"{what} {spec!r}: importing {module!r} failed "
-                             f"({type(err).__name__}: {err})") from None
-    finally:
-        if added and cwd in sys.path:
-            sys.path.remove(cwd)
-    for part in name.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"{what} {spec!r}: {module!r} has no {name!r}")
-        obj = getattr(obj, part)
-    if not isinstance(obj, type):
-        raise ValueError(f"{what} {spec!r} is a {type(obj).__name__}, not a "
-                         "class; give your network's torch.nn.Module class")
-    if not issubclass(obj, torch.nn.Module):
-        raise ValueError(f"{what} {spec!r} is not a torch.nn.Module subclass; "
-                         "flowjac builds only networks (it was not called)")
-    if obj.__module__ != module or obj.__qualname__ != name:
-        raise ValueError(f"{what} {spec!r} is defined in {obj.__module__!r}, "
-                         f"not in {module!r}; name it where it is defined, "
-                         f"{obj.__module__}:{obj.__qualname__}")
-    return obj
+    value_range = getattr(args, "value_range", None)
+    return open_flow(
+        args.checkpoint, format=getattr(args, "format", None) or "flowjac",
+        device=device, dtype=dtype, arch=args.arch, model_class=args.model_class,
+        wrapper=getattr(args, "wrapper", None), latent_shape=args.latent_shape,
+        label=args.label, raw_weights=bool(args.raw_weights),
+        value_range=None if value_range is None else
+        tuple(float(v) for v in value_range.split(",")))
 
 
 def load_any_flow(args, device="cpu", dtype=None):
-    """(model, velocity, latent_shape, payload) of a flowjac, torchcfm or flow_matching checkpoint; :ref:`sec_byom`.
+    """(model, velocity, latent_shape, payload) of a flowjac, torchcfm or flow_matching checkpoint named by the CLI's flags, by ``adapters.open_flow``; :ref:`sec_byom`.
 
     ``args`` carries ``checkpoint``, ``format`` and, for the peers'
-    formats, ``arch``, ``model_class``, ``latent_shape``, ``label`` and
-    ``raw_weights`` (the flags of ``flowjac sample`` and ``flowjac probe``).
-    Third-party networks are read through ``flowjac.models.adapters``
-    (weights only); the payload of a foreign checkpoint is ``{"config":
-    {}}``, so the solver defaults to midpoint with 10 steps.
+    formats, ``arch``, ``model_class``, ``wrapper``, ``latent_shape``,
+    ``label`` and ``raw_weights`` (the flags of ``flowjac sample`` and
+    ``flowjac probe``); a foreign checkpoint's payload has an empty
+    ``config``, so the solver defaults to midpoint with 10 steps.
     """
-    import torch
-
-    fmt = getattr(args, "format", "flowjac") or "flowjac"
-    from flowjac._checks import check_choice
-    check_choice("format", fmt, FORMATS)
-    foreign = dict(arch=args.arch, model_class=args.model_class,
-                   wrapper=getattr(args, "wrapper", None),
-                   latent_shape=args.latent_shape, label=args.label,
-                   raw_weights=args.raw_weights or None)
-    if fmt == "flowjac":
-        given = [k for k, v in foreign.items() if v is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)} apply to --format torchcfm or "
-                             "flow_matching only; a flowjac checkpoint stores its "
-                             "architecture")
-        return load_flow(args.checkpoint, device, dtype)
-    from flowjac.models import adapters
-
-    dtype = dtype or torch.float32
-    arch = _arch(args.arch)
-    if arch is None:
-        raise ValueError(f"format {fmt} needs arch: the network's constructor "
-                         "arguments (a JSON file or an inline JSON object)")
-    if not Path(args.checkpoint).exists():
-        raise FileNotFoundError(f"checkpoint {str(args.checkpoint)!r} does not exist")
-    if fmt == "torchcfm":
-        for key in ("model_class", "wrapper", "latent_shape"):
-            if foreign[key] is not None:
-                raise ValueError(f"{key} applies to --format flow_matching only "
-                                 "(torchcfm's shape is arch's dim)")
-        if "dim" not in arch:
-            raise ValueError("arch for torchcfm must give dim, e.g. [1, 28, 28] "
-                             "for its UNet or 2 for its MLP")
-        dim = arch["dim"]
-        if isinstance(dim, bool) or not (isinstance(dim, int) or (
-                isinstance(dim, list) and len(dim) == 3
-                and all(isinstance(d, int) and not isinstance(d, bool)
-                        for d in dim))):
-            raise ValueError(f"arch's dim must be [C, H, W] (torchcfm's UNet) or "
-                             f"an integer (torchcfm's MLP), got {dim!r}")
-        if isinstance(dim, list):
-            arch["dim"] = tuple(dim)
-            shape = tuple(_count("arch dim", d) for d in dim)
-        else:
-            shape = (_count("arch dim", dim),)
-        velocity = adapters.load_torchcfm_checkpoint(
-            args.checkpoint, ema=not args.raw_weights, y=args.label, **arch)
-        step = velocity.step
-    else:
-        for key in ("label", "raw_weights"):
-            if foreign[key] is not None:
-                raise ValueError(f"{key} applies to --format torchcfm only")
-        if args.model_class is None:
-            raise ValueError("format flow_matching needs model_class "
-                             "(MODULE:CLASS, your network's class)")
-        if not args.latent_shape:
-            raise ValueError("format flow_matching needs latent_shape, the "
-                             "shape of one sample, e.g. 1 28 28")
-        cls = _import_class(args.model_class)
-        wrapper = (None if args.wrapper is None
-                   else _import_class(args.wrapper, "wrapper"))
-        try:
-            net = cls(**arch)
-        except TypeError as err:
-            raise ValueError(f"arch does not fit {args.model_class}: {err}") from None
-        except Exception as err:    # the user's constructor failed
-            raise ValueError(f"model_class {args.model_class} failed to build "
-                             f"from arch ({type(err).__name__}: {err})") from None
-        if wrapper is not None:
-            try:
-                net = wrapper(net)
-            except Exception as err:
-                raise ValueError(f"wrapper {args.wrapper} failed to wrap the "
-                                 f"{args.model_class} network as wrapper(model) "
-                                 f"({type(err).__name__}: {err})") from None
-        velocity = adapters.load_flow_matching_checkpoint(net, args.checkpoint)
-        shape = tuple(_count("latent_shape", d) for d in args.latent_shape)
-        step = None
-    model = velocity.model
-    from flowjac.engine.checkpoints import check_finite_weights
-    check_finite_weights(model.state_dict(),
-                         f"checkpoint {str(args.checkpoint)!r}")
-    model.to(device, dtype).requires_grad_(False)
-    if isinstance(getattr(model, "dtype", None), torch.dtype):
-        model.dtype = dtype      # torchcfm's UNet casts x to model.dtype
-    payload = {"config": {}, "format": fmt, "step": step}
-    return model, velocity, shape, payload
+    return _legacy(_open(args, device, dtype))
 
 
 def load_classifier(path, latent_shape, device="cpu", dtype=None):
-    """(AttributeNet, output names) of a classifier checkpoint that reads images of ``latent_shape``; :ref:`sec_running_at_scale`."""
-    import torch
+    """(AttributeNet, output names) of a classifier checkpoint, by ``classifiers.load_classifier``; :ref:`sec_running_at_scale`."""
+    from flowjac.models.classifiers import load_classifier as load
 
-    from flowjac.engine.checkpoints import check_finite_weights, load_checkpoint
-    from flowjac.models.classifiers import AttributeNet
-
-    payload = _read_payload(path, "classifier")
-    arch = payload.get("arch") or {}
-    if arch.get("class") != "AttributeNet":
-        raise ValueError(f"classifier {str(path)!r} holds "
-                         f"{_a(arch.get('class'))}, not an AttributeNet; give "
-                         "a classifier checkpoint, e.g. "
-                         "flowjac/weights/scm_classifier.pt")
-    cfg = arch.get("config")
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("in_channels"), int) \
-            or not isinstance(cfg.get("n_attr"), int):
-        raise ValueError(f"classifier {str(path)!r} stores no AttributeNet "
-                         "config (in_channels, n_attr)")
-    if len(latent_shape) != 3 or cfg["in_channels"] != latent_shape[0]:
-        raise ValueError(f"classifier {str(path)!r} reads images with "
-                         f"{cfg['in_channels']} channels, but the flow makes "
-                         f"samples of shape {tuple(latent_shape)}")
-    model = _build(AttributeNet, cfg, "classifier", path)
-    load_checkpoint(path, model, payload=payload)
-    check_finite_weights(model.state_dict(), f"classifier {str(path)!r}")
-    model.to(device, dtype or torch.float32).eval().requires_grad_(False)
-    kind = (payload.get("config") or {}).get("kind")
-    if kind == "attribute-classifier" and cfg["n_attr"] == 9:
-        from flowjac.causal.scm import ATTRIBUTES
-        names = list(ATTRIBUTES)
-    else:
-        names = [f"logit{i}" for i in range(cfg["n_attr"])]
-    return model, names
+    return load(path, latent_shape, device, dtype)
 
 
-def _solver_settings(args, payload):
-    sampler = (payload.get("config") or {}).get("sampler") or {}
-    steps = args.steps if args.steps is not None else sampler.get("steps", 10)
-    method = args.method or sampler.get("method", "midpoint")
+def _solver_settings(args, flow):
+    """--steps and --method, else the flow's sampler."""
     from flowjac._checks import check_choice
+
+    steps = args.steps if args.steps is not None else flow.sampler.get("steps", 10)
+    method = args.method or flow.sampler.get("method", "midpoint")
     return _count("steps", steps), check_choice("method", method, METHODS)
 
 
@@ -895,7 +593,8 @@ def _train(args, ctx):
 
 # -- sample ----------------------------------------------------------------------
 
-def _write_png(path: Path, x, data):
+def _write_png(path: Path, x):
+    """A grid of pixel images in [0, 1] (clamped) as a PNG file."""
     import io
 
     import matplotlib
@@ -908,7 +607,6 @@ def _write_png(path: Path, x, data):
     if x.ndim != 4:
         raise ValueError(f"out as .png needs image samples, got shape "
                          f"{tuple(x.shape[1:])}; write a .pt file instead")
-    x = (x + 1) / 2 if data == "scm" else x
     x = x.clamp(0, 1)
     n, c, h, w = x.shape
     cols = math.ceil(math.sqrt(n))
@@ -938,10 +636,9 @@ def _sample(args, ctx):
     import io
 
     import torch
-    from tqdm import tqdm
 
     from flowjac.engine import distributed
-    from flowjac.engine.ode import integrate
+    from flowjac.models.pretrained import sample
     from flowjac.utils import atomic_write_bytes, hardware
 
     n = _count("n", args.n)
@@ -949,42 +646,28 @@ def _sample(args, ctx):
     seed = _count("seed", args.seed, 0)
     out = Path(args.out)
     _writable_file("out", out, (".pt", ".png"), args.force, _inputs(args))
-    model, velocity, shape, payload = load_any_flow(args, ctx.device)
-    numel = math.prod(shape)
+    flow = _open(args, ctx.device)
+    shape, numel = flow.latent_shape, math.prod(flow.latent_shape)
     _fits(f"sample: {n:,} samples of shape {tuple(shape)}", 16 * n * numel,
           "give a smaller --n (and write several files)")
     _fits(f"sample: a batch of {min(n, batch_size):,} samples of shape "
           f"{tuple(shape)}", 4 * min(n, batch_size) * numel * 4,
           "give a smaller --batch-size", ctx.device)
-    steps, method = _solver_settings(args, payload)
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, *shape, generator=g)
-    starts = [b * batch_size for b in
-              distributed.shard_batches(n, batch_size, ctx.rank, ctx.world_size)]
-    parts, index = [], []
+    steps, method = _solver_settings(args, flow)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for i in tqdm(starts, disable=None if (ctx.is_main and not
-                                               args.no_progress) else True,
-                      desc="sampling", mininterval=2.0):
-            parts.append(integrate(velocity, z[i:i + batch_size].to(ctx.device),
-                                   steps, method).cpu())
-            index.extend(range(i, min(n, i + batch_size)))
-    local = torch.cat(parts) if parts else torch.zeros(0, *shape)
-    x = distributed.gather_rows(local, index, n, ctx).float()
+    x = sample(flow.velocity, shape, n, method=method, steps=steps, seed=seed,
+               batch_size=batch_size, device=ctx.device, ctx=ctx,
+               progress=ctx.is_main and not args.no_progress).float()
     seconds = distributed.all_reduce_max(time.perf_counter() - t0, ctx)
-    config = payload.get("config") or {}
     meta = dict(command="sample", checkpoint=str(args.checkpoint), n=n,
                 steps=steps, method=method, seed=seed, batch_size=batch_size,
-                data=config.get("data"), format=args.format,
-                world_size=ctx.world_size,
+                data=(flow.source.get("config") or {}).get("data"),
+                format=args.format, world_size=ctx.world_size,
                 device=str(ctx.device), seconds=seconds, hardware=hardware())
 
     def write():
         if out.suffix.lower() == ".png":
-            symmetric = (args.value_range == "-1,1" if args.value_range
-                         else config.get("data") == "scm")
-            _write_png(out, x, "scm" if symmetric else None)
+            _write_png(out, flow.to_pixels(x))
         else:
             buf = io.BytesIO()
             torch.save({"x": x, "meta": meta}, buf)
@@ -1034,13 +717,9 @@ def _json_matrix(m):
 
 def _probe(args, ctx):
     import torch
-    from tqdm import tqdm
 
-    from flowjac.engine import distributed
-    from flowjac.engine.composite import attribute_jvp
-    from flowjac.engine.probing import stage_count
-    from flowjac.estimators.covariance import covariance_from_pairs, sample_covariance
-    from flowjac.estimators.moments import moment_to_corr
+    from flowjac.engine import distributed, probing
+    from flowjac.estimators.covariance import summarize_probe
     from flowjac.utils import hardware, save_json
 
     n = _count("n", args.n, 2)
@@ -1059,8 +738,9 @@ def _probe(args, ctx):
     if ctx.device.type == "cuda":     # reproducible sums: no TF32
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    _, velocity, shape, payload = load_any_flow(args, ctx.device, dtype)
-    steps, method = _solver_settings(args, payload)
+    flow = _open(args, ctx.device, dtype)
+    shape = flow.latent_shape
+    steps, method = _solver_settings(args, flow)
     if args.classifier is not None:
         if args.patch is not None:
             raise ValueError("patch selects pixels; it cannot be combined with "
@@ -1081,55 +761,19 @@ def _probe(args, ctx):
     p = len(names)
     pairs = args.estimator == "covariance"
     _fits(f"probe: {p:,} outputs (p x p matrices in the JSON file)",
-          (12 if pairs else 6) * 60 * p * p + 16 * n * p
-          + (32 * n * (1 + k) * p if pairs else 0),
+          (12 if pairs else 6) * 60 * p * p
+          + 24 * n * (1 + k) * p * (2 if pairs else 1),
           "probe fewer outputs (--patch, or a classifier)")
-    rho_all, draws = distributed.sharded_latents(
-        n, k, shape, seed, batch_size, ctx.rank, ctx.world_size)
-    dev = ctx.device
-    moment = torch.zeros(p, p, dtype=torch.float64, device=dev)
-    moment_sq = torch.zeros(p, p, dtype=torch.float64, device=dev)
-    out_sum = torch.zeros(p, dtype=torch.float64, device=dev)
-    chunk = max(1, 4_000_000 // (p * p))
-    rows = {"index": [], "fz": [], "jz": [], "fzr": [], "jzr": []}
-    own = distributed.shard_batches(n, batch_size, ctx.rank, ctx.world_size)
     t0 = time.perf_counter()
-    bar = tqdm(draws, total=len(own), desc="probing", mininterval=2.0,
-               disable=None if (ctx.is_main and not args.no_progress) else True)
-    for i, z, v, zp in bar:
-        b = z.shape[0]
-        z, v, zp = (t.to(dev, dtype) for t in (z, v, zp))
-        with torch.no_grad():
-            fz, jz = attribute_jvp(velocity, readout, z, tangents=v,
-                                   steps=steps, method=method)
-        d = jz.reshape(-1, p).double()
-        moment += d.T @ d
-        per = d.reshape(b, -1, p)     # one latent's k probes: one unit of the SE
-        for c in range(0, b, chunk):
-            t = torch.einsum("ikp,ikq->ipq", per[c:c + chunk], per[c:c + chunk])
-            moment_sq += (t * t).sum(0)
-        out_sum += fz.double().sum(0)
-        rows["index"].extend(range(i, i + b))
-        rows["fz"].append(fz.double().cpu())
-        if pairs:
-            rho = rho_all[i:i + b].to(dev, dtype)
-            view = (b,) + (1,) * len(shape)
-            zr = rho.view(view) * z + (1 - rho.view(view) ** 2).sqrt() * zp
-            with torch.no_grad():
-                fzr, jzr = attribute_jvp(velocity, readout, zr, tangents=v,
-                                         steps=steps, method=method)
-            for key, val in (("jz", jz), ("fzr", fzr), ("jzr", jzr)):
-                rows[key].append(val.double().cpu())
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+    res = probing.probe(flow.velocity, readout, shape, n, k=k, steps=steps,
+                        method=method, seed=seed, device=ctx.device, dtype=dtype,
+                        batch_size=batch_size, pairs=pairs, paper=False, ctx=ctx,
+                        result_dtype=torch.float64,
+                        progress=ctx.is_main and not args.no_progress)
     solve_seconds = distributed.all_reduce_max(time.perf_counter() - t0, ctx)
     t1 = time.perf_counter()
-    moment_sum = distributed.all_reduce_sum(moment, ctx).cpu()
-    moment_sq = distributed.all_reduce_sum(moment_sq, ctx).cpu()
-    moment = moment_sum / (n * k)
-    var = (moment_sq - moment_sum ** 2 / n).clamp_min(0) / (n - 1)
-    moment_se = (n * var).sqrt() / (n * k)
-    mean = distributed.all_reduce_sum(out_sum, ctx).cpu() / n
+    summary = summarize_probe(res, batch_size=batch_size) if ctx.is_main else {}
+    est = summary.pop("covariance", None)
     result = dict(
         command="probe", estimator=args.estimator, readout=kind, outputs=names,
         p=p, n=n, k=k, seed=seed, steps=steps, method=method,
@@ -1137,34 +781,21 @@ def _probe(args, ctx):
         checkpoint=str(args.checkpoint), format=args.format,
         classifier=None if args.classifier is None else str(args.classifier),
         what_to_read=_WHAT_TO_READ,
-        second_moment=_json_matrix(moment),
-        second_moment_stderr=_json_matrix(moment_se),
-        second_moment_corr=_json_matrix(moment_to_corr(moment)),
-        mean_output=_json_matrix(mean),
-        evaluations=n * stage_count(method, steps) * (1 + k) * (2 if pairs else 1),
-        world_size=ctx.world_size, backend=ctx.backend, device=str(dev),
+        **{key: _json_matrix(summary[key]) for key in (
+            "second_moment", "second_moment_stderr", "second_moment_corr",
+            "mean_output") if key in summary},
+        evaluations=n * probing.stage_count(method, steps) * (1 + k)
+        * (2 if pairs else 1),
+        world_size=ctx.world_size, backend=ctx.backend, device=str(ctx.device),
         hardware=hardware())
-    gathered = {}
-    for key, width in (("fz", (p,)), ("jz", (k, p)), ("fzr", (p,)),
-                       ("jzr", (k, p))):
-        if key == "fz" or pairs:
-            local = (torch.cat(rows[key]) if rows[key]
-                     else torch.zeros(0, *width, dtype=torch.float64))
-            gathered[key] = distributed.gather_rows(local, rows["index"], n, ctx)
-    if ctx.is_main:
-        if pairs:
-            est = covariance_from_pairs(gathered["jz"], gathered["jzr"], rho_all,
-                                        fz=gathered["fz"], fzr=gathered["fzr"])
-            result["covariance"] = {
-                key: _json_matrix(getattr(est, key))
-                for key in ("cov", "stderr", "corr", "upper", "upper_stderr",
-                            "sample", "sample_stderr")}
-            cov, cov_se = est.sample, est.sample_stderr
-        else:
-            cov, cov_se = sample_covariance(gathered["fz"])
-        result.update(sample_covariance=_json_matrix(cov),
-                      sample_covariance_stderr=_json_matrix(cov_se),
-                      sample_correlation=_json_matrix(moment_to_corr(cov)))
+    if est is not None:
+        result["covariance"] = {
+            key: _json_matrix(getattr(est, key))
+            for key in ("cov", "stderr", "corr", "upper", "upper_stderr",
+                        "sample", "sample_stderr")}
+    result.update({key: _json_matrix(summary[key]) for key in (
+        "sample_covariance", "sample_covariance_stderr", "sample_correlation")
+        if key in summary})
     result["seconds"] = dict(solves=solve_seconds,
                              reduce=time.perf_counter() - t1)
     distributed.on_main(ctx, save_json, out, result)

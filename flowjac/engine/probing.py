@@ -51,7 +51,12 @@ class _Partial:
         self.settings = settings
         self.done, self.res, self.secs = 0, None, None
         if self.path is not None and self.path.exists():
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            from flowjac.engine.checkpoints import read_checkpoint
+
+            state = read_checkpoint(self.path, "partial_path")
+            if not isinstance(state, dict) or not {"settings", "done", "res", "secs"} <= set(state):
+                raise ValueError(f"partial_path {str(self.path)!r} is not a partial "
+                                 "run of flowjac's probing; remove it or name another file")
             if state.get("settings") != settings:
                 diff = {k: (state.get("settings", {}).get(k), v) for k, v in settings.items()
                         if state.get("settings", {}).get(k) != v}
@@ -72,6 +77,26 @@ class _Partial:
                         res={k: [t.detach().cpu() for t in v] for k, v in res.items()}),
                    buf)
         atomic_write_bytes(self.path, buf.getvalue())
+
+
+def _refuse_nonfinite(velocity, readout, z, steps, method, start, values, what):
+    """One clear ValueError, naming the source, when a batch's readout or
+    JVPs hold NaN or inf: the flow's own samples are checked to tell a
+    non-finite velocity from a readout that is not finite on finite samples."""
+    from flowjac.engine.ode import integrate
+
+    if all(bool(torch.isfinite(v).all()) for v in values):
+        return
+    rows = f"latents {start}-{start + z.shape[0] - 1}"
+    with torch.no_grad():
+        x = integrate(velocity, z, steps, method=method)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{what}: the velocity {type(velocity).__name__} gives NaN "
+                         f"or inf samples at {rows}; its weights or its inputs "
+                         "are not finite (nothing further was computed)")
+    raise ValueError(f"{what}: the readout {type(readout).__name__} gives NaN or "
+                     f"inf (or NaN or inf derivatives) on finite samples at "
+                     f"{rows}; fix the readout (nothing further was computed)")
 
 
 def _latent_batches(n, k, latent_shape, seed, batch_size):
@@ -147,7 +172,8 @@ def probe(velocity, readout, latent_shape, n: int, *, k: int = 4,
           device="cpu", dtype=torch.float64, batch_size: int = 256,
           pairs: bool = True, grad_outputs=(), grad_batch: int = 32,
           eps: float = 1e-2, progress: bool = False,
-          partial_path=None) -> dict:
+          partial_path=None, paper: bool = True, ctx=None,
+          result_dtype=torch.float32) -> dict:
     """Outputs, JVPs, pair JVPs, true gradient norms and the paper's change for n latents; :ref:`sec_attributes`.
 
     ``velocity`` and ``readout`` must already be on ``device`` in
@@ -157,7 +183,15 @@ def probe(velocity, readout, latent_shape, n: int, *, k: int = 4,
     stores every solver stage). Results come back as float32 CPU tensors,
     with ``meta`` (settings, seconds and evaluation counts of each part).
     ``partial_path``: write the results after every batch and continue a
-    run with the same settings from there (module docstring).
+    run with the same settings from there (module docstring). ``paper``:
+    compute ``paper_change`` (one more solve per latent). ``ctx`` (a
+    ``distributed.init`` Context): each rank probes its own batches of the
+    one seeded draw (``distributed.shard_batches``) and every rank returns
+    all n rows, equal to the single-process ones. ``result_dtype``: the
+    dtype of the returned tensors (None: the computing ``dtype``); ``rho``
+    is the float64 draw rounded once. A batch whose readout or JVPs hold
+    NaN or inf stops the run with one ValueError naming the velocity or
+    the readout.
     """
     from flowjac.engine.composite import attribute_jvp
     from flowjac.engine.ode import integrate
@@ -176,15 +210,25 @@ def probe(velocity, readout, latent_shape, n: int, *, k: int = 4,
     rho_all, draws = _latent_batches(n, k, latent_shape,
                                      check_int("seed", seed, minimum=0),
                                      batch_size)
+    world = 1 if ctx is None else ctx.world_size
+    if world > 1 and partial_path is not None:
+        raise ValueError("partial_path is for one process; under torchrun give "
+                         "partial_path=None")
+    own = None
+    if ctx is not None:
+        from flowjac.engine.distributed import shard_batches
+
+        own = set(shard_batches(n, batch_size, ctx.rank, ctx.world_size))
     keys = ["out", "jvp"] + (["rho", "out_pair", "jvp_pair"] if pairs else []) \
-        + (["grad_norm"] if grad_norms else []) + ["paper_change"]
+        + (["grad_norm"] if grad_norms else []) + (["paper_change"] if paper else [])
     res = {key: [] for key in keys}
     secs = {"jvp": 0.0, "pair": 0.0, "grad_norm": 0.0, "paper": 0.0}
     dev = torch.device(device)
     partial = _Partial(partial_path, dict(
         what="probe", n=n, k=k, steps=steps, method=method, seed=seed,
         batch_size=batch_size, dtype=str(dtype), pairs=bool(pairs),
-        grad_outputs=grad_outputs, eps=float(eps), latent_shape=list(latent_shape)))
+        grad_outputs=grad_outputs, eps=float(eps), latent_shape=list(latent_shape),
+        **({} if paper else {"paper": False})))
     if partial.res is not None:
         res, secs = partial.res, partial.secs
 
@@ -192,12 +236,13 @@ def probe(velocity, readout, latent_shape, n: int, *, k: int = 4,
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    bar = tqdm(draws, total=-(-n // batch_size), disable=not progress or None,
-               desc="probing", mininterval=2.0)
-    for i, z, v, zp in bar:
+    index = []
+    bar = tqdm(draws, total=-(-n // batch_size) if own is None else len(own),
+               disable=not progress or None, desc="probing", mininterval=2.0)
+    for j, (i, z, v, zp) in enumerate(bar):
         b = z.shape[0]
-        if i < partial.done:        # written by an earlier call
-            continue
+        if i < partial.done or (own is not None and j not in own):
+            continue                # written by an earlier call, or another rank's
         z, v, zp = (t.to(dev, dtype) for t in (z, v, zp))
 
         def timed_jvp(x, part, v=v):
@@ -210,6 +255,8 @@ def probe(velocity, readout, latent_shape, n: int, *, k: int = 4,
             return fx, dx
 
         out, d = timed_jvp(z, "jvp")
+        _refuse_nonfinite(velocity, readout, z, steps, method, i, (out, d), "probe")
+        index.extend(range(i, i + b))
         res["out"].append(out)
         res["jvp"].append(d)
         if pairs:
@@ -217,7 +264,9 @@ def probe(velocity, readout, latent_shape, n: int, *, k: int = 4,
             shape = (b,) + (1,) * len(latent_shape)
             zr = rho.view(shape) * z + (1 - rho.view(shape) ** 2).sqrt() * zp
             outp, dp = timed_jvp(zr, "pair")
-            res["rho"].append(rho)
+            _refuse_nonfinite(velocity, readout, zr, steps, method, i, (outp, dp),
+                              "probe (the partner latents z_rho)")
+            res["rho"].append(rho_all[i:i + b])
             res["out_pair"].append(outp)
             res["jvp_pair"].append(dp)
         if grad_norms:
@@ -227,25 +276,55 @@ def probe(velocity, readout, latent_shape, n: int, *, k: int = 4,
                                                 grad_batch))
             sync()
             secs["grad_norm"] += time.perf_counter() - t0
-        u = v[:, 0] / v[:, 0].flatten(1).norm(dim=1).view(
-            (b,) + (1,) * len(latent_shape))
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            moved = readout(integrate(velocity, z + eps * u, steps,
-                                      method=method))
-        sync()
-        secs["paper"] += time.perf_counter() - t0
-        res["paper_change"].append((moved - out).abs())
+        if paper:
+            u = v[:, 0] / v[:, 0].flatten(1).norm(dim=1).view(
+                (b,) + (1,) * len(latent_shape))
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                moved = readout(integrate(velocity, z + eps * u, steps,
+                                          method=method))
+            sync()
+            secs["paper"] += time.perf_counter() - t0
+            res["paper_change"].append((moved - out).abs())
         partial.save(i + b, res, secs)
-    out = {key: torch.cat([t.float().cpu() for t in val]) for key, val in res.items()}
+    if ctx is None:
+        out = {key: torch.cat([t.to("cpu", result_dtype or t.dtype) for t in val])
+               for key, val in res.items()}
+    else:
+        out = _gathered(res, index, n, k, len(grad_outputs), ctx, result_dtype or dtype,
+                        lambda: readout(torch.zeros(1, *latent_shape, device=dev,
+                                                    dtype=dtype)).shape[1])
+        from flowjac.engine.distributed import all_reduce_max
+
+        secs = {key: all_reduce_max(val, ctx) for key, val in secs.items()}
     out["meta"] = dict(n=n, k=k, steps=steps, method=method, seed=seed,
-                       grad_outputs=grad_outputs,
+                       grad_outputs=grad_outputs, world_size=world,
                        eps=eps, batch_size=batch_size, dtype=str(dtype),
                        device=str(dev), seconds=secs,
                        evaluations=dict(
                            jvp=n * stages * (1 + k),
                            pair=n * stages * (1 + k) if pairs else 0,
                            plain_sample=n * stages))
+    return out
+
+
+def _gathered(res, index, n, k, m, ctx, dtype, width) -> dict:
+    """Every rank's rows of a sharded probe assembled on every rank
+    (exactly: one non-zero contribution per entry); ``width()`` gives the
+    readout's width on a rank that probed no batch."""
+    from flowjac.engine.distributed import gather_rows
+
+    p = None
+    shapes = {"out": lambda: (p,), "jvp": lambda: (k, p), "rho": lambda: (),
+              "out_pair": lambda: (p,), "jvp_pair": lambda: (k, p),
+              "grad_norm": lambda: (m,), "paper_change": lambda: (p,)}
+    if not res["out"]:
+        p = width()
+    out = {}
+    for key, val in res.items():
+        local = (torch.cat([t.to("cpu", torch.float64) for t in val]) if val
+                 else torch.zeros(0, *shapes[key](), dtype=torch.float64))
+        out[key] = gather_rows(local, index, n, ctx).to(dtype)
     return out
 
 
@@ -279,6 +358,8 @@ def plain_outputs(velocity, readout, latent_shape, n: int, *,
                 continue
             t0 = time.perf_counter()
             outs.append(readout(integrate(velocity, z, steps, method=method)).float().cpu())
+            _refuse_nonfinite(velocity, readout, z, steps, method, i, (outs[-1],),
+                              "plain_outputs")
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             spent += time.perf_counter() - t0

@@ -87,7 +87,7 @@ from flowjac.engine.ode import check_solver_args
 __all__ = ["QUADRATURES", "PROBES", "PairDesign",
            "CovarianceEstimate", "draw_pairs", "covariance_from_pairs",
            "sample_covariance", "jvp_covariance",
-           "flow_jvp_covariance",]
+           "flow_jvp_covariance", "summarize_probe"]
 
 QUADRATURES = ("stratified", "uniform", "gauss-legendre", "importance")
 PROBES = ("rademacher", "gaussian", "basis")
@@ -708,3 +708,57 @@ def flow_jvp_covariance(velocity: Callable, latent_shape, n: int, *,
 # -- heavy-tail diagnostics ---------------------------------------------------
 
 
+
+
+def summarize_probe(res: dict, *, batch_size: int) -> dict:
+    """What ``flowjac probe`` reports from ``probing.probe``'s rows: E[J J^T] with its standard error, the mean output, the plain sample covariance with its standard error and correlation, and the identity's estimate where pairs were probed; :ref:`sec_exact_covariances`.
+
+    ``res`` holds ``out`` (n, p) and ``jvp`` (n, k, p) (and ``rho``,
+    ``out_pair``, ``jvp_pair`` for pairs), best in float64. The sums run
+    batch by batch in the draw's order (``batch_size``), so the numbers do
+    not depend on how the batches were shared out. The standard error of
+    E[J J^T] is over the n latents (each latent's k probes one unit).
+    Returns float64 tensors: ``second_moment``, ``second_moment_stderr``,
+    ``second_moment_corr``, ``mean_output``, ``sample_covariance``,
+    ``sample_covariance_stderr``, ``sample_correlation`` and, with pairs,
+    ``covariance`` (a ``CovarianceEstimate``).
+    """
+    from flowjac.estimators.moments import moment_to_corr
+
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    jvp = _as_jvps("res['jvp']", res["jvp"]).double()
+    fz = res["out"].double()
+    n, k, p = jvp.shape
+    if fz.shape != (n, p):
+        raise ValueError(f"res['out'] must be ({n}, {p}) like res['jvp'], got "
+                         f"{tuple(fz.shape)}")
+    check_finite("res['jvp']", jvp)
+    check_finite("res['out']", fz)
+    moment = torch.zeros(p, p, dtype=torch.float64)
+    moment_sq = torch.zeros(p, p, dtype=torch.float64)
+    out_sum = torch.zeros(p, dtype=torch.float64)
+    chunk = max(1, 4_000_000 // (p * p))
+    for i in range(0, n, batch_size):
+        per = jvp[i:i + batch_size]
+        d = per.reshape(-1, p)
+        moment += d.T @ d
+        for c in range(0, per.shape[0], chunk):
+            t = torch.einsum("ikp,ikq->ipq", per[c:c + chunk], per[c:c + chunk])
+            moment_sq += (t * t).sum(0)
+        out_sum += fz[i:i + batch_size].sum(0)
+    var = (moment_sq - moment ** 2 / n).clamp_min(0) / (n - 1)
+    out = dict(second_moment=moment / (n * k),
+               second_moment_stderr=(n * var).sqrt() / (n * k),
+               mean_output=out_sum / n)
+    out["second_moment_corr"] = moment_to_corr(out["second_moment"])
+    if "jvp_pair" in res:
+        est = covariance_from_pairs(jvp, res["jvp_pair"].double(),
+                                    res["rho"].double(), fz=fz,
+                                    fzr=res["out_pair"].double())
+        out["covariance"] = est
+        cov, cov_se = est.sample, est.sample_stderr
+    else:
+        cov, cov_se = sample_covariance(fz)
+    out.update(sample_covariance=cov, sample_covariance_stderr=cov_se,
+               sample_correlation=moment_to_corr(cov))
+    return out

@@ -23,6 +23,7 @@ __all__ = [
     "ResBlock", "AttributeNet", "celeba_resnet50", "train_classifier",
     "predict_logits", "per_attribute_accuracy", "load_or_train_classifier",
     "CELEBA_BATCH_SIZE", "CELEBA_LR", "random_shift", "class_accuracy",
+    "load_classifier",
 ]
 
 CELEBA_BATCH_SIZE = 128     # the paper's CelebA classifier settings
@@ -258,3 +259,43 @@ def load_or_train_classifier(path, model: nn.Module, images, labels, **train_kwa
         config=getattr(model, "config", None))
     model.eval()
     return model, trained
+
+
+def load_classifier(path, latent_shape, device="cpu", dtype=None):
+    """(AttributeNet, output names) of a classifier checkpoint that reads images of ``latent_shape``, by the one safe read; :ref:`sec_running_at_scale`.
+
+    Raises FileNotFoundError for a missing file and one ValueError for a
+    file that is not a flowjac AttributeNet checkpoint, a config that does
+    not build one, images of other channels than the flow's, or NaN/inf
+    weights.
+    """
+    from flowjac.engine.checkpoints import check_finite_weights, load_checkpoint
+    from flowjac.models.adapters import _a, build_from_config, read_flowjac_payload
+
+    payload = read_flowjac_payload(path, "classifier")
+    arch = payload.get("arch") or {}
+    if arch.get("class") != "AttributeNet":
+        raise ValueError(f"classifier {str(path)!r} holds "
+                         f"{_a(arch.get('class'))}, not an AttributeNet; give "
+                         "a classifier checkpoint, e.g. "
+                         "flowjac/weights/scm_classifier.pt")
+    cfg = arch.get("config")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("in_channels"), int) \
+            or not isinstance(cfg.get("n_attr"), int):
+        raise ValueError(f"classifier {str(path)!r} stores no AttributeNet "
+                         "config (in_channels, n_attr)")
+    if len(latent_shape) != 3 or cfg["in_channels"] != latent_shape[0]:
+        raise ValueError(f"classifier {str(path)!r} reads images with "
+                         f"{cfg['in_channels']} channels, but the flow makes "
+                         f"samples of shape {tuple(latent_shape)}")
+    model = build_from_config(AttributeNet, cfg, "classifier", path)
+    load_checkpoint(path, model, payload=payload)
+    check_finite_weights(model.state_dict(), f"classifier {str(path)!r}")
+    model.to(device, dtype or torch.float32).eval().requires_grad_(False)
+    kind = (payload.get("config") or {}).get("kind")
+    if kind == "attribute-classifier" and cfg["n_attr"] == 9:
+        from flowjac.causal.scm import ATTRIBUTES
+        names = list(ATTRIBUTES)
+    else:
+        names = [f"logit{i}" for i in range(cfg["n_attr"])]
+    return model, names
