@@ -121,6 +121,10 @@ def propagate(scm: BinarySCM, noise, **values) -> torch.Tensor:
     d = len(scm.nodes)
     if noise.ndim != 2 or noise.shape[1] != d:
         raise ValueError(f"noise must have shape (n, {d}), got {tuple(noise.shape)}")
+    if not bool(((noise >= 0) & (noise <= 1)).all()):     # NaN fails both
+        bad = int((~((noise >= 0) & (noise <= 1))).sum())
+        raise ValueError(f"noise must be uniform draws in [0, 1]; {bad} entries "
+                         "are outside it or NaN")
     model = do(scm, **values) if values else scm
     out = torch.zeros(noise.shape, dtype=torch.int64)
     for j, v in enumerate(model.nodes):

@@ -29,7 +29,10 @@ def bootstrap_ci(fn: Callable[[torch.Tensor], torch.Tensor | float],
     ``fn`` maps an (N, ...) tensor to a scalar or a tensor; rows of ``data``
     are resampled with replacement ``n_boot`` times and the ``alpha/2`` and
     ``1 - alpha/2`` quantiles of the replicates are returned (NaN replicates,
-    e.g. a resample in which a pixel is constant, are ignored).
+    e.g. a resample in which a pixel is constant, are ignored). Floating
+    ``data`` with NaN or inf entries, and a statistic that is inf, are one
+    ValueError each (a NaN statistic of the whole data gives NaN, as the
+    statistic does).
     """
     if not callable(fn):
         raise ValueError(f"fn must be callable, got {type(fn).__name__}")
@@ -42,6 +45,11 @@ def bootstrap_ci(fn: Callable[[torch.Tensor], torch.Tensor | float],
     n_boot = check_int("n_boot", n_boot, minimum=2)
     if not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    if data.is_floating_point() and not bool(torch.isfinite(data).all()):
+        bad = (~torch.isfinite(data)).reshape(data.shape[0], -1).any(1)
+        raise ValueError(f"data must be finite; {int(bad.sum())} of its {len(bad)} "
+                         f"rows have NaN or inf entries (first: row "
+                         f"{int(bad.nonzero()[0])}); drop or fix them first")
     n = data.shape[0]
     gen_device = generator.device if generator is not None else "cpu"
     est = torch.as_tensor(fn(data), dtype=torch.float64)
@@ -51,6 +59,11 @@ def bootstrap_ci(fn: Callable[[torch.Tensor], torch.Tensor | float],
                             device=gen_device).to(data.device)
         reps.append(torch.as_tensor(fn(data[idx]), dtype=torch.float64).cpu())
     reps = torch.stack(reps)
+    for what, val in (("fn(data)", est), ("a bootstrap replicate of fn", reps)):
+        if bool(torch.isinf(val).any()):
+            raise ValueError(f"fn must return finite values (or NaN where "
+                             f"undefined), but {what} is inf; the statistic "
+                             "diverges on these rows")
     q = torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64)
     lo_hi = torch.nanquantile(reps, q, dim=0)
     if est.ndim == 0:

@@ -349,7 +349,20 @@ def trace_estimate(matvec: Callable, probes: torch.Tensor, *,
 
 
 def _velocity_and_divergence(velocity, x, t, estimator, probes):
-    """(u(x, t), tr D_x u(x, t)) with fixed flat-able probes (B, m, ...)."""
+    """(u(x, t), tr D_x u(x, t)) with fixed flat-able probes (B, m, ...);
+    one ValueError naming the velocity when either is NaN or inf."""
+    v, tr = _raw_velocity_and_divergence(velocity, x, t, estimator, probes)
+    for what, val in (("velocity", v), ("divergence", tr)):
+        if not bool(torch.isfinite(val).all()):
+            bad = int((~torch.isfinite(val)).sum())
+            raise ValueError(f"the velocity {type(velocity).__name__} gives a NaN "
+                             f"or inf {what} ({bad} entries) at t = {float(t):.4g} "
+                             f"on finite x; its weights or its code give "
+                             "non-finite values there")
+    return v, tr
+
+
+def _raw_velocity_and_divergence(velocity, x, t, estimator, probes):
     bsz, rest, d = x.shape[0], tuple(x.shape[1:]), _dim(x)
     if estimator == "exact":
         eye = torch.eye(d, dtype=x.dtype, device=x.device)

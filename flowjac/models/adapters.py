@@ -961,6 +961,12 @@ def _time(t, x: torch.Tensor) -> torch.Tensor:
     if isinstance(t, bool) or not (torch.is_tensor(t) or isinstance(t, numbers.Real)):
         raise ValueError(f"t must be a number, a 0-dim tensor or a ({bsz},) "
                          f"tensor, got {t!r}")
+    if isinstance(t, numbers.Real) and not math.isfinite(t):
+        raise ValueError(f"t must be finite, got {t!r}")
+    if torch.is_tensor(t) and t.device.type == "cpu" and t.is_floating_point() \
+            and not bool(torch.isfinite(t).all()):     # no sync on a GPU
+        raise ValueError(f"t must be finite, got {int((~torch.isfinite(t)).sum())} "
+                         "NaN or inf entries")
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
     if t.ndim == 0 or (t.ndim == 1 and t.shape[0] == bsz):
         return t

@@ -14,7 +14,7 @@ import itertools
 
 import torch
 
-from flowjac._checks import check_int
+from flowjac._checks import check_finite, check_int
 from flowjac.causal import interventions as iv
 from flowjac.causal.scm import STRUCTURES, BinarySCM
 from flowjac.engine.ode import integrate
@@ -54,17 +54,31 @@ def generate(velocity, labels: torch.Tensor, *, seed: int = 0, z=None,
         z = draw_latents(velocity, len(labels), seed)
     x = sample_given(velocity, labels, z=z, method=method, steps=steps,
                      guidance=guidance, batch_size=batch_size, device=device)
+    _refuse_nonfinite(x, "images", f"the velocity {type(velocity).__name__}")
     return x, z
+
+
+def _refuse_nonfinite(x: torch.Tensor, what: str, source: str) -> None:
+    """One ValueError naming the source when its output holds NaN or inf."""
+    if not bool(torch.isfinite(x).all()):
+        bad = (~torch.isfinite(x)).reshape(len(x), -1).any(1)
+        raise ValueError(f"{source} gives NaN or inf {what} for {int(bad.sum())} "
+                         f"of {len(x)} rows (first: row {int(bad.nonzero()[0])}) "
+                         "from finite inputs; its weights or code give "
+                         "non-finite values")
 
 
 @torch.no_grad()
 def read(classifier, images: torch.Tensor, batch_size: int = 500,
          device="cpu") -> torch.Tensor:
     """The classifier's probabilities (n, 9) for flow-space images; :ref:`sec_interventions`."""
+    check_finite("images", images)
     out = []
     for i in range(0, len(images), batch_size):
         out.append(torch.sigmoid(classifier(images[i:i + batch_size].to(device))).cpu())
-    return torch.cat(out)
+    out = torch.cat(out)
+    _refuse_nonfinite(out, "probabilities", f"the classifier {type(classifier).__name__}")
+    return out
 
 
 @torch.no_grad()
@@ -72,12 +86,15 @@ def abduct_latent(velocity, x: torch.Tensor, labels: torch.Tensor, *,
                   method: str = "midpoint", steps: int = 10, guidance: float = 1.0,
                   batch_size: int = 250, device="cpu") -> torch.Tensor:
     """z = phi^{-1}(x; labels) by integrating the conditional ODE from t = 1 back to 0; :ref:`sec_interventions`."""
+    check_finite("x", x)
     out = []
     for i in range(0, len(x), batch_size):
         v = velocity.given(labels[i:i + batch_size], guidance)
         out.append(integrate(v, x[i:i + batch_size].to(device), steps, method,
                              t0=1.0, t1=0.0).cpu())
-    return torch.cat(out)
+    z = torch.cat(out)
+    _refuse_nonfinite(z, "latents (abducted backwards)", f"the velocity {type(velocity).__name__}")
+    return z
 
 
 def counterfactual_images(velocity, scm: BinarySCM, x: torch.Tensor,
@@ -116,7 +133,7 @@ def endpoint_corr(labels: torch.Tensor, structures: dict | None = None,
 def attribute_gradients(velocity, classifier, z: torch.Tensor, *, sampler: dict,
                         grad_batch: int = 4, device="cpu") -> torch.Tensor:
     """grad_z c_j(phi(z)) of every logit j at each latent, (n, p, D), by reverse mode through the solver; :ref:`sec_interventions`."""
-    z = z.to(device)
+    z = check_finite("z", z).to(device)
     grads = []
     for i in range(0, len(z), grad_batch):         # bounded memory: one graph per batch
         zr = z[i:i + grad_batch].detach().clone().requires_grad_(True)
@@ -128,7 +145,10 @@ def attribute_gradients(velocity, classifier, z: torch.Tensor, *, sampler: dict,
             rows.append(g.flatten(1))
         grads.append(torch.stack(rows, 1))
         del logits
-    return torch.cat(grads).detach()
+    grads = torch.cat(grads).detach()
+    _refuse_nonfinite(grads, "gradients", "the flow composed with the classifier "
+                      f"{type(classifier).__name__}")
+    return grads
 
 
 def latent_intervention(velocity, classifier, z: torch.Tensor, target: int,
@@ -146,13 +166,20 @@ def latent_intervention(velocity, classifier, z: torch.Tensor, target: int,
     ``grads``: the latents' ``attribute_gradients`` when already computed
     (they do not depend on ``value`` or ``project``).
     """
-    z = z.to(device)
+    z = check_finite("z", z).to(device)
+    if isinstance(value, bool) or value not in (0, 1):
+        raise ValueError(f"value must be 0 or 1 (the reading to reach), got {value!r}")
+    target = check_int("target", target, minimum=0)
     if grads is None:
         grads = attribute_gradients(velocity, classifier, z, sampler=sampler,
                                     grad_batch=grad_batch, device=device)
     elif grads.ndim != 3 or grads.shape[0] != len(z) or grads.shape[2] != z[0].numel():
         raise ValueError(f"grads must be (n, p, D) = ({len(z)}, p, {z[0].numel()}) "
                          f"for these latents, got {tuple(grads.shape)}")
+    check_finite("grads", grads)
+    if target >= grads.shape[1]:
+        raise ValueError(f"target must be < {grads.shape[1]} (the classifier's "
+                         f"outputs), got {target}")
     grads = grads.to(device)
     d = grads[:, target]
     if project:
