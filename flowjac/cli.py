@@ -66,10 +66,6 @@ _WHAT_TO_READ = {
         "compare its standard error with sample_covariance_stderr before "
         "preferring it."),
 }
-# the recipe each --data starts from (flowjac.models.pretrained.RECIPES)
-_RECIPE = {"scm": "scm-flow", "mnist": "mnist-fives"}
-_NATIVE_SIZE = {"scm": 32, "mnist": 28}
-_COARSEST = 4       # smallest side length of the UNet's coarsest level
 
 
 class _Parser(argparse.ArgumentParser):
@@ -396,29 +392,10 @@ def _writable_file(name, path: Path, suffixes, force=False, inputs=()):
 # -- models -------------------------------------------------------------------
 
 def flow_config(data: str, size=None, base_channels=None) -> dict:
-    """The FlowUNet config for ``--data`` scaled to ``--size`` and ``--base-channels``; :ref:`sec_running_at_scale`.
+    """The FlowUNet config for ``--data`` scaled to ``--size`` and ``--base-channels``, by ``pretrained.flow_config``; :ref:`sec_running_at_scale`."""
+    from flowjac.models.pretrained import flow_config as config
 
-    Starts from the shipped recipe (``RECIPES["scm-flow"]`` or
-    ``["mnist-fives"]``), sets ``image_size``, drops the coarsest levels
-    until the coarsest is at least 4 pixels wide, and with other base
-    channels sets the time embedding to 4 times them and the GroupNorm
-    groups to at most 8 (a divisor of every width).
-    """
-    from flowjac._checks import check_choice
-    from flowjac.models.pretrained import RECIPES
-
-    check_choice("data", data, DATA)
-    net = dict(RECIPES[_RECIPE[data]]["net"])
-    size = _NATIVE_SIZE[data] if size is None else _count("size", size, 8)
-    mult = list(net["channel_mult"])
-    while len(mult) > 1 and math.ceil(size / 2 ** (len(mult) - 1)) < _COARSEST:
-        mult.pop()
-    net.update(image_size=size, channel_mult=mult)
-    if base_channels is not None:
-        base = _count("base_channels", base_channels)
-        net.update(base_channels=base, time_dim=4 * base,
-                   norm_groups=math.gcd(8, base))
-    return net
+    return config(data, size, base_channels)
 
 
 def _legacy(flow):
@@ -484,34 +461,10 @@ def _solver_settings(args, flow):
 
 # -- train ----------------------------------------------------------------------
 
-def _training_images(args, size):
-    import torch
-    import torch.nn.functional as F
-
-    if args.data == "scm":
-        from flowjac.data.scm_images import SCMImages
-
-        n = 20_000 if args.n_train is None else _count("n_train", args.n_train)
-        return SCMImages(n, size, seed=args.seed).images * 2 - 1
-    from flowjac.data.images import mnist
-
-    digit = "5" if args.digit is None else args.digit
-    digit = None if digit == "all" else digit
-    if digit is not None:
-        if not (isinstance(digit, str) and digit.isdigit() and len(digit) == 1):
-            raise ValueError(f"digit must be 0-9 or 'all', got {args.digit!r}")
-        digit = int(digit)
-    images = mnist(root=args.data_root, digit=digit, split="train",
-                   verbose=False).images
-    if size != images.shape[-1]:
-        images = F.interpolate(images, size=(size, size), mode="bilinear",
-                               antialias=True, align_corners=False).clamp(0, 1)
-    return images.to(torch.float32).contiguous()
-
-
 def _train(args, ctx):
     import torch
 
+    from flowjac.data.images import training_images
     from flowjac.engine import distributed
     from flowjac.models.nets import FlowUNet
     from flowjac.models.pretrained import RECIPES
@@ -519,7 +472,7 @@ def _train(args, ctx):
 
     if args.data not in DATA:
         raise ValueError(f"data must be one of {DATA}, got {args.data!r}")
-    recipe = RECIPES[_RECIPE[args.data]]
+    recipe = RECIPES[{"scm": "scm-flow", "mnist": "mnist-fives"}[args.data]]
     train_steps = _count("train_steps", args.train_steps)
     batch_size = _count("batch_size", recipe["batch_size"] if args.batch_size
                         is None else args.batch_size)
@@ -556,7 +509,9 @@ def _train(args, ctx):
     if ckpt.exists() and not args.resume:
         raise ValueError(f"out {str(out)!r} already holds a checkpoint; pass "
                          "--resume to continue it, or choose another --out")
-    images = _training_images(args, net["image_size"])
+    images = training_images(args.data, net["image_size"], digit=args.digit,
+                             n_train=args.n_train, seed=args.seed,
+                             root=args.data_root)
     torch.manual_seed(seed)
     model = FlowUNet(**dict(net, channel_mult=tuple(net["channel_mult"])))
     extra = dict(kind="flow", data=args.data, image_size=net["image_size"],

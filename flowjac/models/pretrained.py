@@ -50,7 +50,8 @@ __all__ = ["WEIGHTS_DIR", "RECIPES", "NAMES", "Pretrained", "available",
            "load", "manifest", "sha256", "build", "train_part", "velocity_of",
            "value_range_of", "to_pixels",
            "load_weights",
-           "training_data", "sample", "evaluate_part", "write_manifest"]
+           "training_data", "sample", "evaluate_part", "write_manifest",
+           "flow_config"]
 
 # FLOWJAC_WEIGHTS_DIR points every loader at retrained files (same layout,
 # with their own manifest.json)
@@ -413,6 +414,38 @@ def load(name: str, device="cpu", weights_dir=None) -> Pretrained:
         out.flow, out.velocity, out.latent_shape = flow.model, flow.velocity, flow.latent_shape
         out.sampler, out.value_range = dict(flow.sampler), flow.value_range
     return out
+
+
+# the recipe each ``flowjac train --data`` starts from, its native size, and
+# the smallest side length of the UNet's coarsest level
+_CLI_RECIPE = {"scm": "scm-flow", "mnist": "mnist-fives"}
+_NATIVE_SIZE = {"scm": 32, "mnist": 28}
+_COARSEST = 4
+
+
+def flow_config(data: str, size=None, base_channels=None) -> dict:
+    """The FlowUNet config for ``flowjac train --data`` scaled to ``size`` and ``base_channels``; :ref:`sec_running_at_scale`.
+
+    Starts from the shipped recipe (``RECIPES["scm-flow"]`` or
+    ``["mnist-fives"]``), sets ``image_size``, drops the coarsest levels
+    until the coarsest is at least 4 pixels wide, and with other base
+    channels sets the time embedding to 4 times them and the GroupNorm
+    groups to at most 8 (a divisor of every width).
+    """
+    import math
+
+    check_choice("data", data, tuple(_CLI_RECIPE))
+    net = dict(RECIPES[_CLI_RECIPE[data]]["net"])
+    size = _NATIVE_SIZE[data] if size is None else check_int("size", size, minimum=8)
+    mult = list(net["channel_mult"])
+    while len(mult) > 1 and math.ceil(size / 2 ** (len(mult) - 1)) < _COARSEST:
+        mult.pop()
+    net.update(image_size=size, channel_mult=mult)
+    if base_channels is not None:
+        base = check_int("base_channels", base_channels, minimum=1)
+        net.update(base_channels=base, time_dim=4 * base,
+                   norm_groups=math.gcd(8, base))
+    return net
 
 
 def training_data(part: str, split: str = "train"):
