@@ -125,3 +125,39 @@ def test_recipes_are_classes_per_kind():
         pretrained.velocity_of("scm-classifier", None)
     with pytest.raises(ValueError, match="part must be one of"):
         pretrained.recipe("celeba")
+
+
+def test_sample_and_probe_shard_into_the_single_process_result():
+    """Each rank's share (a Context without a process group keeps only its own
+    rows) adds up to the one-process result, entry for entry."""
+    from flowjac.engine import probing
+    from flowjac.engine.distributed import Context
+
+    flow = adapters.open_flow(lambda x, t: -0.3 * x * (1 + t), order="x,t", latent_shape=(3,))
+    one = pretrained.sample(flow.velocity, (3,), 7, steps=3, batch_size=2)
+    parts = [pretrained.sample(flow.velocity, (3,), 7, steps=3, batch_size=2,
+                               ctx=Context(rank=r, world_size=2)) for r in (0, 1)]
+    assert torch.equal(parts[0] + parts[1], one)
+    assert not torch.equal(parts[0], one)
+
+    def readout(x):
+        return torch.tanh(x[:, :2])
+    kw = dict(k=2, steps=2, batch_size=2, result_dtype=None, paper=False)
+    whole = probing.probe(flow.velocity, readout, (3,), 5, **kw)
+    shards = [probing.probe(flow.velocity, readout, (3,), 5, ctx=Context(rank=r, world_size=2),
+                            **kw) for r in (0, 1)]
+    assert "paper_change" not in whole and whole["jvp"].dtype == torch.float64
+    for key in ("out", "jvp", "rho", "out_pair", "jvp_pair"):
+        assert torch.equal(shards[0][key] + shards[1][key], whole[key]), key
+
+
+def test_the_cli_module_loads_and_computes_nothing_itself():
+    import inspect
+
+    from flowjac import cli
+
+    source = inspect.getsource(cli)
+    for name in ("read_checkpoint", "load_checkpoint", "torch.load(path", "velocity_fn",
+                 "integrate(", "attribute_jvp", "covariance_from_pairs", "import_class(",
+                 "load_torchcfm_checkpoint", "load_flow_matching_checkpoint"):
+        assert name not in source, name
