@@ -70,12 +70,19 @@ def test_grad_norm_reverse_and_probe(linear):
     assert moments.probe_grad_norm(delta).shape == (4, P)
 
 
-def test_directional_change_is_eps_times_directional_derivative(linear):
+def test_directional_change_is_eps_times_unit_directional_derivative(linear):
+    # the paper's rule uses a unit-norm direction: v is scaled to v / |v| per sample
     velocity, clf, J = linear
     z = torch.randn(5, D, dtype=torch.float64)
-    v = torch.randn(5, D, dtype=torch.float64)
+    v = torch.randn(5, D, dtype=torch.float64) * torch.tensor([0.1, 1.0, 3.0, 10.0, 50.0],
+                                                              dtype=torch.float64)[:, None]
     d = composite.directional_logit_change(velocity, clf, z, v, attr=2, eps=1e-2, steps=40)
-    assert torch.allclose(d, 1e-2 * (v @ J[2]).abs(), atol=1e-9)
+    v_hat = v / v.norm(dim=1, keepdim=True)
+    assert torch.allclose(d, 1e-2 * (v_hat @ J[2]).abs(), atol=1e-9)
+    # only the direction matters
+    d_scaled = composite.directional_logit_change(velocity, clf, z, 7.0 * v, attr=2,
+                                                  eps=1e-2, steps=40)
+    assert torch.allclose(d_scaled, d, atol=1e-12)
 
 
 def test_below_threshold_value_and_quantile():
@@ -108,6 +115,8 @@ def test_bad_estimator_inputs(linear):
         moments.probe_grad_norm(torch.randn(3, 2, P), attr=P)
     with pytest.raises(ValueError, match="eps"):
         composite.directional_logit_change(velocity, clf, z, z, attr=0, eps=0.0)
+    with pytest.raises(ValueError, match="non-zero"):
+        composite.directional_logit_change(velocity, clf, z, torch.zeros_like(z), attr=0)
     with pytest.raises(ValueError, match="exactly one"):
         moments.below_threshold(torch.arange(3.0))
     with pytest.raises(ValueError, match="quantile"):

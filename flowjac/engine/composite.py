@@ -77,23 +77,30 @@ def attribute_grad_norm(velocity, classifier, z: torch.Tensor, attr: int,
 def directional_logit_change(velocity, classifier, z: torch.Tensor,
                              v: torch.Tensor, attr: int, eps: float = 1e-2,
                              steps: int = 20, method: str = "rk4") -> torch.Tensor:
-    """The paper's criterion ``|c_attr(φ(z + εv)) - c_attr(φ(z))|`` along one direction v; :ref:`sec_attributes`.
+    """The paper's criterion ``|c_attr(φ(z + εu)) - c_attr(φ(z))|`` along the unit direction u = v/‖v‖; :ref:`sec_attributes`.
 
-    The paper kept samples with ``|Δlogit| < 1e-4`` at ε = 1e-2 and called it a
-    Jacobian norm; it is one directional finite difference, about
-    ε ``|∇c · v|``, not ε ‖∇c‖.
+    ``v`` ``(B, *z.shape[1:])`` gives one direction per sample; each is
+    scaled to unit norm (over all non-batch dimensions), as in the paper's
+    rule, so only its direction matters. The paper kept samples with
+    ``|Δlogit| < 1e-4`` at ε = 1e-2 and called it a Jacobian norm; it is one
+    directional finite difference, about ε ``|∇c · u|``, not ε ‖∇c‖.
     """
     from flowjac.engine.ode import integrate
 
     if not isinstance(z, torch.Tensor) or not isinstance(v, torch.Tensor) \
-            or v.shape != z.shape:
-        raise ValueError(f"v must be a tensor of z's shape "
-                         f"{tuple(getattr(z, 'shape', ()))}, got "
+            or z.ndim < 2 or v.shape != z.shape:
+        raise ValueError(f"z must be a (B, ...) tensor and v a tensor of its shape "
+                         f"{tuple(getattr(z, 'shape', ()))}, got v of shape "
                          f"{tuple(getattr(v, 'shape', ()))}")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps!r}")
+    norms = v.flatten(1).norm(dim=1)
+    if not (torch.isfinite(norms) & (norms > 0)).all():
+        raise ValueError("v must be finite and non-zero for every sample "
+                         "(it is scaled to a unit direction)")
+    u = v / norms.view(-1, *([1] * (v.ndim - 1)))
     with torch.no_grad():
-        x = integrate(velocity, torch.cat([z, z + eps * v]), steps, method=method)
+        x = integrate(velocity, torch.cat([z, z + eps * u]), steps, method=method)
         logits = classifier(x)
     if isinstance(attr, bool) or not isinstance(attr, int) \
             or not 0 <= attr < logits.shape[1]:
