@@ -4,10 +4,11 @@ Usage:
 
     python tools/check_pages.py _build/html            # the pages of _toc.yml
     python tools/check_pages.py DIR --all              # every page under DIR
-    python tools/check_pages.py DIR --width 1400 --json report.json
+    python tools/check_pages.py DIR --width 390 --json report.json
 
 The book is served from 127.0.0.1 and the browser can resolve no other host
-(the reader is offline), and every page is checked for:
+(the reader is offline), and every page is checked at 390 px (a phone) and
+1,400 px (a desktop; ``--width``, repeatable, picks others) for:
 
 * requests to anything outside the book (scripts, styles, fonts, images,
   loaders; from the network log, and ``src``/``href`` of the HTML);
@@ -21,10 +22,21 @@ The book is served from 127.0.0.1 and the browser can resolve no other host
   anywhere; a relative ``_build/`` in cell outputs and in prose outside code
   (the cells' source and prose code literals may name the layout, e.g. the
   default ``output_dir`` ``_build/outputs/<chapter>``);
-* no horizontal overflow at the given width (``scrollWidth > clientWidth +
-  1``) of display math, cell outputs' ``<pre>`` and tables;
+* no horizontal overflow: the page never scrolls sideways; no element
+  (inline code, a long name, inline math) spills out of the text column
+  unless a box that scrolls holds it; no box cuts its content off; display
+  math, cell outputs' ``<pre>`` and tables fit the column (below 720 px,
+  display math and tables may scroll inside their own box instead);
+* glyphs: every character of the text is drawn by an installed font, not
+  as the empty box of a missing glyph (e.g. emoji without an emoji font);
 * no papermill ``injected-parameters`` cell on the page;
-* navigation: every page is linked from the sidebar of the first page.
+* navigation: every page is linked from the sidebar of the first page, and
+  at each width, on the first page and the first with a contents list, the
+  visible sidebar, page-contents and search buttons are pressed: what they
+  open must be on screen and usable (a sidebar link followed to its page,
+  a contents link to its section, left uncovered; the search box focused
+  and listing results for a word of the title); a sidebar shown beside the
+  page must hide and come back with its button.
 
 Each problem names the page, what is wrong and a snippet of the element.
 Needs ``chromium`` and ``chromium-driver`` (Debian packages; ``make
@@ -52,21 +64,36 @@ BUILD_PATHS = ("/work/", "/tmp/", "_build/", "PosixPath(", "WindowsPath(")
 TRACEBACK = "Traceback (most recent call last)"
 
 
+WIDTHS = (390, 1400)      # a phone (iPhone 12-15) and a desktop window
+PHONE = 720               # below this width, wide math and tables may scroll in their box
+# what the reader presses and what it must open (pydata-sphinx-theme and
+# sphinx-book-theme markup)
+SIDEBAR_TOGGLE = ".primary-toggle"
+SIDEBAR_LINKS = ".bd-docs-nav a[href]"
+TOC_TOGGLE = ".secondary-toggle"
+PAGE_TOC_LINKS = "#pst-page-toc-nav a[href], .bd-toc-nav a[href], nav.page-toc a[href]"
+SEARCH_BUTTON = ".search-button__button, .search-button"
+SEARCH_INPUT = "input[name=q]"
+
+
 @dataclass(frozen=True)
 class Problem:
     page: str       # path of the page relative to the html dir
     kind: str       # what is wrong: "raw-tex", "image", "overflow", ...
     detail: str     # the element and a snippet of its text
+    width: int = 0  # the window width it was seen at (0: any)
 
     def __str__(self):
-        return f"{self.page}: {self.kind}: {self.detail}"
+        at = f" at {self.width}px" if self.width else ""
+        return f"{self.page}{at}: {self.kind}: {self.detail}"
 
 
 # Runs in the page once it has loaded, MathJax has typeset and fonts are in.
 # Returns plain data; the Python side turns it into Problems.
 _PAGE_JS = r"""
 const done = arguments[arguments.length - 1];
-const BUILD_PATHS = arguments[0], TRACEBACK = arguments[1];
+const BUILD_PATHS = arguments[0], TRACEBACK = arguments[1], SCROLL_OK = arguments[2],
+      PAGE_TOC_LINKS = arguments[3];
 const snip = (s, n = 90) => (s || "").replace(/\s+/g, " ").trim().slice(0, n);
 const describe = (el) => {
   let d = el.tagName.toLowerCase();
@@ -83,7 +110,8 @@ const inCode = (node) => {
 };
 function check() {
   const out = {raw_tex: [], merror: [], untypeset: [], images: [],
-               paths: [], overflow: [], injected: [], links: [],
+               paths: [], overflow: [], page_overflow: [], glyphs: [],
+               injected: [], links: [], toc_links: 0, scrolls: 0,
                static_urls: [], math_total: 0, math_typeset: 0};
   const main = document.querySelector("main, article, [role=main]") || document.body;
 
@@ -171,7 +199,40 @@ function check() {
     hits(n.nodeValue || "", ["_build/"], describe(el));
   }
 
-  // horizontal overflow
+  // horizontal overflow. (1) The page must not scroll sideways. (2) No
+  // element may spill out of the text column (inline code, a long word, an
+  // image) unless a box that scrolls or clips sideways holds it. (3) Display
+  // math, outputs and tables must fit the column; on a phone (SCROLL_OK)
+  // display math and tables may scroll inside their own box instead,
+  // printed outputs never (they wrap). (4) No box may cut its content off.
+  const root = document.documentElement;
+  if (root.scrollWidth > root.clientWidth + 1) {
+    out.page_overflow.push("the page is " + root.scrollWidth + "px wide in a " +
+                           root.clientWidth + "px window");
+  }
+  const column = document.querySelector(".bd-article") || main;
+  const colRect = column.getBoundingClientRect();
+  const holds = (el) => {      // a box between el and the column scrolls or clips
+    for (let a = el.parentElement; a && a !== column; a = a.parentElement) {
+      const cs = getComputedStyle(a);
+      if (cs.overflowX !== "visible" && cs.display !== "inline") return true;
+    }
+    return false;
+  };
+  const spilled = [];
+  for (const el of column.querySelectorAll("*")) {
+    if (spilled.some(s => s.contains(el))) continue;
+    const cs = getComputedStyle(el);
+    if (cs.display === "none" || cs.position === "fixed" || cs.visibility === "hidden") continue;
+    const r = el.getBoundingClientRect();
+    if (!r.width || !r.height) continue;
+    const over = Math.max(r.right - colRect.right, colRect.left - r.left);
+    if (over > 1 && !holds(el)) {
+      spilled.push(el);
+      out.overflow.push(describe(el) + " spills " + Math.round(over) + "px out of the " +
+                        Math.round(colRect.width) + "px column: " + snip(el.textContent, 90));
+    }
+  }
   const sel = ["div.math", "mjx-container[display]", ".cell_output pre",
                ".output pre", "table", ".pst-scrollable-table-container"];
   const seen = new Set();
@@ -181,11 +242,68 @@ function check() {
     const cs = getComputedStyle(el);
     if (cs.display === "inline" || cs.display === "none") continue;
     if (el.scrollWidth > el.clientWidth + 1) {
+      if (SCROLL_OK && el.tagName !== "PRE" && ["auto", "scroll"].includes(cs.overflowX)) {
+        out.scrolls += 1;
+        continue;
+      }
       // name the widest line of a <pre>, where the fix is
       const text = el.tagName === "PRE" ? el.textContent.split("\n")
         .reduce((a, b) => (b.length > a.length ? b : a), "") : el.textContent;
       out.overflow.push(describe(el) + " " + el.scrollWidth + "px in " +
                         el.clientWidth + "px: " + snip(text, 90));
+    }
+  }
+  for (const el of column.querySelectorAll("*")) {
+    const cs = getComputedStyle(el);      // (overflow does not apply to inline boxes)
+    if ((cs.overflowX === "hidden" || cs.overflowX === "clip") && cs.display !== "inline" &&
+        el.scrollWidth > el.clientWidth + 1 && !el.closest("mjx-container")) {
+      // what is drawn beyond its edges (MathJax's assistive MathML, clipped
+      // to nothing for screen readers, makes scrollWidth larger than what shows)
+      const r = el.getBoundingClientRect();
+      let cut = 0;
+      for (const k of el.querySelectorAll("*")) {
+        if (k.closest("mjx-assistive-mml")) continue;
+        const kr = k.getBoundingClientRect();
+        if (kr.width && kr.height) cut = Math.max(cut, kr.right - r.right, r.left - kr.left);
+      }
+      if (cut > 1) {
+        out.overflow.push(describe(el) + " cuts off " + Math.round(cut) + "px: " +
+                          snip(el.textContent, 90));
+      }
+    }
+  }
+
+  // glyphs: every character of the page's text drawn by an installed font,
+  // not as the empty box of a missing glyph (the box that U+10FFFD, which
+  // no font has, is drawn as)
+  const canvas = document.createElement("canvas");
+  canvas.width = 64; canvas.height = 64;
+  const ctx = canvas.getContext("2d", {willReadFrequently: true});
+  const ink = (ch, family) => {
+    ctx.clearRect(0, 0, 64, 64);
+    ctx.font = "40px " + family;
+    ctx.fillText(ch, 4, 48);
+    return ctx.getImageData(0, 0, 64, 64).data.join(",");
+  };
+  const boxes = new Map(), tested = new Map();
+  const w3 = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  for (let n = w3.nextNode(); n; n = w3.nextNode()) {
+    const el = n.parentElement;
+    if (!el || el.closest("script, style, noscript, mjx-container, .MathJax")) continue;
+    const family = getComputedStyle(el).fontFamily;
+    for (const ch of new Set(n.nodeValue || "")) {
+      if (ch.codePointAt(0) < 0x2000 || /\s/.test(ch)) continue;
+      const key = ch + "\u0000" + family;
+      if (!tested.has(key)) {
+        if (!boxes.has(family)) boxes.set(family, ink("\u{10FFFD}", family));
+        tested.set(key, ink(ch, family) === boxes.get(family));
+        if (tested.get(key)) {
+          const i = n.nodeValue.indexOf(ch);
+          out.glyphs.push("U+" + ch.codePointAt(0).toString(16).toUpperCase().padStart(4, "0") +
+                          " " + ch + " in " + describe(el) + ": " +
+                          snip(n.nodeValue.slice(Math.max(0, i - 30), i + 30)));
+        }
+      }
     }
   }
 
@@ -196,6 +314,7 @@ function check() {
   for (const a of document.querySelectorAll(".bd-docs-nav a[href], .bd-sidebar-primary a[href], nav.bd-links a[href]")) {
     out.links.push(a.href);
   }
+  out.toc_links = document.querySelectorAll(PAGE_TOC_LINKS).length;
   const attrs = [["script", "src"], ["link", "href"], ["img", "src"],
                  ["iframe", "src"], ["source", "src"], ["video", "src"],
                  ["audio", "src"], ["embed", "src"], ["object", "data"]];
@@ -280,7 +399,7 @@ def find_browser() -> tuple[str, str]:
     return browser, driver
 
 
-def start_browser(width: int = 1400, height: int = 1000):
+def start_browser(width: int = 1400, height: int | None = None):
     """A headless Chromium that can reach 127.0.0.1 only, logging requests."""
     try:
         from selenium import webdriver
@@ -295,7 +414,7 @@ def start_browser(width: int = 1400, height: int = 1000):
                 "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync",
                 "--hide-scrollbars", "--force-device-scale-factor=1",
-                f"--window-size={width},{height}",
+                f"--window-size={width},{height or 1000}",
                 # offline: no host but the book's server resolves
                 "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):
         opts.add_argument(arg)
@@ -304,9 +423,7 @@ def start_browser(width: int = 1400, height: int = 1000):
     drv.set_page_load_timeout(60)
     drv.set_script_timeout(60)
     # the layout viewport must be `width` wide, whatever the window chrome
-    drv.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                        {"width": width, "height": height, "deviceScaleFactor": 1,
-                         "mobile": False})
+    set_width(drv, width, height)
     return drv
 
 
@@ -347,17 +464,18 @@ def all_pages(html: Path) -> list[str]:
     return pages
 
 
-def check_page(drv, base: str, page: str) -> tuple[list[Problem], dict]:
-    """Load one page and return its problems and its counts."""
+def check_page(drv, base: str, page: str, width: int = 1400) -> tuple[list[Problem], dict]:
+    """Load one page at ``width`` and return its problems and its counts."""
     drv.get_log("performance")          # drop what earlier pages logged
     start = time.perf_counter()
     drv.get(urljoin(base, page))
-    res = drv.execute_async_script(_PAGE_JS, list(BUILD_PATHS), TRACEBACK)
+    res = drv.execute_async_script(_PAGE_JS, list(BUILD_PATHS), TRACEBACK,
+                                   width < PHONE, PAGE_TOC_LINKS)
     secs = time.perf_counter() - start
     probs: list[Problem] = []
     if not isinstance(res, dict) or "error" in res:
-        return [Problem(page, "script", f"the checks did not run: {res}")], {}
-    add = lambda kind, detail: probs.append(Problem(page, kind, detail))  # noqa: E731
+        return [Problem(page, "script", f"the checks did not run: {res}", width)], {}
+    add = lambda kind, detail: probs.append(Problem(page, kind, detail, width))  # noqa: E731
     for url in _requests(drv):
         if not _is_local(url, base):
             add("external-request", url)
@@ -381,28 +499,201 @@ def check_page(drv, base: str, page: str) -> tuple[list[Problem], dict]:
         pat, snippet = hit["pat"], hit["snippet"]
         add("traceback" if pat == TRACEBACK else "build-path",
             f"{pat!r} in {hit['where']}: {snippet}")
-    for s in res["overflow"]:
+    for s in res["page_overflow"] + res["overflow"]:
         add("overflow", s)
+    for s in res["glyphs"]:
+        add("missing-glyph", s)
     for s in res["injected"]:
         add("injected-parameters", s)
     stats = {"page": page, "math_total": res["math_total"],
              "math_typeset": res["math_typeset"], "images": len(res["images"]),
-             "seconds": round(secs, 2), "links": res["links"]}
+             "seconds": round(secs, 2), "links": res["links"], "width": width,
+             "toc_links": res["toc_links"], "scrolls": res["scrolls"]}
     return probs, stats
 
 
-def check_site(html: Path, pages: list[str] | None = None, width: int = 1400,
-               drv=None, extra: list[str] = ()) -> tuple[list[Problem], list[dict]]:
+# The elements matching a selector that a reader can see and press: on
+# screen, not hidden, and the element the browser hits at their centre.
+_USABLE_JS = r"""
+const usable = (el) => {
+  const r = el.getBoundingClientRect();
+  if (r.width < 1 || r.height < 1) return false;
+  if (getComputedStyle(el).visibility === "hidden") return false;
+  if (r.right <= 0 || r.left >= innerWidth || r.bottom <= 0 || r.top >= innerHeight) return false;
+  const x = Math.min(Math.max(r.left + r.width / 2, 0), innerWidth - 1);
+  const y = Math.min(Math.max(r.top + r.height / 2, 0), innerHeight - 1);
+  const hit = document.elementFromPoint(x, y);
+  return !!hit && (hit === el || el.contains(hit));
+};
+return Array.from(document.querySelectorAll(arguments[0])).filter(usable);
+"""
+
+
+def _usable(drv, selector: str) -> list:
+    return drv.execute_script(_USABLE_JS, selector)
+
+
+def _wait(predicate, timeout: float = 3.0):
+    """Poll ``predicate`` until it returns something truthy or time is up."""
+    end = time.monotonic() + timeout
+    while True:
+        got = predicate()
+        if got or time.monotonic() > end:
+            return got
+        time.sleep(0.1)
+
+
+def _describe(el) -> str:
+    label = (el.get_attribute("aria-label") or el.get_attribute("title") or
+             el.text or "").strip()
+    return f"{el.tag_name}.{'.'.join((el.get_attribute('class') or '').split()[:3])} {label!r}"
+
+
+def _press(drv, selector: str):
+    """Press the first control matching ``selector`` that a reader can see; None if none."""
+    controls = _usable(drv, selector)
+    if not controls:
+        return None
+    controls[0].click()
+    return controls[0]
+
+
+def _search_word(drv) -> str:
+    """A word of the page's title to search for (its longest)."""
+    title = drv.execute_script(
+        "const h = document.querySelector('main h1, article h1, h1');"
+        "return h ? h.textContent : document.title;") or ""
+    words = ["".join(c for c in w if c.isalpha()) for w in title.split()]
+    return max(words, key=len, default="") or "the"
+
+
+def check_navigation(drv, base: str, page: str, width: int,
+                     page_toc: bool = True) -> list[Problem]:
+    """Press the sidebar, page-contents and search controls of ``page``.
+
+    Each must open something a reader can see and use at ``width``: the
+    sidebar's links (one is followed to its page), the page's contents (a
+    link is followed and its section is shown, not covered), and a search
+    box that has the focus and, given a word of the title, lists results.
+    Where the sidebar is already shown, its button must hide and show it.
+    ``page_toc`` False: the page has no contents list to open.
+    """
+    url = urljoin(base, page)
+    probs: list[Problem] = []
+    add = lambda kind, detail: probs.append(Problem(page, kind, detail, width))  # noqa: E731
+
+    def load():
+        drv.get(url)
+        drv.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "if (document.readyState === 'complete') done();"
+            "else window.addEventListener('load', () => done());")
+
+    def follow(link, what):
+        """Press a link; its page or section must come into view."""
+        href = link.get_attribute("href") or ""
+        link.click()
+        target = urlsplit(href)
+        if target.fragment:
+            frag = unquote(target.fragment)
+            shown = _wait(lambda: drv.execute_script(
+                "return location.hash.slice(1) === arguments[0]", frag) and _usable(
+                drv, f"[id={json.dumps(frag)}] > :is(h1,h2,h3,h4,h5,h6), "
+                     f":is(h1,h2,h3,h4,h5,h6)[id={json.dumps(frag)}], "
+                     f"[id={json.dumps(frag)}] > :is(h1,h2,h3,h4,h5,h6) a"))
+            if not shown:
+                add("navigation", f"{what}: the link to #{frag} does not show its "
+                    "section (not scrolled to, or still covered)")
+        elif not _wait(lambda: drv.current_url.split("#")[0] == href.split("#")[0]):
+            add("navigation", f"{what}: following {href} stayed on {drv.current_url}")
+
+    # the sidebar
+    load()
+    if _usable(drv, SIDEBAR_LINKS):
+        button = _press(drv, SIDEBAR_TOGGLE)
+        if button is not None:
+            if not _wait(lambda: not _usable(drv, SIDEBAR_LINKS)):
+                add("navigation", f"pressing {_describe(button)} does not hide the sidebar")
+            else:
+                _press(drv, SIDEBAR_TOGGLE)
+                if not _wait(lambda: _usable(drv, SIDEBAR_LINKS)):
+                    add("navigation", "pressing the sidebar button again does not bring "
+                        "the sidebar back")
+    else:
+        button = _press(drv, SIDEBAR_TOGGLE)
+        if button is None:
+            add("navigation", "the sidebar is hidden and no visible button opens it")
+        elif not _wait(lambda: _usable(drv, SIDEBAR_LINKS)):
+            add("navigation", f"pressing {_describe(button)} opened no sidebar links")
+    links = [a for a in _usable(drv, SIDEBAR_LINKS)
+             if urlsplit(a.get_attribute("href") or "").path != urlsplit(url).path]
+    if links:
+        follow(links[-1], "sidebar")
+
+    # the page's contents
+    if page_toc:
+        load()
+        if not _usable(drv, PAGE_TOC_LINKS):
+            button = _press(drv, TOC_TOGGLE)
+            if button is None:
+                add("navigation", "the page contents are hidden and no visible button "
+                    "opens them")
+            elif not _wait(lambda: _usable(drv, PAGE_TOC_LINKS)):
+                add("navigation", f"pressing {_describe(button)} opened no page contents")
+        links = _usable(drv, PAGE_TOC_LINKS)
+        if links:
+            follow(links[len(links) // 2], "page contents")
+
+    # search
+    load()
+    button = _press(drv, SEARCH_BUTTON)
+    if button is None:
+        add("navigation", "no visible search button")
+        return probs
+    box = _wait(lambda: [el for el in _usable(drv, SEARCH_INPUT)
+                         if drv.execute_script("return document.activeElement === arguments[0]", el)])
+    if not box:
+        add("navigation", f"pressing {_describe(button)} opened no search box with the focus")
+        return probs
+    from selenium.webdriver.common.keys import Keys
+
+    word = _search_word(drv)
+    box[0].send_keys(word + Keys.ENTER)
+    found = _wait(lambda: urlsplit(drv.current_url).path.endswith("search.html") and
+                  _usable(drv, "#search-results li a, ul.search li a"), timeout=10)
+    if not found:
+        add("navigation", f"searching for {word!r} listed no results "
+            f"(at {drv.current_url})")
+    return probs
+
+
+def set_width(drv, width: int, height: int | None = None) -> None:
+    """Lay pages out in a window ``width`` px wide (a phone's height below 720 px)."""
+    height = height or (844 if width < PHONE else 1000)
+    drv.set_window_size(width, height)
+    drv.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                        {"width": width, "height": height, "deviceScaleFactor": 1,
+                         "mobile": False})
+
+
+def check_site(html: Path, pages: list[str] | None = None, width: int | None = None,
+               drv=None, extra: list[str] = (), widths: tuple[int, ...] = WIDTHS,
+               navigate: bool = True) -> tuple[list[Problem], list[dict]]:
     """Check ``pages`` (default: every page) of the built book in ``html``.
 
-    The first page is the index whose sidebar must link to every other
-    page; ``extra`` pages (e.g. ``search.html``) are checked too but need
-    no sidebar link. Returns the problems and per-page counts (math items,
-    typeset math items, images, seconds).
+    Every page is checked at each of ``widths`` (``width``: one width
+    only). The first page is the index whose sidebar must link to every
+    other page; ``extra`` pages (e.g. ``search.html``) are checked too but
+    need no sidebar link. With ``navigate``, at each width the sidebar,
+    page-contents and search controls are pressed (``check_navigation``) on
+    the first page and on the first other page that has a contents list.
+    Returns the problems and per-page counts (width, math items, typeset
+    math items, images, boxes that scroll, seconds).
     """
     html = Path(html).resolve()
     if not html.is_dir():
         raise FileNotFoundError(f"no html directory {html}")
+    widths = (width,) if width else tuple(widths)
     pages = list(pages) if pages is not None else all_pages(html)
     missing = [p for p in pages if not (html / p).is_file()]
     problems = [Problem(p, "missing-page", f"{html / p} does not exist") for p in missing]
@@ -412,14 +703,25 @@ def check_site(html: Path, pages: list[str] | None = None, width: int = 1400,
         raise ValueError(f"no pages to check in {html}")
     own = drv is None
     if own:
-        drv = start_browser(width)
+        drv = start_browser(widths[0])
     stats = []
     try:
         with _Server(html) as srv:
-            for page in pages + extra:
-                probs, st = check_page(drv, srv.base, page)
-                problems += probs
-                stats.append(st)
+            for w in widths:
+                set_width(drv, w)
+                at_w = []
+                for page in pages + extra:
+                    probs, st = check_page(drv, srv.base, page, w)
+                    problems += probs
+                    at_w.append(st)
+                if navigate:
+                    with_toc = [st["page"] for st in at_w[1:len(pages)]
+                                if st and st["toc_links"]]
+                    for page in [pages[0]] + with_toc[:1]:
+                        toc = any(st and st["page"] == page and st["toc_links"]
+                                  for st in at_w)
+                        problems += check_navigation(drv, srv.base, page, w, toc)
+                stats += at_w
             # navigation: the sidebar of the first page reaches every page
             if stats and stats[0]:
                 linked = {unquote(urlsplit(u).path).lstrip("/")
@@ -444,11 +746,16 @@ def main(argv=None) -> int:
                    help="the _toc.yml whose pages to check (default: the repo's)")
     p.add_argument("--all", action="store_true",
                    help="check every page under the dir instead of the toc's")
-    p.add_argument("--width", type=int, default=1400, help="viewport width in px")
+    p.add_argument("--width", type=int, action="append",
+                   help="viewport width in px, repeatable (default: "
+                   + " and ".join(map(str, WIDTHS)) + ")")
+    p.add_argument("--no-navigation", action="store_true",
+                   help="do not press the sidebar, contents and search controls")
     p.add_argument("--json", type=Path, help="write problems and counts here")
     args = p.parse_args(argv)
-    if args.width < 320:
-        p.error(f"--width must be at least 320 px, got {args.width}")
+    widths = tuple(args.width or WIDTHS)
+    if min(widths) < 320:
+        p.error(f"--width must be at least 320 px, got {min(widths)}")
     if not args.html.is_dir():
         p.error(f"{args.html} is not a directory")
     if not args.all and not args.toc.is_file():
@@ -456,17 +763,21 @@ def main(argv=None) -> int:
     pages = None if args.all else toc_pages(args.toc)
     start = time.perf_counter()
     try:
-        problems, stats = check_site(args.html, pages, args.width,
-                                     extra=[] if args.all else SPECIAL_PAGES)
+        problems, stats = check_site(args.html, pages, widths=widths,
+                                     extra=[] if args.all else SPECIAL_PAGES,
+                                     navigate=not args.no_navigation)
     except (RuntimeError, ValueError, FileNotFoundError) as err:
         print(f"check_pages: {err}", file=sys.stderr)
         return 2
     for st in stats:
-        print(f"{st['page']}: {st['math_typeset']}/{st['math_total']} math typeset, "
-              f"{st['images']} images, {st['seconds']} s")
+        if st:
+            print(f"{st['page']} at {st['width']}px: {st['math_typeset']}/"
+                  f"{st['math_total']} math typeset, {st['images']} images, "
+                  f"{st['scrolls']} boxes scroll sideways, {st['seconds']} s")
     for prob in problems:
         print(prob)
-    print(f"{len(stats)} pages, {len(problems)} problems, "
+    print(f"{len(stats)} pages checked at {' and '.join(map(str, widths))}px, "
+          f"{len(problems)} problems, "
           f"{time.perf_counter() - start:.1f} s")
     if args.json:
         args.json.write_text(json.dumps({"problems": [asdict(x) for x in problems],
