@@ -34,10 +34,10 @@ chapter: venv
 	$(VENV)/bin/python tools/build_book.py book --profile $(PROFILE) --only $(CH) $(if $(DEVICE),--device $(DEVICE)) $(PARAM_FLAGS)
 
 # Two xdist workers with one torch thread each (the 2-core CI machine);
-# chapters first, since they are the longest items (conftest.py keeps each
-# chapter's cells on one worker); the 25 slowest items are printed.
+# chapters first, since they are the longest items (--dist loadfile keeps
+# each chapter's cells on one worker); the 25 slowest items are printed.
 PYTEST_RUN = OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/python -m pytest notebooks tests \
-	--nbval-lax -p no:cacheprovider -n 2 --dist loadgroup --durations=25
+	--nbval-lax -p no:cacheprovider -n 2 --dist loadfile --durations=25
 
 test: venv browser
 	$(VENV)/bin/ruff check flowjac tests tools benchmarks conftest.py

@@ -10,16 +10,14 @@ ROOT = Path(__file__).resolve().parent
 
 
 # --- the test loop: two workers, chapters whole, and the development loop ---
-# ``make test`` runs on two xdist workers (one torch thread each): every
-# chapter's cells stay together on one worker (nbval runs them in one
-# kernel), the golden book is rendered once for the book and browser tests,
-# and every other test file stays on one worker (its module fixtures are
-# built once). ``make test-changed`` adds --changed-only: chapters whose
+# ``make test`` runs on two xdist workers (one torch thread each) with
+# ``--dist loadfile``: every chapter's cells stay together on one worker
+# (nbval runs them in one kernel) and every test file stays on one worker
+# (its module fixtures are built once). (``--dist loadgroup`` would be finer,
+# but pytest-xdist 3.8 cannot name groups under pytest 9: it writes the
+# group into a node-id attribute pytest 9 no longer reads.) ``make test-changed`` adds --changed-only: chapters whose
 # inputs (tools/chapter_inputs.py) have not changed since they last passed
 # are not re-executed, and the header says which ran and why.
-_GOLDEN_FILES = {"test_book.py", "test_browser.py"}
-
-
 def _chapter_inputs():
     sys.path.insert(0, str(ROOT / "tools"))
     try:
@@ -74,21 +72,16 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    keep, dropped = [], []
     plan = config._chapter_plan
+    if plan is None:
+        return
+    keep, dropped = [], []
     for item in items:
         path = Path(str(item.path))
-        if path.suffix == ".ipynb":
-            group = f"chapter:{path.stem}"
-            if plan is not None and path.stem in plan and not plan[path.stem]["run"]:
-                dropped.append(item)
-                continue
-        elif path.name in _GOLDEN_FILES:
-            group = "golden-book"
+        if path.suffix == ".ipynb" and path.stem in plan and not plan[path.stem]["run"]:
+            dropped.append(item)
         else:
-            group = f"file:{path.name}"
-        item.add_marker(pytest.mark.xdist_group(name=group))
-        keep.append(item)
+            keep.append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
