@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 __all__ = ["check_int", "check_number", "check_choice", "check_finite",
-           "value_range"]
+           "value_range", "available_bytes", "check_memory", "check_no_file_above",
+           "check_out_file"]
 
 
 def check_int(name: str, value: Any, minimum: int | None = None) -> int:
@@ -90,3 +93,73 @@ def check_finite(name: str, x) -> torch.Tensor:
         raise ValueError(f"{name} must be finite; it has {bad} NaN or inf "
                          "entries")
     return x
+
+
+def available_bytes(device=None):
+    """Memory free for new tensors: the GPU's free memory on a CUDA device, else the machine's available memory (None where it cannot be read); :ref:`sec_running_at_scale`."""
+    if device is not None and getattr(device, "type", device) == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(what: str, nbytes: float, hint: str, device=None) -> None:
+    """Raise ValueError, before allocating, for work whose tensors alone (``nbytes``, a lower estimate) exceed the memory available; :ref:`sec_running_at_scale`."""
+    free = available_bytes(device)
+    if free is not None and nbytes > free:
+        where = "GPU memory" if getattr(device, "type", device) == "cuda" \
+            else "memory"
+        raise ValueError(f"{what} needs at least {nbytes / 2 ** 30:.3g} GiB of "
+                         f"{where}, more than the {free / 2 ** 30:.3g} GiB "
+                         f"available; {hint}")
+
+
+def check_no_file_above(name: str, path) -> None:
+    """Raise ValueError for a path one of whose existing parents is a file, not a folder; :ref:`sec_running_at_scale`."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{name} {str(path)!r}: {str(parent)!r} is a "
+                                 "file, not a folder")
+            return
+
+
+def check_out_file(name: str, path, suffixes, force: bool = False, inputs=()) -> None:
+    """Raise ValueError for an output file that cannot or must not be written; :ref:`sec_running_at_scale`.
+
+    Refused: a suffix not in ``suffixes``, a directory, a file among its
+    parents, an existing file without ``force``, and any of ``inputs``
+    (``(flag, path)`` pairs: the same file, even by another path or a
+    link) even with ``force``.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(f"{name} must end with {' or '.join(suffixes)}, got "
+                         f"{str(path)!r}")
+    if path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is a directory; give a file")
+    check_no_file_above(name, path)
+    for flag, given in inputs:
+        if given is None or not Path(given).exists():
+            continue
+        same = Path(given).resolve() == path.resolve()
+        if not same and path.exists():
+            try:
+                same = os.path.samefile(given, path)
+            except OSError:
+                pass
+        if same:
+            raise ValueError(f"{name} {str(path)!r} is the input {flag} "
+                             f"{str(given)!r}; flowjac never writes over its "
+                             "input, even with --force; choose another --out")
+    if path.exists() and not force:
+        raise ValueError(f"{name} {str(path)!r} exists; pass --force to replace "
+                         "it, or choose another --out")

@@ -24,7 +24,10 @@ Every flow is opened by ``flowjac.models.adapters.open_flow`` (the one
 door), sampled by ``flowjac.models.pretrained.sample`` and probed by
 ``flowjac.engine.probing.probe`` (reduced by
 ``flowjac.estimators.covariance.summarize_probe``); this module holds the
-parser, the checks of the command line and thin commands over them.
+parser and thin commands over them. What they share with the library lives
+there: the checks of ``--out`` and of memory in ``flowjac._checks``, the
+PNG grid in ``flowjac.plotting.save_image_grid``, the pixel readout with
+its outputs' names in ``flowjac.engine.probing.PixelReadout``.
 Longer than 400 lines because it is the whole command line: the three
 commands' flags and help texts, their checks and one error path.
 """
@@ -316,79 +319,6 @@ def _count(name, value, minimum=1):
     return check_int(name, value, minimum=minimum)
 
 
-def _available_bytes(device=None):
-    """Memory free for new tensors: the GPU's free memory on a CUDA device,
-    else the machine's available memory (None where it cannot be read)."""
-    import os
-
-    if device is not None and getattr(device, "type", device) == "cuda":
-        import torch
-
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _fits(what: str, nbytes: float, hint: str, device=None) -> None:
-    """Refuse, before allocating, work whose tensors alone (``nbytes``, a
-    lower estimate) exceed the memory available."""
-    free = _available_bytes(device)
-    if free is not None and nbytes > free:
-        where = "GPU memory" if getattr(device, "type", device) == "cuda" \
-            else "memory"
-        raise ValueError(f"{what} needs at least {nbytes / 2 ** 30:.3g} GiB of "
-                         f"{where}, more than the {free / 2 ** 30:.3g} GiB "
-                         f"available; {hint}")
-
-
-def _no_file_above(name, path: Path) -> None:
-    """Refuse a path one of whose existing parents is a file, not a folder."""
-    for parent in Path(path).parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{name} {str(path)!r}: {str(parent)!r} is a "
-                                 "file, not a folder")
-            return
-
-
-def _writable_file(name, path: Path, suffixes, force=False, inputs=()):
-    """Refuse an ``--out`` that cannot or must not be written: a wrong
-    suffix, a directory, a file among its parents, an existing file without
-    ``--force``, and any of the command's ``inputs`` (even with --force)."""
-    import os
-
-    if path.suffix.lower() not in suffixes:
-        raise ValueError(f"{name} must end with {' or '.join(suffixes)}, got "
-                         f"{str(path)!r}")
-    if path.is_dir():
-        raise ValueError(f"{name} {str(path)!r} is a directory; give a file")
-    _no_file_above(name, path)
-    for flag, given in inputs:
-        if given is None or not Path(given).exists():
-            continue
-        same = Path(given).resolve() == path.resolve()
-        if not same and path.exists():
-            try:
-                same = os.path.samefile(given, path)
-            except OSError:
-                pass
-        if same:
-            raise ValueError(f"{name} {str(path)!r} is the input {flag} "
-                             f"{str(given)!r}; flowjac never writes over its "
-                             "input, even with --force; choose another --out")
-    if path.exists() and not force:
-        raise ValueError(f"{name} {str(path)!r} exists; pass --force to replace "
-                         "it, or choose another --out")
-
-
 # -- models -------------------------------------------------------------------
 
 def flow_config(data: str, size=None, base_channels=None) -> dict:
@@ -464,6 +394,7 @@ def _solver_settings(args, flow):
 def _train(args, ctx):
     import torch
 
+    from flowjac._checks import check_memory, check_no_file_above
     from flowjac.data.images import training_images
     from flowjac.engine import distributed
     from flowjac.models.nets import FlowUNet
@@ -493,18 +424,18 @@ def _train(args, ctx):
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out {str(out)!r} is a file; give a folder")
-    _no_file_above("out", out)
+    check_no_file_above("out", out)
     size = net["image_size"]
     n_images = (20_000 if args.n_train is None else _count("n_train", args.n_train)
                 ) if args.data == "scm" else 6_000
     channels = net["in_channels"]
-    _fits(f"train: {n_images:,} training images of {channels} x {size} x {size}",
-          2 * n_images * channels * size * size * 4,
-          "give a smaller --size or --n-train")
-    _fits(f"train: a batch of {batch_size:,} images of {size} x {size} with "
-          f"{net['base_channels']} base channels",
-          4 * batch_size * net["base_channels"] * size * size * 4,
-          "give a smaller --batch-size, --size or --base-channels", ctx.device)
+    check_memory(f"train: {n_images:,} training images of {channels} x {size} x {size}",
+                 2 * n_images * channels * size * size * 4,
+                 "give a smaller --size or --n-train")
+    check_memory(f"train: a batch of {batch_size:,} images of {size} x {size} with "
+                 f"{net['base_channels']} base channels",
+                 4 * batch_size * net["base_channels"] * size * size * 4,
+                 "give a smaller --batch-size, --size or --base-channels", ctx.device)
     ckpt = out / "checkpoint.pt"
     if ckpt.exists() and not args.resume:
         raise ValueError(f"out {str(out)!r} already holds a checkpoint; pass "
@@ -548,36 +479,6 @@ def _train(args, ctx):
 
 # -- sample ----------------------------------------------------------------------
 
-def _write_png(path: Path, x):
-    """A grid of pixel images in [0, 1] (clamped) as a PNG file."""
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-
-    from flowjac.utils import atomic_write_bytes
-
-    if x.ndim != 4:
-        raise ValueError(f"out as .png needs image samples, got shape "
-                         f"{tuple(x.shape[1:])}; write a .pt file instead")
-    x = x.clamp(0, 1)
-    n, c, h, w = x.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = torch.ones(c, rows * (h + 1) + 1, cols * (w + 1) + 1)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        grid[:, 1 + r * (h + 1):1 + r * (h + 1) + h,
-             1 + q * (w + 1):1 + q * (w + 1) + w] = x[i]
-    img = grid.permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
-    plt.imsave(buf, img[..., 0] if c == 1 else img, cmap="gray" if c == 1
-               else None, vmin=0, vmax=1, format="png")
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def _inputs(args):
     """(flag, path) of the files a sample or probe command reads."""
     arch = getattr(args, "arch", None)
@@ -592,22 +493,24 @@ def _sample(args, ctx):
 
     import torch
 
+    from flowjac._checks import check_memory, check_out_file
     from flowjac.engine import distributed
     from flowjac.models.pretrained import sample
+    from flowjac.plotting import save_image_grid
     from flowjac.utils import atomic_write_bytes, hardware
 
     n = _count("n", args.n)
     batch_size = _count("batch_size", args.batch_size)
     seed = _count("seed", args.seed, 0)
     out = Path(args.out)
-    _writable_file("out", out, (".pt", ".png"), args.force, _inputs(args))
+    check_out_file("out", out, (".pt", ".png"), args.force, _inputs(args))
     flow = _open(args, ctx.device)
     shape, numel = flow.latent_shape, math.prod(flow.latent_shape)
-    _fits(f"sample: {n:,} samples of shape {tuple(shape)}", 16 * n * numel,
-          "give a smaller --n (and write several files)")
-    _fits(f"sample: a batch of {min(n, batch_size):,} samples of shape "
-          f"{tuple(shape)}", 4 * min(n, batch_size) * numel * 4,
-          "give a smaller --batch-size", ctx.device)
+    check_memory(f"sample: {n:,} samples of shape {tuple(shape)}", 16 * n * numel,
+                 "give a smaller --n (and write several files)")
+    check_memory(f"sample: a batch of {min(n, batch_size):,} samples of shape "
+                 f"{tuple(shape)}", 4 * min(n, batch_size) * numel * 4,
+                 "give a smaller --batch-size", ctx.device)
     steps, method = _solver_settings(args, flow)
     t0 = time.perf_counter()
     x = sample(flow.velocity, shape, n, method=method, steps=steps, seed=seed,
@@ -622,7 +525,7 @@ def _sample(args, ctx):
 
     def write():
         if out.suffix.lower() == ".png":
-            _write_png(out, flow.to_pixels(x))
+            save_image_grid(out, flow.to_pixels(x))
         else:
             buf = io.BytesIO()
             torch.save({"x": x, "meta": meta}, buf)
@@ -634,30 +537,6 @@ def _sample(args, ctx):
 
 
 # -- probe ------------------------------------------------------------------------
-
-class _Patch:
-    """Pixel readout: the flattened patch (or whole image) of the flow's output."""
-
-    def __init__(self, shape, patch):
-        self.shape, self.patch = tuple(shape), patch
-
-    def __call__(self, x):
-        if self.patch is None:
-            return x.flatten(1)
-        r, c, s = self.patch
-        return x[:, :, r:r + s, c:c + s].flatten(1)
-
-    def names(self):
-        if self.patch is None:
-            if len(self.shape) == 1:
-                return [f"x{i}" for i in range(self.shape[0])]
-            ch, h, w = self.shape
-            return [f"c{a}_r{b}_c{d}" for a in range(ch) for b in range(h)
-                    for d in range(w)]
-        r, c, s = self.patch
-        return [f"c{a}_r{b}_c{d}" for a in range(self.shape[0])
-                for b in range(r, r + s) for d in range(c, c + s)]
-
 
 def _json_matrix(m):
     """A tensor as nested lists with NaN as None (strict JSON)."""
@@ -673,6 +552,7 @@ def _json_matrix(m):
 def _probe(args, ctx):
     import torch
 
+    from flowjac._checks import check_memory, check_out_file
     from flowjac.engine import distributed, probing
     from flowjac.estimators.covariance import summarize_probe
     from flowjac.utils import hardware, save_json
@@ -682,7 +562,7 @@ def _probe(args, ctx):
     batch_size = _count("batch_size", args.batch_size)
     seed = _count("seed", args.seed, 0)
     out = Path(args.out)
-    _writable_file("out", out, (".json",), args.force, _inputs(args))
+    check_out_file("out", out, (".json",), args.force, _inputs(args))
     if args.dtype is None:
         args.dtype = "float32" if args.format == "torchcfm" else "float64"
     elif args.dtype == "float64" and args.format == "torchcfm":
@@ -704,21 +584,14 @@ def _probe(args, ctx):
                                          dtype)
         kind = "classifier"
     else:
-        if args.patch is not None:
-            r, c, s = (_count(nm, v, m) for nm, v, m in
-                       zip(("patch row", "patch col", "patch size"),
-                           args.patch, (0, 0, 1)))
-            if len(shape) != 3 or r + s > shape[1] or c + s > shape[2]:
-                raise ValueError(f"patch ({r}, {c}, {s}) does not fit in "
-                                 f"samples of shape {tuple(shape)}")
-        pixels = _Patch(shape, None if args.patch is None else (r, c, s))
+        pixels = probing.PixelReadout(shape, args.patch)
         readout, names, kind = pixels, pixels.names(), "pixels"
     p = len(names)
     pairs = args.estimator == "covariance"
-    _fits(f"probe: {p:,} outputs (p x p matrices in the JSON file)",
-          (12 if pairs else 6) * 60 * p * p
-          + 24 * n * (1 + k) * p * (2 if pairs else 1),
-          "probe fewer outputs (--patch, or a classifier)")
+    check_memory(f"probe: {p:,} outputs (p x p matrices in the JSON file)",
+                 (12 if pairs else 6) * 60 * p * p
+                 + 24 * n * (1 + k) * p * (2 if pairs else 1),
+                 "probe fewer outputs (--patch, or a classifier)")
     t0 = time.perf_counter()
     res = probing.probe(flow.velocity, readout, shape, n, k=k, steps=steps,
                         method=method, seed=seed, device=ctx.device, dtype=dtype,

@@ -1,12 +1,16 @@
 """Figures shared by chapters (matplotlib; imported lazily so the package does not need a display).
 
-Explained where each is used: ``draw_graph`` in :ref:`sec_causal_structures`.
+Explained where each is used: ``draw_graph`` in :ref:`sec_causal_structures`,
+``save_image_grid`` (what ``flowjac sample --out FILE.png`` writes) in
+:ref:`sec_running_at_scale`.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-__all__ = ["draw_graph"]
+__all__ = ["draw_graph", "save_image_grid"]
 
 
 def draw_graph(endpoints, names, ax=None, title=None, highlight=None):
@@ -53,3 +57,39 @@ def draw_graph(endpoints, names, ax=None, title=None, highlight=None):
     if title:
         ax.set_title(title, fontsize=9)
     return ax
+
+
+def save_image_grid(path, x) -> None:
+    """Write images (N, C, H, W) of pixels in [0, 1] (clamped) as one PNG grid, atomically; :ref:`sec_running_at_scale`.
+
+    The images sit in rows of ceil(sqrt(N)), one white pixel between them;
+    one channel is drawn in grey. Raises ValueError for samples that are
+    not images (not 4-dimensional).
+    """
+    import io
+
+    import matplotlib.image
+    import torch
+
+    from flowjac.utils import atomic_write_bytes
+
+    if x.ndim != 4:
+        raise ValueError(f"out as .png needs image samples, got shape "
+                         f"{tuple(x.shape[1:])}; write a .pt file instead")
+    x = x.clamp(0, 1)
+    n, c, h, w = x.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = torch.ones(c, rows * (h + 1) + 1, cols * (w + 1) + 1)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[:, 1 + r * (h + 1):1 + r * (h + 1) + h,
+             1 + q * (w + 1):1 + q * (w + 1) + w] = x[i]
+    img = grid.permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    # matplotlib.image.imsave is what pyplot.imsave calls, without pyplot
+    # and so without choosing a backend for the caller
+    matplotlib.image.imsave(buf, img[..., 0] if c == 1 else img,
+                            cmap="gray" if c == 1 else None, vmin=0, vmax=1,
+                            format="png")
+    atomic_write_bytes(path, buf.getvalue())

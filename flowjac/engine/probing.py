@@ -24,7 +24,12 @@ later call with the same settings continues after the last batch written,
 so an interrupted run ends with the tensors an uninterrupted one gives
 (the latents are drawn in the same order; finished batches are skipped). ``evaluations`` counts velocity
 evaluations in units of one primal evaluation per latent (a JVP stage with
-k probes counts 1 + k). Explained in :ref:`sec_attributes` and :ref:`sec_mnist`.
+k probes counts 1 + k). ``PixelReadout`` is the readout of a patch of
+pixels, with its outputs' names (``flowjac probe`` without a classifier).
+Explained in :ref:`sec_attributes` and :ref:`sec_mnist`.
+
+Longer than 400 lines because the probe, its resumable and sharded loops
+and the pixel readout it is run with are one module's contract.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from tqdm import tqdm
 
 from flowjac._checks import check_choice, check_int
 
-__all__ = ["probe", "plain_outputs", "stage_count", "redraw"]
+__all__ = ["probe", "plain_outputs", "stage_count", "redraw", "PixelReadout"]
 
 _STAGES = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
 
@@ -77,6 +82,47 @@ class _Partial:
                         res={k: [t.detach().cpu() for t in v] for k, v in res.items()}),
                    buf)
         atomic_write_bytes(self.path, buf.getvalue())
+
+
+class PixelReadout:
+    """A readout of the flow's pixels: the flattened patch (or whole output), with the outputs' names; :ref:`sec_running_at_scale`.
+
+    ``patch`` is None (every value of the output) or ``(row, col, size)``,
+    a square of ``size`` pixels from ``(row, col)`` in every channel of
+    (C, H, W) outputs. ``names()`` lists the outputs as ``x{i}`` (vector
+    outputs) or ``c{channel}_r{row}_c{col}``, in the readout's order.
+    """
+
+    def __init__(self, shape, patch=None):
+        self.shape = tuple(shape)
+        if patch is not None:
+            r, c, s = (check_int(nm, v, m) for nm, v, m in
+                       zip(("patch row", "patch col", "patch size"),
+                           patch, (0, 0, 1)))
+            if len(self.shape) != 3 or r + s > self.shape[1] or c + s > self.shape[2]:
+                raise ValueError(f"patch ({r}, {c}, {s}) does not fit in "
+                                 f"samples of shape {self.shape}")
+            patch = (r, c, s)
+        self.patch = patch
+
+    def __call__(self, x):
+        """The outputs (B, p) of flow outputs x (B, *shape)."""
+        if self.patch is None:
+            return x.flatten(1)
+        r, c, s = self.patch
+        return x[:, :, r:r + s, c:c + s].flatten(1)
+
+    def names(self) -> list:
+        """The p outputs' names, in order."""
+        if self.patch is None:
+            if len(self.shape) == 1:
+                return [f"x{i}" for i in range(self.shape[0])]
+            ch, h, w = self.shape
+            return [f"c{a}_r{b}_c{d}" for a in range(ch) for b in range(h)
+                    for d in range(w)]
+        r, c, s = self.patch
+        return [f"c{a}_r{b}_c{d}" for a in range(self.shape[0])
+                for b in range(r, r + s) for d in range(c, c + s)]
 
 
 def _refuse_nonfinite(velocity, readout, z, steps, method, start, values, what):
