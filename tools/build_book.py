@@ -103,22 +103,85 @@ def _clean(nb):
     return nb
 
 
-def execute(md: Path, dest: Path, parameters: dict) -> float:
-    """Convert a chapter to a notebook and execute it with papermill."""
+class _PeakMemory:
+    """The largest resident memory (VmHWM) of this process's children (the
+    chapter's kernel), sampled every half second while a chapter runs."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self):
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            for child in me.children(recursive=True):
+                try:
+                    with open(f"/proc/{child.pid}/status") as fh:
+                        for line in fh:
+                            if line.startswith("VmHWM:"):
+                                self.peak = max(self.peak, int(line.split()[1]) * 1024)
+                except OSError:
+                    pass
+            self._stop.wait(0.5)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def execute(md: Path, dest: Path, parameters: dict, times: Path | None = None) -> float:
+    """Convert a chapter to a notebook and execute it with papermill.
+
+    Its wall time and its kernel's peak resident memory are merged into
+    ``times`` (JSON; default ``_build/chapter_times.json``): the golden
+    runs keep theirs in ``results/chapter_times.json``, from which the
+    README's table of chapter times is generated (tools/readme_times.py).
+    """
     import papermill as pm
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     nb = read_md(md)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _PeakMemory() as mem:
         src = Path(tmp) / f"{md.stem}.ipynb"
         nbformat.write(nb, src)
         pm.execute_notebook(str(src), str(dest), parameters=parameters or None,
                             cwd=str(GOLDEN), kernel_name="python3",
                             progress_bar=False, log_output=False)
+    secs = time.perf_counter() - start
     out = nbformat.read(dest, as_version=4)
     nbformat.write(_hide_tooling(_clean(out)), dest)
-    return time.perf_counter() - start
+    _record_time(times or BUILD / "chapter_times.json", md.stem, secs, mem.peak,
+                 (parameters or {}).get("profile", "quick"))
+    return secs
+
+
+TIMES = ROOT / "results" / "chapter_times.json"
+
+
+def _record_time(path: Path, chapter: str, secs: float, peak: int, profile: str) -> None:
+    """Merge one chapter's wall time and peak memory into the JSON file ``path``."""
+    import json
+
+    sys.path.insert(0, str(ROOT))
+    from flowjac.utils import hardware, save_json
+
+    data = json.loads(path.read_text()) if path.exists() else {"chapters": {}}
+    threads = os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count())
+    data["chapters"][chapter] = dict(
+        seconds=round(secs, 1), peak_bytes=int(peak), profile=profile,
+        threads=int(threads) if threads.isdigit() else threads,
+        cpu=hardware().get("cpu"), cpu_count=os.cpu_count(),
+        date=time.strftime("%Y-%m-%d"))
+    save_json(path, data)
 
 
 def _hide_tooling(nb):
@@ -204,7 +267,7 @@ def cmd_golden(args) -> None:
     GOLDEN.mkdir(exist_ok=True)
     for md in chapters(args.only):
         print(f"executing {md.name} into notebooks/ ...", flush=True)
-        secs = execute(md, GOLDEN / f"{md.stem}.ipynb", {})
+        secs = execute(md, GOLDEN / f"{md.stem}.ipynb", {}, times=TIMES)
         print(f"  done in {secs:.0f} s", flush=True)
 
 

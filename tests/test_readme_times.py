@@ -1,0 +1,24 @@
+"""The README's table of chapter times is generated from the golden runs' record."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_chapter_times_are_generated_not_typed():
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "readme_times.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_generator_replaces_only_the_block():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import readme_times
+    finally:
+        sys.path.pop(0)
+    text = f"before\n{readme_times.START}\n| stale |\n{readme_times.END}\nafter\n"
+    out = readme_times.rewrite(text)
+    assert out.startswith("before\n") and out.endswith("after\n")
+    assert "| stale |" not in out and "| chapter | wall | peak memory |" in out

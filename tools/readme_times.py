@@ -1,0 +1,84 @@
+"""Write the README's table of chapter times from results/chapter_times.json.
+
+    python tools/readme_times.py          # rewrite the table in README.md
+    python tools/readme_times.py --check  # exit 1 if README.md's table is stale
+
+The table sits between the lines ``<!-- chapter-times: start -->`` and
+``<!-- chapter-times: end -->``. Each row is a chapter of ``_toc.yml`` with
+the wall time and the kernel's peak resident memory of its last golden run
+(``make golden``, recorded by tools/build_book.py), the torch threads it ran
+with, the machine and the date: measured, never typed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+TIMES = ROOT / "results" / "chapter_times.json"
+START, END = "<!-- chapter-times: start -->", "<!-- chapter-times: end -->"
+
+
+def _titles() -> dict[str, str]:
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from build_book import has_code, toc_files
+    finally:
+        sys.path.pop(0)
+    out = {}
+    for f in toc_files():
+        md = ROOT / f"{f}.md"
+        if not has_code(md):        # prose-only pages are not executed
+            continue
+        title = next((ln[2:].strip() for ln in md.read_text().splitlines()
+                      if ln.startswith("# ")), md.stem)
+        out[md.stem] = title
+    return out
+
+
+def table() -> str:
+    """The markdown table of the recorded chapter times."""
+    data = json.loads(TIMES.read_text())["chapters"] if TIMES.exists() else {}
+    rows = ["| chapter | wall | peak memory | threads | machine, date |",
+            "|---|---|---|---|---|"]
+    for stem, title in _titles().items():
+        r = data.get(stem)
+        if r is None:
+            continue
+        rows.append(f"| {title} | {r['seconds']:.0f} s | {r['peak_bytes'] / 1e9:.2f} GB | "
+                    f"{r['threads']} | {r['cpu']} ({r['cpu_count']} cores), {r['date']} |")
+    missing = [t for s, t in _titles().items() if s not in data]
+    note = ("" if not missing else "\nNot yet recorded (no golden run since timing began): "
+            + ", ".join(missing) + ".\n")
+    return "\n".join(rows) + "\n" + note
+
+
+def rewrite(text: str) -> str:
+    """``text`` with the table between the markers replaced."""
+    if START not in text or END not in text:
+        raise SystemExit(f"README.md has no {START} ... {END} block")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{table()}{END}{tail}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true")
+    args = ap.parse_args(argv)
+    text = README.read_text()
+    new = rewrite(text)
+    if args.check:
+        if new != text:
+            print("README.md's chapter times are stale: run python tools/readme_times.py")
+            return 1
+        return 0
+    README.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
