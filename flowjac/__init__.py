@@ -11,7 +11,8 @@ forms never import training code, nothing imports a chapter):
 - ``engine``: ``velocity`` (the velocity protocol), ``ode`` (one
   Runge-Kutta stage loop), ``jvp`` (exact and finite-difference JVPs of the
   flow map, derived from that loop), ``composite`` (classifier-flow JVPs),
-  ``probing`` (JVPs at scale), ``train`` (CFM, EMA), ``checkpoints``
+  ``probing`` (JVPs at scale), ``tangents`` (exact forward-mode rules for
+  any network's own code), ``train`` (CFM, EMA), ``checkpoints``
 - ``models``: ``nets`` (MLPFlow, FlowUNet with exact fast tangents),
   ``conditional`` (label-conditional velocities), ``classifiers``,
   ``adapters`` (torchcfm and flow_matching models as velocities),

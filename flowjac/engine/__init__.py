@@ -10,8 +10,12 @@
 - ``train``: the CFM loss, EMA and a trainer with exact resume
 - ``distributed``: one process or many (torchrun): per-rank seeds,
   sharding, exact float64 reductions, rank-0 writes, DDP training
+- ``tangents``: exact forward-mode tangents by a tangent-carrying value and
+  a table of rules (``joint_jvp``), for any network's own forward code
 - ``checkpoints``: atomic saves, ``weights_only=True`` loads, resume rules
 """
-from . import checkpoints, composite, distributed, jvp, ode, probing, train, velocity
+from . import (checkpoints, composite, distributed, jvp, ode, probing, tangents, train,
+               velocity)
 
-__all__ = ["checkpoints", "composite", "distributed", "jvp", "ode", "probing", "train", "velocity"]
+__all__ = ["checkpoints", "composite", "distributed", "jvp", "ode", "probing", "tangents",
+           "train", "velocity"]

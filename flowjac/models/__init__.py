@@ -5,7 +5,7 @@
 - ``classifiers``: attribute and digit classifiers, the CelebA ResNet50
 - ``quality``: the quality gates a learned model must pass
 - ``adapters``: torchcfm, flow_matching and plain callables as velocities
-  with fast exact tangents; their checkpoints
+  with fast exact tangents (``engine.tangents``); their checkpoints
 - ``pretrained``: ``available()`` and ``load(name)`` for the shipped models
 - ``torchcfm_recipe``: training with torchcfm's own parts, in its
   checkpoint format (the shipped ``mnist-fives-torchcfm``)
