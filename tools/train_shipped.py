@@ -107,6 +107,8 @@ def regate(args):
         manifest = json.loads(path.read_text())      # re-read: write only this part
         rec = manifest["parts"][part]
         rec.setdefault("gates_when_trained", rec["gates"])
+        if "gates_by_sampler" in rec:
+            rec.setdefault("gates_by_sampler_when_trained", rec["gates_by_sampler"])
         rec.update(new, gates_hardware=hardware())
         save_json(path, manifest)
         print(part, "gates written to", path, flush=True)
