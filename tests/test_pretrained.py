@@ -274,6 +274,12 @@ def test_train_part_finetune_stage_start_from_and_resume(tmp_path, monkeypatch):
     assert seen == [6, 8, 10]
     c = _weights(tmp_path / "res" / "mnist_fives.pt")
     assert all(torch.equal(a[k], c[k]) for k in a)
+    # resumed once more when every stage is finished: nothing trains, same weights
+    again = pretrained.train_part("mnist-fives", tmp_path / "res", chunk=2, start_from=first,
+                                  resume=True)
+    assert again["train_steps"] == 10 and again["loss_tail"] == after["loss_tail"]
+    d = _weights(tmp_path / "res" / "mnist_fives.pt")
+    assert all(torch.equal(a[k], d[k]) for k in a)
     with pytest.raises(ValueError, match="start_from .* not the first stage"):
         pretrained.train_part("mnist-fives", tmp_path / "bad", start_from=tmp_path / "ft" / "mnist_fives.pt")
 

@@ -433,7 +433,7 @@ class FlowRecipe(Recipe):
             load_checkpoint(run.start_from, model)
             stages = stages[1:]
             record["started_from"] = dict(file=str(Path(run.start_from).name), sha256=got)
-        done_total, chunk_times = 0, []
+        done_total, chunk_times, losses = 0, [], []
         for suffix, st, st_steps in stages:
             work = run.out_dir / f".{self.part}{suffix}-training.pt"
             if not resume:
@@ -442,9 +442,10 @@ class FlowRecipe(Recipe):
             if resume and work.exists():
                 payload = load_checkpoint(work, model)
                 done = int(payload["step"])
+                losses = payload["extra"]["loss"]
                 if done >= st_steps and payload["ema"] is not None:
                     model.load_state_dict(payload["ema"])    # a finished stage
-            offset = done_total if suffix == "" else r["train_steps"]
+            offset = r["train_steps"] if suffix else 0   # steps counted on from stage 1
             while done < st_steps:
                 target = min(st_steps, done + chunk)
                 t0 = time.perf_counter()
@@ -455,6 +456,7 @@ class FlowRecipe(Recipe):
                                   checkpoint_every=chunk, progress=run.progress,
                                   log_every=50, lr_cooldown=st.get("lr_cooldown"),
                                   **cond)
+                losses = hist["loss"]
                 if hist["resumed_from"] < target:
                     chunk_times.append((time.perf_counter() - t0)
                                        / (target - hist["resumed_from"]))
@@ -473,7 +475,7 @@ class FlowRecipe(Recipe):
             if not resume:
                 work.unlink(missing_ok=True)
         record.update(train_steps=done_total, loss_tail=float(
-            sum(hist["loss"][-20:]) / len(hist["loss"][-20:])),
+            sum(losses[-20:]) / len(losses[-20:])),
             seconds_per_step=sum(chunk_times) / max(1, len(chunk_times)))
 
     @property
