@@ -12,7 +12,9 @@ forms never import training code, nothing imports a chapter):
   Runge-Kutta stage loop), ``jvp`` (exact and finite-difference JVPs of the
   flow map, derived from that loop), ``composite`` (classifier-flow JVPs),
   ``probing`` (JVPs at scale), ``tangents`` (exact forward-mode rules for
-  any network's own code), ``train`` (CFM, EMA), ``checkpoints``
+  any network's own code; the value in ``tangents_value``, the pointwise
+  derivatives in ``tangents_pointwise``), ``train`` (CFM, EMA),
+  ``checkpoints``
 - ``models``: ``nets`` (MLPFlow, FlowUNet with exact fast tangents),
   ``conditional`` (label-conditional velocities), ``classifiers``,
   ``adapters`` (torchcfm and flow_matching models as velocities),

@@ -11,11 +11,13 @@
 - ``distributed``: one process or many (torchrun): per-rank seeds,
   sharding, exact float64 reductions, rank-0 writes, DDP training
 - ``tangents``: exact forward-mode tangents by a tangent-carrying value and
-  a table of rules (``joint_jvp``), for any network's own forward code
+  a table of rules (``joint_jvp``), for any network's own forward code;
+  the value and its algebra in ``tangents_value``, the derivatives of
+  pointwise functions in ``tangents_pointwise``
 - ``checkpoints``: atomic saves, ``weights_only=True`` loads, resume rules
 """
-from . import (checkpoints, composite, distributed, jvp, ode, probing, tangents, train,
-               velocity)
+from . import (checkpoints, composite, distributed, jvp, ode, probing, tangents,
+               tangents_pointwise, tangents_value, train, velocity)
 
 __all__ = ["checkpoints", "composite", "distributed", "jvp", "ode", "probing", "tangents",
-           "train", "velocity"]
+           "tangents_pointwise", "tangents_value", "train", "velocity"]
