@@ -207,6 +207,52 @@ def test_digit_gates_and_memorization():
         quality.memorization(copies * np.nan, train, held)
 
 
+def test_gates_of_a_flow_of_all_digits_judge_the_class_balance():
+    x = torch.rand(1000, 1, 4, 4)
+    logits = torch.zeros(1000, 10)
+    logits[torch.arange(1000), torch.arange(1000) % 10] = 10.0     # balanced, confident
+    even = [0.1] * 10
+    g = quality.digit_sample_gates(logits, x, digit=None, class_shares=even)
+    assert g["share"] == 1.0 and g["class_error"] < 1e-12 and g["passed"]
+    assert set(g["status"]) == {"share", "in_range", "class_error"}
+    skewed = [0.2, 0.0] + [0.1] * 8               # the data hold no ones, twice the zeros
+    g = quality.digit_sample_gates(logits, x, digit=None, class_shares=skewed)
+    assert abs(g["class_error"] - 0.1) < 1e-12
+    assert g["status"]["class_error"] == "fail" and not g["passed"]
+    # a flow that draws only zeros, confidently, fails the balance and passes the share
+    zeros = torch.zeros(1000, 10)
+    zeros[:, 0] = 10.0
+    g = quality.digit_sample_gates(zeros, x, digit=None, class_shares=even)
+    assert g["share"] == 1.0 and abs(g["class_error"] - 0.9) < 1e-12 and not g["passed"]
+    with pytest.raises(ValueError, match="class_shares"):
+        quality.digit_sample_gates(logits, x, digit=None)
+    with pytest.raises(ValueError, match="class_shares"):
+        quality.digit_sample_gates(logits, x, digit=None, class_shares=[0.5] * 10)
+
+
+def test_training_subsets_are_seeded_and_nested_in_the_training_fives(monkeypatch):
+    full, _ = pretrained.training_data("mnist-fives", "train")
+    r = dict(pretrained.RECIPES["mnist-fives"], n_train=100)
+    monkeypatch.setitem(pretrained.RECIPES, "mnist-fives", r)
+    pretrained._training_data.cache_clear()
+    try:
+        sub, y = pretrained.training_data("mnist-fives", "train")
+        again, _ = pretrained.training_data("mnist-fives", "train")
+        assert sub.shape[0] == 100 and (y == 5).all() and torch.equal(sub, again)
+        # every image of the subset is one of the training fives
+        same = (sub.flatten(1)[:, None] == full.flatten(1)[None]).all(2)
+        assert same.any(1).all()
+        test, _ = pretrained.training_data("mnist-fives", "test")
+        assert test.shape[0] != 100 or not torch.equal(test, sub)
+        monkeypatch.setitem(pretrained.RECIPES, "mnist-fives",
+                            dict(r, n_train=10_000))
+        pretrained._training_data.cache_clear()
+        with pytest.raises(ValueError, match="n_train"):
+            pretrained.training_data("mnist-fives", "train")
+    finally:
+        pretrained._training_data.cache_clear()
+
+
 def test_random_shift_keeps_pixels_and_moves_them():
     from flowjac.models.classifiers import random_shift
 

@@ -504,7 +504,13 @@ class FlowRecipe(Recipe):
         logits = predict_logits(classifier, samples)
         train_x, _ = training_data(self.part, "train")
         test_x, _ = training_data(self.part, "test")
-        gates = judge.sample_gates(logits, samples)
+        if self.settings["data"] == "mnist-all":     # every digit, in the data's balance
+            _, train_y = training_data(self.part, "train")
+            shares = torch.bincount(train_y.long(), minlength=10).double() / len(train_y)
+            gates = quality.digit_sample_gates(logits, samples, digit=None,
+                                               class_shares=shares)
+        else:
+            gates = judge.sample_gates(logits, samples)
         gates = quality.combine(gates, quality.memorization(samples, train_x, test_x,
                                                             device=device))
         gates["sampler"], gates["seed"] = smp, seed
@@ -615,7 +621,7 @@ _RECIPE_CLASSES = (ClassifierRecipe, AttributeClassifierRecipe, FlowRecipe, Cond
 
 # the classifier part that reads a flow's samples, by the flow's data
 _JUDGES = {"scm": "scm-classifier", "scm-independent": "scm-classifier",
-           "mnist-fives": "mnist-digits"}
+           "mnist-fives": "mnist-digits", "mnist-all": "mnist-digits"}
 
 
 def recipe(part: str) -> Recipe:
@@ -803,6 +809,16 @@ def _training_data(part: str, split: str):
         return ds.images * 2 - 1, ds.labels
     digit = 5 if r.get("data") == "mnist-fives" else None
     d = mnist(digit=digit, split=split, verbose=False)
+    if split == "train" and r.get("n_train") is not None:
+        # a seeded subset of the training digits (the training-set-size study):
+        # the first n_train of a permutation drawn from seed + 80,000, in file order
+        n = check_int("n_train", r["n_train"], minimum=1)
+        if n > len(d.labels):
+            raise ValueError(f"RECIPES[{part!r}]['n_train'] is {n}, but the training "
+                             f"split holds {len(d.labels)} images")
+        g = torch.Generator().manual_seed(r["seed"] + 80_000)
+        keep = torch.randperm(len(d.labels), generator=g)[:n].sort().values
+        return d.images[keep], d.labels[keep]
     return d.images, d.labels
 
 

@@ -56,6 +56,9 @@ GATES = {
     "fives_min_prob": 0.9,
     "pixel_range": (-0.05, 1.05),
     "pixel_in_range_min": 0.999,
+    # flow of all ten digits: share read as each digit within 0.03 of the
+    # data's (fixed before its training, training-set-size study)
+    "class_max_error": 0.03,
     # every flow: samples no closer to the training set than 0.75 of what
     # held-out real images are, and at most 1% copies
     "nn_ratio_min": 0.75,
@@ -69,6 +72,7 @@ GATE_SIDES = {
     "corr_mae": ("corr_max_mae", "max"),
     "share": ("fives_min_share", "min"),
     "in_range": ("pixel_in_range_min", "min"),
+    "class_error": ("class_max_error", "max"),
     "min_accuracy": ("conditional_min_accuracy", "min"),
     "classifier_accuracy": ("classifier_min_accuracy", "min"),
     "edge_accuracy": ("classifier_min_accuracy", "min"),
@@ -263,8 +267,13 @@ def edge_disagreement_accuracy(classifier, scm, size: int = 32, n: int = 4000,
 
 
 def digit_sample_gates(logits: torch.Tensor, samples: torch.Tensor,
-                       digit: int = 5) -> dict:
-    """Gates of a flow of one digit: the classifier's confident share and the pixel range; :ref:`sec_mnist`.
+                       digit: int | None = 5, class_shares=None) -> dict:
+    """Gates of a flow of one digit (or of all ten): the classifier's confident share, the pixel range (and the class balance); :ref:`sec_mnist`.
+
+    ``digit=None`` judges a flow of all digits: ``share`` is then the share
+    whose most likely digit has P >= 0.9, and ``class_error`` (limit
+    ``GATES["class_max_error"]``) the worst gap between the share of
+    samples read as a digit and ``class_shares``, the data's (10 shares).
 
     ``logits`` (n, 10) from the digit classifier on ``samples`` (n, 1, H, W)
     in pixel space [0, 1]. Returns ``share`` (P(digit) >= 0.9), ``in_range``
@@ -278,17 +287,39 @@ def digit_sample_gates(logits: torch.Tensor, samples: torch.Tensor,
         raise ValueError("samples must be a tensor with one row per logit row")
     if not torch.isfinite(samples).all():
         raise ValueError("samples must be finite")
+    if (digit is None) != (class_shares is not None):
+        raise ValueError("class_shares must be given exactly when digit is None "
+                         "(a flow of all digits)")
     prob = torch.softmax(logits.double().cpu(), 1)
     lo, hi = GATES["pixel_range"]
     s = samples.detach().cpu().double()
-    out = dict(n=int(s.shape[0]),
-               share=float((prob[:, digit] >= GATES["fives_min_prob"]).double().mean()),
-               in_range=float(((s >= lo) & (s <= hi)).double().mean()),
+    # one digit: P(digit) >= 0.9; all digits: P(its most likely digit) >= 0.9
+    p_read = prob[:, digit] if digit is not None else prob.max(1).values
+    confident = (p_read >= GATES["fives_min_prob"]).double()
+    in_range = ((s >= lo) & (s <= hi)).flatten(1).double().mean(1)
+    out = dict(n=int(s.shape[0]), share=float(confident.mean()),
+               in_range=float(in_range.mean()),
                pixel_min=float(s.min()), pixel_max=float(s.max()),
                class_histogram=torch.bincount(prob.argmax(1), minlength=10).tolist())
-    rows = torch.stack([(prob[:, digit] >= GATES["fives_min_prob"]).double(),
-                        ((s >= lo) & (s <= hi)).flatten(1).double().mean(1)], 1)
-    _judged(out, ("share", "in_range"), *_bootstrap(lambda r: r.mean(0), rows))
+    if digit is not None:
+        rows = torch.stack([confident, in_range], 1)
+        _judged(out, ("share", "in_range"), *_bootstrap(lambda r: r.mean(0), rows))
+    else:
+        # the class balance: the worst |share read as c - the data's share of c|
+        shares = torch.as_tensor(class_shares, dtype=torch.float64).flatten()
+        if shares.numel() != 10 or not torch.isfinite(shares).all() or (shares < 0).any() \
+                or abs(float(shares.sum()) - 1) > 1e-6:
+            raise ValueError("class_shares must be 10 non-negative shares summing to 1")
+        onehot = torch.nn.functional.one_hot(prob.argmax(1), 10).double()
+        rows = torch.cat([confident[:, None], in_range[:, None], onehot], 1)
+
+        def stats(r):
+            return torch.stack([r[:, 0].mean(), r[:, 1].mean(),
+                                (r[:, 2:].mean(0) - shares).abs().max()])
+
+        out["class_error"] = float(stats(rows)[2])
+        out["class_shares"] = shares.tolist()
+        _judged(out, ("share", "in_range", "class_error"), *_bootstrap(stats, rows))
     out["passed"] = _passed(out)
     return out
 
