@@ -17,7 +17,9 @@ forms never import training code, nothing imports a chapter):
   ``checkpoints``
 - ``models``: ``nets`` (MLPFlow, FlowUNet with exact fast tangents),
   ``conditional`` (label-conditional velocities), ``classifiers``,
-  ``adapters`` (torchcfm and flow_matching models as velocities),
+  ``adapters`` (torchcfm and flow_matching models as velocities; its rooms
+  ``adapters_velocity``, ``adapters_checkpoints``, ``adapters_user_class``
+  and ``adapters_door``, the one door ``open_flow``),
   ``torchcfm_recipe`` (a flow trained with torchcfm's own parts),
   ``quality`` (the gates), ``pretrained`` (shipped, sha256-checked models:
   ``available()``, ``load()``)

@@ -6,11 +6,17 @@
 - ``quality``: the quality gates a learned model must pass
 - ``adapters``: torchcfm, flow_matching and plain callables as velocities
   with fast exact tangents (``engine.tangents``); their checkpoints
+  (``adapters_velocity``, ``adapters_checkpoints``), the user's class
+  (``adapters_user_class``) and ``open_flow``, the one door
+  (``adapters_door``); every name importable from ``adapters``
 - ``pretrained``: ``available()`` and ``load(name)`` for the shipped models
 - ``torchcfm_recipe``: training with torchcfm's own parts, in its
   checkpoint format (the shipped ``mnist-fives-torchcfm``)
 """
-from . import adapters, classifiers, conditional, nets, pretrained, quality, torchcfm_recipe
+from . import (adapters, adapters_checkpoints, adapters_door, adapters_user_class,
+               adapters_velocity, classifiers, conditional, nets, pretrained, quality,
+               torchcfm_recipe)
 
-__all__ = ["adapters", "classifiers", "conditional", "nets", "pretrained", "quality",
+__all__ = ["adapters", "adapters_checkpoints", "adapters_door", "adapters_user_class",
+           "adapters_velocity", "classifiers", "conditional", "nets", "pretrained", "quality",
            "torchcfm_recipe"]
