@@ -23,7 +23,8 @@ forms never import training code, nothing imports a chapter):
   ``torchcfm_recipe`` (a flow trained with torchcfm's own parts),
   ``quality`` (the gates), ``pretrained`` (shipped, sha256-checked models:
   ``available()``, ``load()``)
-- ``data``: ``images`` (MNIST, CelebA), ``scm_images`` (the SCM renderer)
+- ``data``: ``images`` (MNIST, CelebA), ``scm_images`` (the SCM renderer),
+  ``morpho`` (Morpho-MNIST: measurements, its SCM, dataset, published test set)
 - ``causal``: ``scm`` (the binary SCM, exact by enumeration),
   ``discovery`` (PC, CPDAG, SHD)
 - ``estimators``: ``moments``, ``covariance`` (covariances from JVPs, unbiased),
