@@ -27,7 +27,8 @@ forms never import training code, nothing imports a chapter):
   ``morpho`` (Morpho-MNIST: measurements, its SCM, dataset, published test set)
 - ``causal``: ``scm`` (the binary SCM, exact by enumeration),
   ``discovery`` (PC, CPDAG, SHD)
-- ``estimators``: ``moments``, ``covariance`` (covariances from JVPs, unbiased),
+- ``estimators``: ``moments``, ``covariance`` (covariances from JVPs, unbiased;
+  the design in ``covariance_pairs``, the reduction in ``covariance_reduction``),
   ``intervals`` (bootstrap and heavy-tail-aware intervals), ``spectra``
   (local spectra of the flow map, divergence, log-likelihood, Hutch++)
 - ``pipelines``: ``stored`` (stored GPU runs), ``interventions`` and

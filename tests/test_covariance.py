@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from flowjac.closedform import gaussian
 from flowjac.engine.ode import integrate
-from flowjac.estimators import covariance, intervals
+from flowjac.estimators import covariance, covariance_reduction, intervals
 
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*",
                         category=FutureWarning)
@@ -259,13 +259,13 @@ def test_covariance_from_pairs_reproduces_jvp_covariance():
         assert torch.allclose(getattr(res, name), getattr(ref, name),
                               atol=1e-12), name
     # chunking does not change the result
-    old = covariance._CHUNK_ELEMENTS
+    old = covariance_reduction._CHUNK_ELEMENTS
     try:
-        covariance._CHUNK_ELEMENTS = 8
+        covariance_reduction._CHUNK_ELEMENTS = 8
         chunked = covariance.covariance_from_pairs(jz, jzr, design.rho,
                                           weights=design.weights, probe_block=2)
     finally:
-        covariance._CHUNK_ELEMENTS = old
+        covariance_reduction._CHUNK_ELEMENTS = old
     for name in ("cov", "stderr", "upper", "upper_stderr", "lower",
                  "lower_stderr", "profile"):
         assert torch.allclose(getattr(chunked, name), getattr(res, name),
