@@ -12,7 +12,8 @@ are measured, printed and asserted. This module computes them:
   classifier's accuracy on images whose parent and child disagree (a
   classifier that reads one attribute off another fails here);
 * ``digit_sample_gates``: the share of flow samples that a digit classifier
-  calls the target digit with high probability, and the pixel range;
+  calls the target digit with high probability, and the pixel range (for a
+  flow of all digits, the confident share and the class balance);
 * ``memorization``: nearest-neighbour distances of samples to the training
   set against those of held-out real images.
 
@@ -25,6 +26,11 @@ straddles the limit. ``passed`` is true only when every gate passes, the
 memorization limits included. Gates that decide a shipped model are
 measured on at least ``GATE_MIN_N`` samples drawn with a seed that no
 stopping rule has seen. Explained in :ref:`sec_attributes` and :ref:`sec_mnist`.
+
+Longer than 400 lines because every gate and its interval live together:
+one table of limits (``GATES``, ``GATE_SIDES``), one judge, and the sample
+statistics each model kind is judged by; split, the limits and the
+statistics they bound would drift apart.
 """
 from __future__ import annotations
 

@@ -5,8 +5,10 @@
   imagining with the label-conditional flow
 - ``interventions_study``: that chapter's three studies as functions, shared
   by the chapter and its stored run (``tools/run_interventions.py``)
+- ``patch_study``: the 6x6 patch of the MNIST flows (readout, the paper's
+  forward differences, one flow's summary for the training-set-size study)
 - ``celeba``: the CelebA study (``run_celeba``), for users who have CelebA
 """
-from . import celeba, interventions, interventions_study, stored
+from . import celeba, interventions, interventions_study, patch_study, stored
 
-__all__ = ["celeba", "interventions", "interventions_study", "stored"]
+__all__ = ["celeba", "interventions", "interventions_study", "patch_study", "stored"]

@@ -1,0 +1,221 @@
+"""The 6x6 patch of the MNIST flows: its readout, the estimates of its correlations and their summary per flow.
+
+The MNIST chapter reads every flow of digits on the same 36 pixels (rows
+6-11, columns 12-17, around the paper's pair (8, 14), (8, 15) on the top
+bar of a five). This module holds what every reading of that patch needs:
+
+- ``PATCH``, ``PAIR`` and ``Patch``, the readout (pixels of a flow whose
+  space maps pixels 0 and 1 to ``value_range``);
+- ``paper_fd``: the paper's own estimator, a float32 forward difference with
+  its step and Euler solver, at latents and probes of a stored run;
+- ``summarize``: for one stored probe run, the tails of the per-latent
+  ``|Jv|^2`` (Hill index with a bootstrap interval, the top 1% share) and the
+  patch correlations of each estimator against the data's, with intervals
+  and the trivial baseline; the training-set-size study is one such summary
+  per flow.
+"""
+from __future__ import annotations
+
+import torch
+
+from flowjac._checks import check_int
+
+__all__ = ["PATCH", "PAIR", "Patch", "paper_fd", "corr_of", "offdiag_mae",
+           "tail_summary", "summarize", "PAPER_FD"]
+
+#: the 36 pixels of the patch, as flat indices of a 28x28 image
+PATCH = [r * 28 + c for r in range(6, 12) for c in range(12, 18)]
+#: the paper's pixel pair (row, column), Table 5
+PAIR = ((8, 14), (8, 15))
+#: the paper's estimator on MNIST: forward difference, step 1e-3, Euler 99 steps, float32
+PAPER_FD = dict(eps=1e-3, steps=99, method="euler", dtype=torch.float32)
+
+
+class Patch(torch.nn.Module):
+    """The 36 pixels of the 6x6 patch as a readout of a flow whose space maps pixel 0 and 1 to ``value_range``; :ref:`sec_mnist`."""
+
+    def __init__(self, value_range=(0.0, 1.0)):
+        super().__init__()
+        self.register_buffer("idx", torch.tensor(PATCH))
+        lo, hi = (float(v) for v in value_range)
+        if not hi > lo:
+            raise ValueError(f"value_range must be (lo, hi) with lo < hi, got {value_range!r}")
+        self.value_range = (lo, hi)
+
+    def forward(self, x):
+        """The patch pixels of images (B, 1, 28, 28), in [0, 1] units."""
+        lo, hi = self.value_range
+        return (x.flatten(1)[:, self.idx] - lo) / (hi - lo)
+
+
+def pair_index() -> tuple:
+    """Positions of the paper's pair inside the patch; :ref:`sec_mnist_table5`."""
+    return tuple(PATCH.index(r * 28 + c) for r, c in PAIR)
+
+
+def paper_fd(velocity, readout, z: torch.Tensor, v: torch.Tensor, *,
+             batch_size: int = 100, eps: float = PAPER_FD["eps"],
+             steps: int = PAPER_FD["steps"], method: str = PAPER_FD["method"],
+             dtype=PAPER_FD["dtype"]) -> torch.Tensor:
+    """The paper's forward-difference JVPs (readout(phi(z + eps v)) - readout(phi(z))) / eps, in its precision and solver; :ref:`sec_mnist`.
+
+    ``z`` (n, *shape) latents and ``v`` (n, *shape) one probe each (the
+    paper's design: one direction per latent). Returns (n, p) in float64,
+    computed in ``dtype`` (float32 as the paper) with ``steps`` Euler steps.
+    """
+    from flowjac.engine.jvp import fd_jvp
+
+    if z.shape != v.shape:
+        raise ValueError(f"v must have z's shape {tuple(z.shape)}, got {tuple(v.shape)}")
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    out = []
+    with torch.no_grad():
+        for i in range(0, z.shape[0], batch_size):
+            zb, vb = (t[i:i + batch_size].to(dtype) for t in (z, v))
+            x1, jv = fd_jvp(velocity, zb, vb, eps=eps, steps=steps, method=method)
+            out.append(((readout(x1 + eps * jv) - readout(x1)) / eps).double())
+    return torch.cat(out)
+
+
+def corr_of(M: torch.Tensor) -> torch.Tensor:
+    """Correlation of a covariance or second-moment matrix (nan where a diagonal entry is not positive); :ref:`sec_mnist`."""
+    d = M.diagonal()
+    s = torch.where(d > 0, d, torch.full_like(d, float("nan"))).sqrt()
+    return M / (s[:, None] * s[None, :])
+
+
+def offdiag_mae(C: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean absolute difference of two correlation matrices over their off-diagonal entries (nan entries ignored); :ref:`sec_mnist`."""
+    iu = torch.triu_indices(C.shape[0], C.shape[0], 1)
+    d = (C[iu[0], iu[1]] - ref[iu[0], iu[1]]).abs()
+    return float(d[torch.isfinite(d)].mean())
+
+
+def _second(units: torch.Tensor) -> torch.Tensor:
+    """The mean over units of the mean outer product of their rows: units (n, m, p)."""
+    u = units.flatten(0, 1)
+    return u.T @ u / u.shape[0]
+
+
+def _cov(x: torch.Tensor) -> torch.Tensor:
+    return torch.cov(x.T)
+
+
+def _boot(stat, units: torch.Tensor, n_boot: int, gen: torch.Generator):
+    n = units.shape[0]
+    return [stat(units[torch.randint(0, n, (n,), generator=gen)]) for _ in range(n_boot)]
+
+
+def _pct(values, alpha=0.05) -> list:
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    t = t[torch.isfinite(t)]
+    if t.numel() < 2:
+        return [float("nan"), float("nan")]
+    q = torch.quantile(t, torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64))
+    return [float(q[0]), float(q[1])]
+
+
+def _shifted(values, estimate: float, alpha=0.05) -> list:
+    """Percentile interval of a statistic biased upward by resampling (an
+    absolute error), shifted by the replicates' mean bias: the resampled
+    correlations are noisier than the estimate, so their errors are larger."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    bias = float(t[torch.isfinite(t)].mean()) - estimate
+    lo, hi = _pct(values, alpha)
+    return [lo - bias, hi - bias]
+
+
+def tail_summary(terms: torch.Tensor, *, n_boot: int = 500, seed: int = 0) -> dict:
+    """Tails of per-latent terms (e.g. ``|Jv|^2``): the Hill index from the top 5% with a bootstrap interval and the share of the top 1%; :ref:`sec_mnist`."""
+    from flowjac.estimators import intervals
+
+    terms = torch.as_tensor(terms, dtype=torch.float64).flatten()
+    gen = torch.Generator().manual_seed(seed)
+    hill = intervals.hill_index(terms)
+    boots = _boot(intervals.hill_index, terms, n_boot, gen)
+    return dict(n=int(terms.numel()), hill=hill, hill_interval=_pct(boots),
+                top1_share=intervals.tail_share(terms, 0.01))
+
+
+def _estimate(name, stat, units, ref, ref_flow, n_boot, gen) -> dict:
+    i, j = pair_index()
+    C = corr_of(stat(units))
+    boots = [corr_of(stat(u)) for u in
+             (units[torch.randint(0, units.shape[0], (units.shape[0],), generator=gen)]
+              for _ in range(n_boot))]
+    return dict(name=name, n_units=int(units.shape[0]),
+                pair=float(C[i, j]), pair_interval=_pct([b[i, j] for b in boots]),
+                mae_data=offdiag_mae(C, ref),
+                mae_data_interval=_shifted([offdiag_mae(b, ref) for b in boots],
+                                           offdiag_mae(C, ref)),
+                mae_flow=offdiag_mae(C, ref_flow) if ref_flow is not None else float("nan"))
+
+
+def summarize(probes: dict, data: torch.Tensor, *, fd: torch.Tensor | None = None,
+              n_boot: int = 200, seed: int = 0) -> dict:
+    """One flow's row of the training-set-size study, from its stored patch probe run; :ref:`sec_mnist`.
+
+    ``probes``: a ``probing.probe`` result read by ``Patch`` (``jvp``,
+    ``jvp_pair`` (N, k, 36), ``rho``, ``plain`` (6N, 36) plain samples at
+    equal compute); ``data``: (n, 36) patch pixels of real fives, the
+    reference; ``fd``: (m, 36) the paper's forward-difference JVPs
+    (``paper_fd``), one per latent. Returns the tails of the per-pair
+    ``|Jv|^2`` and, per estimator (plain samples, the covariance identity,
+    the paper's normalised E[JJ^T] with exact JVPs, with its forward
+    differences, and zeros), the pair's correlation and the patch's mean
+    absolute error against the data's correlation and against the flow's
+    own (its plain samples), with percentile bootstrap intervals over units
+    (for the errors, shifted by the bootstrap's estimate of their bias);
+    ``data_floor``: the error of the data's own bootstrap replicates
+    against the data (what a perfect estimator would show).
+    """
+    from flowjac.estimators.covariance import covariance_from_pairs
+
+    gen = torch.Generator().manual_seed(seed)
+    A, B = probes["jvp"].double(), probes["jvp_pair"].double()
+    plain = probes["plain"].double()
+    data = torch.as_tensor(data, dtype=torch.float64)
+    if data.ndim != 2 or data.shape[1] != len(PATCH):
+        raise ValueError(f"data must be (n, {len(PATCH)}) patch pixels, got {tuple(data.shape)}")
+    ref = corr_of(_cov(data))
+    C_flow = corr_of(_cov(plain))
+    i, j = pair_index()
+    data_boot = [corr_of(_cov(u)) for u in _boot(lambda u: u, data, n_boot, gen)]
+    est = covariance_from_pairs(A, B, probes["rho"])
+    # per-pair terms of the identity: the mean over probes of sym(J(z)v (J(z_rho)v)^T)
+    cross = torch.cat([A, B], 2)                 # (N, k, 72): the identity's units
+
+    def ident(units):
+        a, b = units[..., :len(PATCH)], units[..., len(PATCH):]
+        m = torch.einsum("nki,nkj->ij", a, b) / (a.shape[0] * a.shape[1])
+        return (m + m.T) / 2
+
+    rows = [
+        _estimate("plain samples (equal compute)", _cov, plain, ref, C_flow, n_boot, gen),
+        _estimate("covariance identity", ident, cross, ref, C_flow, n_boot, gen),
+        _estimate("normalised E[JJ^T], exact JVPs", _second, torch.cat([A, B], 1),
+                  ref, C_flow, n_boot, gen),
+    ]
+    if fd is not None:
+        fd = torch.as_tensor(fd, dtype=torch.float64)
+        exact = A[:fd.shape[0], 0]
+        rows.append(_estimate("normalised E[JJ^T], paper's forward differences", _second,
+                              fd[:, None], ref, C_flow, n_boot, gen))
+        rows.append(_estimate("normalised E[JJ^T], exact JVPs at the same latents",
+                              _second, exact[:, None], ref, C_flow, n_boot, gen))
+        rel = ((fd - exact).norm(dim=1) / exact.norm(dim=1).clamp_min(1e-300))
+        fd_error = dict(median_relative_error=float(rel.median()), n=int(fd.shape[0]))
+    else:
+        fd_error = None
+    eye = torch.eye(len(PATCH), dtype=torch.float64)
+    rows.append(dict(name="zeros (trivial)", n_units=0, pair=0.0, pair_interval=[0.0, 0.0],
+                     mae_data=offdiag_mae(eye, ref), mae_data_interval=[
+                         offdiag_mae(eye, ref)] * 2, mae_flow=offdiag_mae(eye, C_flow)))
+    assert torch.allclose(_second(torch.cat([A, B], 1)), est.upper, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(ident(cross), est.cov, rtol=1e-9, atol=1e-12)
+    norm2 = torch.cat([(A ** 2).sum(2), (B ** 2).sum(2)], 1).mean(1)    # per pair
+    return dict(n=int(A.shape[0]), k=int(A.shape[1]), tails=tail_summary(norm2, seed=seed),
+                data_n=int(data.shape[0]), data_pair=float(ref[i, j]),
+                data_pair_interval=_pct([b[i, j] for b in data_boot]),
+                data_floor=_pct([offdiag_mae(b, ref) for b in data_boot]),
+                flow_pair=float(C_flow[i, j]), estimates=rows, fd=fd_error)
