@@ -34,7 +34,8 @@ forms never import training code, nothing imports a chapter):
 - ``pipelines``: ``stored`` (stored GPU runs), ``interventions`` and
   ``interventions_study`` (seeing, doing, imagining on the SCM images),
   ``celeba`` (the CelebA study)
-- ``cli``: the ``flowjac`` command line (``train``, ``sample``, ``probe``),
+- ``cli``: the ``flowjac`` command line (``train``, ``sample``, ``probe``;
+  the parser in ``cli_parser``, the commands in ``cli_commands``),
   on one process or many under torchrun (``python -m flowjac``)
 - ``plotting``: figures shared by chapters
 - ``utils``: seeding, devices, chapter parameters (``setup``), files,
