@@ -76,3 +76,26 @@ def test_summary_sees_heavy_tails():
     data = torch.randn(2000, 36, generator=gen, dtype=torch.float64) @ L.T
     t = ps.summarize(probes, data, n_boot=20)["tails"]
     assert t["top1_share"] > 0.9
+
+
+def test_size_verdict_rules():
+    def summary(mae_int, hill_int):
+        rows = [dict(name=n, mae_data_interval=list(mae_int)) for n in ps.STUDY_ESTIMATORS]
+        return dict(estimates=rows, tails=dict(hill_interval=list(hill_int)))
+
+    two = ps.size_verdict({100: summary((0.2, 0.3), (0.5, 0.9)),
+                           400: summary((0.05, 0.1), (2, 3))})
+    assert set(two["estimators"].values()) == {"inconclusive: fewer than three sizes"}
+    v = ps.size_verdict({100: summary((0.2, 0.3), (0.5, 0.9)),
+                         200: summary((0.1, 0.4), (0.5, 2)),
+                         400: summary((0.05, 0.1), (2, 3))})
+    assert set(v["estimators"].values()) == {"shrinks"} and v["tails"] == "rises"
+    v = ps.size_verdict({100: summary((0.05, 0.1), (2, 3)),
+                         200: summary((0.1, 0.4), (0.5, 2)),
+                         400: summary((0.2, 0.3), (0.5, 0.9))})
+    assert set(v["estimators"].values()) == {"grows"} and v["tails"] == "falls"
+    v = ps.size_verdict({100: summary((0.1, 0.3), (0.5, 2)),
+                         200: summary((0.1, 0.4), (0.5, 2)),
+                         400: summary((0.2, 0.25), (1, 3))})
+    assert set(v["estimators"].values()) == {"no change detected"}
+    assert v["tails"] == "no change detected"

@@ -219,3 +219,54 @@ def summarize(probes: dict, data: torch.Tensor, *, fd: torch.Tensor | None = Non
                 data_pair_interval=_pct([b[i, j] for b in data_boot]),
                 data_floor=_pct([offdiag_mae(b, ref) for b in data_boot]),
                 flow_pair=float(C_flow[i, j]), estimates=rows, fd=fd_error)
+
+
+#: the estimators whose gap to the data the training-set-size study follows
+STUDY_ESTIMATORS = ("plain samples (equal compute)", "covariance identity",
+                    "normalised E[JJ^T], exact JVPs",
+                    "normalised E[JJ^T], paper's forward differences")
+
+
+def size_verdict(summaries: dict) -> dict:
+    """The training-set-size study's verdicts, by rules fixed before its flows were trained; :ref:`sec_mnist`.
+
+    ``summaries`` maps a flow's training-set size to its ``summarize`` row
+    (flows of one digit only; at least three sizes, else every verdict is
+    "inconclusive: fewer than three sizes"). For each estimator of
+    ``STUDY_ESTIMATORS``, comparing the smallest and the largest training
+    set: "shrinks" when the largest set's whole interval of the patch error
+    against the data lies below the smallest set's, "grows" when above,
+    else "no change detected" (the intervals overlap). The tails: the Hill
+    index "rises" or "falls" by the same rule on its interval, else "no
+    change detected". A verdict covers the sizes measured and nothing
+    beyond the largest.
+    """
+    sizes = sorted(int(s) for s in summaries)
+    out = dict(sizes=sizes, estimators={}, tails=None)
+    if len(sizes) < 3:
+        reason = "inconclusive: fewer than three sizes"
+        out["estimators"] = {name: reason for name in STUDY_ESTIMATORS}
+        out["tails"] = reason
+        return out
+    small, large = summaries[sizes[0]], summaries[sizes[-1]]
+
+    def row(summary, name):
+        return next((r for r in summary["estimates"] if r["name"] == name), None)
+
+    def compare(lo_small, hi_small, lo_large, hi_large, down, up):
+        if hi_large < lo_small:
+            return down
+        if lo_large > hi_small:
+            return up
+        return "no change detected"
+
+    for name in STUDY_ESTIMATORS:
+        a, b = row(small, name), row(large, name)
+        if a is None or b is None:
+            out["estimators"][name] = "not measured"
+            continue
+        out["estimators"][name] = compare(*a["mae_data_interval"], *b["mae_data_interval"],
+                                          "shrinks", "grows")
+    out["tails"] = compare(*small["tails"]["hill_interval"], *large["tails"]["hill_interval"],
+                           "falls", "rises")
+    return out
