@@ -115,10 +115,20 @@ def regate(args):
 
 
 def _samplers(text):
+    """``method:steps[:guidance]`` items, comma-separated (guidance: label-conditional flows)."""
     out = []
     for item in text.split(","):
-        method, _, steps = item.partition(":")
-        out.append(dict(method=method, steps=int(steps)))
+        parts = item.split(":")
+        if len(parts) not in (2, 3):
+            raise SystemExit(f"--samplers: each item is method:steps[:guidance], got {item!r}")
+        try:
+            smp = dict(method=parts[0], steps=int(parts[1]))
+            if len(parts) == 3:
+                smp["guidance"] = float(parts[2])
+        except ValueError:
+            raise SystemExit(f"--samplers: steps must be an integer and guidance a "
+                             f"number, got {item!r}") from None
+        out.append(smp)
     return out
 
 
@@ -135,7 +145,7 @@ def main(argv=None):
     ap.add_argument("--chunk", type=int, default=2000)
     ap.add_argument("--n-gate", type=int, default=2000)
     ap.add_argument("--samplers", default="midpoint:10",
-                    help="comma-separated method:steps; the first is the default")
+                    help="comma-separated method:steps[:guidance]; the first is the default")
     ap.add_argument("--no-along", action="store_true",
                     help="skip the gate measurements after each chunk")
     ap.add_argument("--along-from", type=int, default=0,
