@@ -3,7 +3,7 @@
 The package holds the reusable code of the book; each public function's
 docstring names the chapter that explains it. The map (imports run downward
 only: pipelines -> models, estimators -> engine -> closedform, data ->
-causal -> utils -> _checks; the engine never imports an estimator, closed
+causal -> base -> _checks; the engine never imports an estimator, closed
 forms never import training code, nothing imports a chapter):
 
 - ``closedform``: exact objects, no training (``gaussian``, ``mixture``,
@@ -38,8 +38,11 @@ forms never import training code, nothing imports a chapter):
   the parser in ``cli_parser``, the commands in ``cli_commands``),
   on one process or many under torchrun (``python -m flowjac``)
 - ``plotting``: figures shared by chapters
-- ``utils``: seeding, devices, chapter parameters (``setup``), files,
-  hardware; ``_checks``: the argument checks behind every error message
+- ``base``: the ground floor (seeding, devices, atomic files, JSON,
+  hardware), what the package itself uses; ``chapter``: the chapter kit
+  (``setup``, ``Run``, glue, tables, claims, heap control), for chapters
+  only; ``utils``: both under their old names; ``_checks``: the argument
+  checks behind every error message
 
 Chapters import subpackages under readable names, e.g.
 ``from flowjac.closedform import gaussian``; see CONTRIBUTING.md for the

@@ -134,11 +134,11 @@ def _train(args, ctx):
     import torch
 
     from flowjac._checks import check_memory, check_no_file_above
+    from flowjac.base import hardware, save_json
     from flowjac.data.images import training_images
     from flowjac.engine import distributed
     from flowjac.models.nets import FlowUNet
     from flowjac.models.pretrained import RECIPES
-    from flowjac.utils import hardware, save_json
 
     if args.data not in DATA:
         raise ValueError(f"data must be one of {DATA}, got {args.data!r}")
@@ -233,10 +233,10 @@ def _sample(args, ctx):
     import torch
 
     from flowjac._checks import check_memory, check_out_file
+    from flowjac.base import atomic_write_bytes, hardware
     from flowjac.engine import distributed
     from flowjac.models.pretrained import sample
     from flowjac.plotting import save_image_grid
-    from flowjac.utils import atomic_write_bytes, hardware
 
     n = _count("n", args.n)
     batch_size = _count("batch_size", args.batch_size)
@@ -292,9 +292,9 @@ def _probe(args, ctx):
     import torch
 
     from flowjac._checks import check_memory, check_out_file
+    from flowjac.base import hardware, save_json
     from flowjac.engine import distributed, probing
     from flowjac.estimators.covariance import summarize_probe
-    from flowjac.utils import hardware, save_json
 
     n = _count("n", args.n, 2)
     k = _count("k", args.k)

@@ -71,7 +71,7 @@ def save_image_grid(path, x) -> None:
     import matplotlib.image
     import torch
 
-    from flowjac.utils import atomic_write_bytes
+    from flowjac.base import atomic_write_bytes
 
     if x.ndim != 4:
         raise ValueError(f"out as .png needs image samples, got shape "

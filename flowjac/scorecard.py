@@ -14,7 +14,7 @@ that is not restored, and an ellipsis between spaces joins two fragments
 of one passage.
 
 A chapter decides a verdict and calls ``run.claim(key, holds, value, ...)``
-(``flowjac.utils.Run.claim``): the verdict is written to the chapter's
+(``flowjac.chapter.Run.claim``): the verdict is written to the chapter's
 ``claims.json`` and glued into its notebook (``myst_nb.glue``, name
 ``claim:<key>``). The scorecard page reads the glued records back from the
 executed notebooks of the same build (``collect``) and lists every claim of
@@ -346,7 +346,7 @@ def quote_fragments(quote: str) -> list[str]:
 
 def seed_dir(root=None) -> Path | None:
     """The folder of seed documents (``shared/seeds`` beside the repository), or None; :ref:`sec_scorecard`."""
-    from flowjac.utils import repo_root
+    from flowjac.base import repo_root
 
     root = Path(root) if root is not None else repo_root()
     for cand in (root / "shared" / "seeds", root.parent / "shared" / "seeds"):

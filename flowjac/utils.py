@@ -1,400 +1,47 @@
-"""Small utilities shared by every chapter: seeding, devices, parameters, files.
+"""The old address of the ground floor and the chapter kit: every name of both, re-exported.
+
+Chapters write ``from flowjac.utils import ...`` and ``fj.setup``; those
+names now live in two rooms: ``flowjac.base`` (seeding, devices, atomic
+files, JSON, hardware: what the package itself uses) and
+``flowjac.chapter`` (``setup``, ``Run``, glue, page printing, tables,
+claims, heap control: for chapters only). The ground floor's names are
+imported here at once; the chapter kit's on first use (PEP 562), so that
+importing this module for a ground-floor name does not load the kit. New
+package code imports from ``flowjac.base``.
 
 Defined in the landing page, :ref:`sec_how_to_run` (``book/index.md``).
 """
 from __future__ import annotations
 
-import json
-import os
-import random
-import tempfile
-from dataclasses import dataclass, field
-from pathlib import Path
-
-import numpy as np
-import torch
-
-from flowjac._checks import check_choice, check_int
-
-PROFILES = ("quick", "full")
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def repo_root() -> Path:
-    """The repository root (parent of the package); see :ref:`sec_how_to_run`."""
-    return Path(__file__).resolve().parent.parent
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA); see :ref:`sec_how_to_run`."""
-    seed = check_int("seed", seed, minimum=0)
-    if seed >= 2 ** 63:
-        raise ValueError(f"seed must be < 2**63 (torch's limit), got {seed}")
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-
-
-def get_device(device: str = "auto") -> torch.device:
-    """Resolve "auto", "cpu" or "cuda"; "auto" falls back to the CPU; :ref:`sec_how_to_run`."""
-    if isinstance(device, torch.device):
-        device = device.type
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-    has_cuda = torch.cuda.is_available()
-    if device == "cuda" and not has_cuda:
-        raise ValueError(
-            "device='cuda' was requested but torch sees no CUDA GPU; "
-            "use device='auto' (falls back to the CPU) or device='cpu'")
-    if device == "auto":
-        return torch.device("cuda" if has_cuda else "cpu")
-    return torch.device(device)
-
-
-@dataclass
-class Run:
-    """A chapter's validated run settings (profile, seed, device, output_dir); :ref:`sec_how_to_run`."""
-
-    chapter: str
-    profile: str
-    seed: int
-    device: torch.device
-    output_dir: Path
-    extra: dict = field(default_factory=dict)
-
-    def pick(self, quick, full):
-        """Return ``quick`` or ``full`` according to the profile."""
-        return quick if self.profile == "quick" else full
-
-    def save_json(self, name: str, obj: dict) -> Path:
-        """Write ``obj`` as JSON under ``output_dir`` (atomically)."""
-        return save_json(self.output_dir / name, obj)
-
-    def rel(self, path: str | os.PathLike) -> str:
-        """``path`` as the reader should see it: relative to ``output_dir``'s parent, never absolute."""
-        return display_path(path, self.output_dir.parent)
-
-    def claim(self, key: str, holds: bool | None, value: str = "", *,
-              detail: str = "", section: str | None = None) -> dict:
-        """Record the verdict on one claim of ``flowjac.scorecard.CLAIMS``; :ref:`sec_scorecard`.
-
-        ``holds`` True or False is the verdict the chapter computed (None: untested
-        here; "inconclusive": its power is too low; reasons in ``detail``); ``value`` is the
-        number behind it as text, rounded as the page prints it;
-        ``section`` the label of the section that decides it. The record
-        is merged into ``output_dir/claims.json`` and glued into the
-        notebook as ``claim:<key>`` (and ``verdict:<key>``, the verdict
-        word, for the prose), where the scorecard page reads it.
-        """
-        from flowjac import scorecard
-
-        if key not in {c.key for c in scorecard.CLAIMS}:
-            raise ValueError(f"key must be one of flowjac.scorecard.CLAIMS, "
-                             f"got {key!r}")
-        if isinstance(holds, str) and holds != "inconclusive":
-            raise ValueError(f"holds must be a bool, None or 'inconclusive', got {holds!r}")
-        verdict = holds if isinstance(holds, str) else {True: "holds", False: "fails", None:
-                                                        "untested-here"}[holds if holds is None else bool(holds)]
-        rec = scorecard.ClaimRecord(key=key, verdict=verdict,
-                                    value=str(value), detail=str(detail),
-                                    section=section, chapter=self.chapter)
-        path = self.output_dir / "claims.json"
-        try:
-            known = json.loads(path.read_text()) if path.exists() else {}
-        except ValueError:
-            known = {}
-        known[key] = dict(rec)
-        save_json(path, known)
-        try:
-            from myst_nb import glue
-        except ImportError:        # outside a notebook toolchain
-            return dict(rec)
-        try:
-            glue(f"claim:{key}", rec, display=False)
-            glue(f"verdict:{key}", _Plain(verdict), display=False)
-        except Exception:          # no IPython kernel (a plain script)
-            pass
-        return dict(rec)
-
-
-def setup(chapter: str, profile: str = "quick", seed: int = 0,
-          device: str = "auto", output_dir: str | os.PathLike | None = None,
-          **counts) -> Run:
-    """Validate a chapter's parameters, seed everything, make output_dir; :ref:`sec_how_to_run`.
-
-    ``counts`` are further integer parameters that must be positive, e.g.
-    ``n_samples=10_000``; a bad one raises ValueError naming it.
-    Defined in :ref:`sec_how_to_run`.
-    """
-    check_choice("profile", profile, PROFILES)
-    check_int("seed", seed, minimum=0)
-    for name, value in counts.items():
-        check_int(name, value, minimum=1)
-    bound_heap()
-    dev = get_device(device)
-    if output_dir in (None, ""):
-        output_dir = os.environ.get("FLOWJAC_OUTPUT_DIR") or (
-            repo_root() / "_build" / "outputs")
-    out = Path(output_dir) / chapter
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(seed)
-    return Run(chapter, profile, seed, dev, out, dict(counts))
-
-
-def display_path(path: str | os.PathLike, base: str | os.PathLike | None = None) -> str:
-    """A path for a page: relative to ``base`` (or the repository root) when inside it, else its file name; :ref:`sec_how_to_run`."""
-    path = Path(path)
-    for root in ([Path(base)] if base is not None else []) + [repo_root()]:
-        try:
-            return path.resolve().relative_to(Path(root).resolve()).as_posix()
-        except ValueError:
-            continue
-    return path.name
-
-
-class _Plain(str):
-    """A string whose repr is itself, so that a glued word reads without quotes.
-
-    MyST-NB's text role reads a glued text/plain back with ``ast.literal_eval``;
-    where that would turn the bare text into something else ("3,000" into the
-    tuple ``(3, 0)``), the repr is the quoted string, which reads back intact.
-    """
-
-    def __repr__(self):
-        from ast import literal_eval
-
-        text = str(self)
-        try:
-            parsed = literal_eval(text)
-        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-            return text
-        return text if str(parsed) == text else str.__repr__(self)
-
-
-def glue(name: str, value, display: bool = False):
-    """``myst_nb.glue`` for the prose of a chapter: strings without quotes, nothing displayed; :ref:`sec_how_to_run`.
-
-    ``{glue:text}`name:.3f``` in the markdown then shows the number that
-    the cell computed. Returns ``value``.
-    """
-    from myst_nb import glue as _glue
-
-    shown = _Plain(value) if isinstance(value, str) else value
-    if isinstance(value, (np.generic, torch.Tensor)):
-        shown = float(value)
-    _glue(name, shown, display=display)
-    return value
-
-
-def page_print(*args, sep: str = " ", end: str = "\n", width: int = 78, **kwargs) -> None:
-    """``print``, with lines longer than ``width`` wrapped at spaces, so that an output fits the page; :ref:`sec_how_to_run`.
-
-    A chapter binds it as ``print`` in its hidden set-up cell; shorter
-    lines (tables, matrices) are printed unchanged, and a wrapped line keeps
-    its indent, continuing two spaces further in.
-    """
-    import builtins
-    import textwrap
-
-    text = sep.join(str(a) for a in args)
-    lines = []
-    for line in text.split("\n"):
-        if len(line) <= width:
-            lines.append(line)
-            continue
-        indent = line[:len(line) - len(line.lstrip())]
-        lines.append(textwrap.fill(line.strip(), width, initial_indent=indent,
-                                   subsequent_indent=indent + "  ",
-                                   break_long_words=False,
-                                   break_on_hyphens=False))
-    builtins.print("\n".join(lines), end=end, **kwargs)
-
-
-def quiet_warnings() -> None:
-    """Silence the known, harmless warnings that chapters would otherwise print; :ref:`sec_how_to_run`.
-
-    torch.func's import of torch.jit.script (a FutureWarning), and
-    PyTorch's and scikit-learn's deprecation notices that say nothing about
-    a chapter's numbers.
-    """
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*",
-                            category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=r".*IProgress not found.*")
-
-
-def show_table(rows, columns=None, digits: int = 3, index=None):
-    """Display rows (dicts or sequences) as a rounded HTML table in a notebook, and return the DataFrame; :ref:`sec_how_to_run`."""
-    import pandas as pd
-
-    df = pd.DataFrame(rows, columns=columns)
-    if index is not None:
-        df = df.set_index(index)
-    df = df.round(digits)
-    try:
-        from IPython.display import display
-    except ImportError:
-        return df
-    with pd.option_context("display.precision", digits):
-        display(df)
-    return df
-
-
-# the infix of a write's temporary file, .NAME.flowjac-tmp-XXXXXXXX
-_TMP_INFIX = ".flowjac-tmp-"
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux allows."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)      # elsewhere: read by setting, then restore
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write bytes to ``path`` through a temporary file and ``os.replace``; :ref:`sec_how_to_run`.
-
-    The temporary file, ``.NAME.flowjac-tmp-XXXXXXXX`` beside ``path`` (a
-    unique random name), is this call's own: it is the only file removed on
-    a failure, and no other file is ever deleted, so concurrent writers of
-    one path each replace it with a whole file. The result has the mode a
-    new file gets under the user's umask (0o666 & ~umask), not mkstemp's
-    0o600. A killed process can leave its temporary behind; nothing
-    removes it, since it cannot be told from a write still in progress."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{_TMP_INFIX}")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), 0o666 & ~_umask())
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(err, OSError) and err.filename is None:
-            err.filename = str(path)     # e.g. disk full: name the file
-        raise
-    return path
-
-
-def save_json(path: str | os.PathLike, obj: dict) -> Path:
-    """Write ``obj`` as indented JSON, atomically; :ref:`sec_how_to_run`."""
-    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
-    return atomic_write_bytes(path, (text + "\n").encode())
-
-
-def _json_default(o):
-    if isinstance(o, torch.Tensor):
-        return o.detach().cpu().tolist()
-    if isinstance(o, (np.ndarray, np.generic)):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"cannot serialise {type(o).__name__} to JSON")
-
-
-def load_results(name: str | os.PathLike) -> dict | None:
-    """A stored result: ``results/<name>.json`` (None if not stored) or the JSON file at a path; :ref:`sec_how_to_run`.
-
-    A bare name (no folder, no ``.json``), e.g. ``"scm_cli"``, reads the
-    repository's ``results/scm_cli.json`` and gives None when it is not
-    there. A path (a ``Path``, or text with a folder or ending in
-    ``.json``), e.g. the ``--out`` of ``flowjac probe``, reads that file;
-    a missing path is a FileNotFoundError, a file that is not JSON a
-    ValueError naming it.
-    """
-    text = os.fspath(name) if isinstance(name, os.PathLike) else name
-    if not isinstance(text, str) or not text:
-        raise ValueError(f"name must be a result name or a path to a JSON "
-                         f"file, got {name!r}")
-    is_path = isinstance(name, os.PathLike) or text.endswith(".json") or \
-        "/" in text or os.sep in text
-    if is_path:
-        path = Path(text).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"results file {text!r} does not exist"
-                                    + (" (it is a directory)" if path.is_dir()
-                                       else ""))
-    else:
-        path = repo_root() / "results" / f"{text}.json"
-        if not path.exists():
-            return None
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"results file {str(path)!r} is not valid JSON "
-                         f"({err})") from None
-
-
-def bound_heap(threshold: int = 1 << 20) -> bool:
-    """Serve allocations of ``threshold`` bytes and more by mmap, so that freed tensors go back to the OS; :ref:`sec_how_to_run`.
-
-    glibc raises its mmap threshold dynamically after large frees, after
-    which big tensors come from the heap and their freed pages keep adding
-    to the resident peak (one chapter peaked at 2.0 GB with it, 1.2 GB
-    without). ``setup`` calls this for every chapter. Returns False where
-    the C library is not glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        return bool(name) and ctypes.CDLL(name).mallopt(-3, int(threshold)) == 1  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
-def release_memory() -> None:
-    """Return freed heap memory to the OS (gc, then glibc's malloc_trim where available); :ref:`sec_how_to_run`.
-
-    A transient allocation (a training step's activations, say) leaves the
-    allocator holding its pages; later allocations of other sizes then add
-    to the resident peak instead of reusing them.
-    """
-    import ctypes
-    import ctypes.util
-    import gc
-
-    gc.collect()
-    name = ctypes.util.find_library("c")
-    if name:
-        try:
-            ctypes.CDLL(name).malloc_trim(0)
-        except (OSError, AttributeError):     # not glibc
-            pass
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
-
-
-def hardware() -> dict:
-    """Describe the machine (CPU/GPU, torch version) for results files; :ref:`sec_how_to_run`."""
-    info = {"torch": str(torch.__version__), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "cpu": _cpu_model()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+import importlib
+import os  # noqa: F401  (tests patch flowjac.utils.os.replace and .fsync)
+
+from flowjac.base import (  # noqa: F401  (re-exported)
+    _TMP_INFIX,
+    DEVICES,
+    _cpu_model,
+    _json_default,
+    _umask,
+    atomic_write_bytes,
+    get_device,
+    hardware,
+    load_results,
+    repo_root,
+    save_json,
+    seed_everything,
+)
+
+#: The chapter kit's names (``flowjac.chapter``), imported on first use.
+_CHAPTER = ("PROFILES", "Run", "setup", "display_path", "_Plain", "glue",
+            "page_print", "quiet_warnings", "show_table", "bound_heap",
+            "release_memory")
+
+
+def __getattr__(name):
+    if name in _CHAPTER:
+        return getattr(importlib.import_module("flowjac.chapter"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_CHAPTER))

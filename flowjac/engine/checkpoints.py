@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from flowjac._checks import check_int
-from flowjac.utils import atomic_write_bytes
+from flowjac.base import atomic_write_bytes
 
 __all__ = ["read_checkpoint", "save_checkpoint", "load_checkpoint", "load_or_train",
            "check_finite_weights"]

@@ -42,9 +42,9 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from flowjac._checks import check_int
+from flowjac.base import get_device
 from flowjac.engine.checkpoints import _check_writable, _plain, load_checkpoint, save_checkpoint
 from flowjac.engine.train import EMA, _cfm_step, _check_settings, _FiniteWatch, _sampler
-from flowjac.utils import get_device
 
 __all__ = ["Context", "launched_by_torchrun", "init", "shutdown", "rank_seed", "shard_batches",
            "sharded_latents", "all_reduce_sum", "all_reduce_max",
@@ -103,7 +103,7 @@ def launched_by_torchrun() -> bool:
 def init(device="auto") -> Context:
     """The process's ``Context``: from torchrun's environment, else a single process; :ref:`sec_running_at_scale`.
 
-    ``device`` is "auto", "cpu" or "cuda" (``flowjac.utils.get_device``).
+    ``device`` is "auto", "cpu" or "cuda" (``flowjac.base.get_device``).
     Under torchrun a process group is created (reused when one exists): gloo
     on the CPU, nccl with one GPU per local rank (``cuda:LOCAL_RANK``).
     Raises ValueError for ``cuda`` without a GPU, or a local rank without

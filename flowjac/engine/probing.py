@@ -75,7 +75,7 @@ class _Partial:
             return
         import io
 
-        from flowjac.utils import atomic_write_bytes
+        from flowjac.base import atomic_write_bytes
 
         buf = io.BytesIO()
         torch.save(dict(settings=self.settings, done=done, secs=dict(secs),

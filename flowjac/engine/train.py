@@ -21,9 +21,9 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from flowjac._checks import check_choice, check_finite, check_int
+from flowjac.base import get_device
 from flowjac.engine.checkpoints import _check_writable, _plain, load_checkpoint, save_checkpoint
 from flowjac.engine.velocity import PARAMETERIZATIONS, _bcast_t
-from flowjac.utils import get_device
 
 __all__ = ["cfm_loss", "EMA", "train_flow", "check_cooldown", "cooldown_factor"]
 

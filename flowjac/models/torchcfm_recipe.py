@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 
 from flowjac._checks import check_int, check_number
+from flowjac.base import atomic_write_bytes
 from flowjac.engine.checkpoints import read_checkpoint
 from flowjac.engine.train import check_cooldown, cooldown_factor
-from flowjac.utils import atomic_write_bytes
 
 __all__ = ["build_unet", "debiased_ema", "train_torchcfm", "shipped_payload"]
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from flowjac._checks import check_int
-from flowjac.utils import repo_root
+from flowjac.base import repo_root
 
 __all__ = ["load_probes", "reproduce", "group_spread", "selection_verdict", "label_corr"]
 
