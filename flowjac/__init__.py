@@ -22,7 +22,7 @@ forms never import training code, nothing imports a chapter):
   and ``adapters_door``, the one door ``open_flow``),
   ``torchcfm_recipe`` (a flow trained with torchcfm's own parts),
   ``quality`` (the gates), ``pretrained`` (shipped, sha256-checked models:
-  ``available()``, ``load()``)
+  ``available()``, ``load()``; its rooms ``recipe_settings`` and ``recipe_kinds``)
 - ``data``: ``images`` (MNIST, CelebA), ``scm_images`` (the SCM renderer),
   ``morpho`` (Morpho-MNIST: measurements, its SCM, dataset, published test set)
 - ``causal``: ``scm`` (the binary SCM, exact by enumeration),

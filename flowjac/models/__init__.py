@@ -9,14 +9,17 @@
   (``adapters_velocity``, ``adapters_checkpoints``), the user's class
   (``adapters_user_class``) and ``open_flow``, the one door
   (``adapters_door``); every name importable from ``adapters``
-- ``pretrained``: ``available()`` and ``load(name)`` for the shipped models
+- ``pretrained``: ``available()`` and ``load(name)`` for the shipped models;
+  their recipes as settings with the data and sampler they use
+  (``recipe_settings``) and a recipe class per kind (``recipe_kinds``),
+  every name importable from ``pretrained``
 - ``torchcfm_recipe``: training with torchcfm's own parts, in its
   checkpoint format (the shipped ``mnist-fives-torchcfm``)
 """
 from . import (adapters, adapters_checkpoints, adapters_door, adapters_user_class,
                adapters_velocity, classifiers, conditional, nets, pretrained, quality,
-               torchcfm_recipe)
+               recipe_kinds, recipe_settings, torchcfm_recipe)
 
 __all__ = ["adapters", "adapters_checkpoints", "adapters_door", "adapters_user_class",
            "adapters_velocity", "classifiers", "conditional", "nets", "pretrained", "quality",
-           "torchcfm_recipe"]
+           "recipe_kinds", "recipe_settings", "torchcfm_recipe"]
