@@ -2,9 +2,10 @@
 
 The package holds the reusable code of the book; each public function's
 docstring names the chapter that explains it. The map (imports run downward
-only: pipelines -> models, estimators -> engine -> closedform, data ->
-causal -> base -> _checks; the engine never imports an estimator, closed
-forms never import training code, nothing imports a chapter):
+only: pipelines -> models -> estimators -> engine -> closedform -> base ->
+_checks, data -> causal -> base; the engine never imports an estimator,
+closed forms never import the engine or training code, nothing imports a
+chapter; tests/test_layers.py checks it):
 
 - ``closedform``: exact objects, no training (``gaussian``, ``mixture``,
   ``empirical``, ``unified``; ``symbolic`` is the one place SymPy lives)
