@@ -57,32 +57,15 @@ def test_random_probes_give_jjt(linear):
     assert torch.allclose(corr, moments.moment_to_corr(jjt), atol=0.03)
 
 
-def test_grad_norm_reverse_and_probe(linear):
+def test_probe_grad_norm_estimates_the_true_norm(linear):
+    # the linear flow's gradient of logit 1 is the row J[1] at every z
     velocity, clf, J = linear
     z = torch.randn(4, D, dtype=torch.float64)
-    norm, logits = composite.attribute_grad_norm(velocity, clf, z, attr=1, steps=40)
-    assert torch.allclose(norm, J[1].norm().expand(4), atol=1e-8)
-    assert torch.allclose(logits, z @ J.T, atol=1e-8)
     g = torch.Generator().manual_seed(2)
     _, delta = composite.attribute_jvp(velocity, clf, z, k=20_000, steps=10, generator=g)
     est = moments.probe_grad_norm(delta, attr=1)
-    assert torch.allclose(est, norm, rtol=0.03)
+    assert torch.allclose(est, J[1].norm().expand(4), rtol=0.03)
     assert moments.probe_grad_norm(delta).shape == (4, P)
-
-
-def test_directional_change_is_eps_times_unit_directional_derivative(linear):
-    # the paper's rule uses a unit-norm direction: v is scaled to v / |v| per sample
-    velocity, clf, J = linear
-    z = torch.randn(5, D, dtype=torch.float64)
-    v = torch.randn(5, D, dtype=torch.float64) * torch.tensor([0.1, 1.0, 3.0, 10.0, 50.0],
-                                                              dtype=torch.float64)[:, None]
-    d = composite.directional_logit_change(velocity, clf, z, v, attr=2, eps=1e-2, steps=40)
-    v_hat = v / v.norm(dim=1, keepdim=True)
-    assert torch.allclose(d, 1e-2 * (v_hat @ J[2]).abs(), atol=1e-9)
-    # only the direction matters
-    d_scaled = composite.directional_logit_change(velocity, clf, z, 7.0 * v, attr=2,
-                                                  eps=1e-2, steps=40)
-    assert torch.allclose(d_scaled, d, atol=1e-12)
 
 
 def test_below_threshold_value_and_quantile():
@@ -110,13 +93,7 @@ def test_bad_estimator_inputs(linear):
     with pytest.raises(ValueError, match="tangents"):
         composite.attribute_jvp(velocity, clf, z, tangents=torch.randn(3, 2, D + 1))
     with pytest.raises(ValueError, match="attr"):
-        composite.attribute_grad_norm(velocity, clf, z, attr=P, steps=2)
-    with pytest.raises(ValueError, match="attr"):
         moments.probe_grad_norm(torch.randn(3, 2, P), attr=P)
-    with pytest.raises(ValueError, match="eps"):
-        composite.directional_logit_change(velocity, clf, z, z, attr=0, eps=0.0)
-    with pytest.raises(ValueError, match="non-zero"):
-        composite.directional_logit_change(velocity, clf, z, torch.zeros_like(z), attr=0)
     with pytest.raises(ValueError, match="exactly one"):
         moments.below_threshold(torch.arange(3.0))
     with pytest.raises(ValueError, match="quantile"):

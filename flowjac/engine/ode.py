@@ -18,7 +18,7 @@ import torch
 
 from flowjac._checks import check_choice, check_int
 
-__all__ = ["METHODS", "integrate", "rk_solve", "rk_step", "time_grid", "check_solver_args",
+__all__ = ["METHODS", "integrate", "rk_solve", "time_grid", "check_solver_args",
            "check_velocity_output"]
 
 #: Fixed-grid Runge-Kutta methods: name -> (c, a, b) Butcher tableau.
@@ -119,13 +119,6 @@ def rk_solve(fn: Callable, state: tuple, steps: int, method: str = "rk4",
         if return_path:
             path.append(state)
     return path if return_path else state
-
-
-def rk_step(velocity: Callable, x: torch.Tensor, t: float, h: float,
-            method: str = "rk4") -> torch.Tensor:
-    """One explicit Runge-Kutta step of size h from (x, t); :ref:`sec_neural_gaussian`."""
-    check_choice("method", method, tuple(METHODS))
-    return _rk_stages(_primal(velocity), (x,), t, h, method)[0]
 
 
 def _primal(velocity):

@@ -16,11 +16,11 @@ import torch
 
 from flowjac._checks import check_finite, check_int
 from flowjac.causal import interventions as iv
-from flowjac.causal.scm import STRUCTURES, BinarySCM
+from flowjac.causal.scm import BinarySCM
 from flowjac.engine.ode import integrate
 
 __all__ = ["draw_labels", "generate", "read", "abduct_latent", "attribute_gradients",
-           "counterfactual_images", "endpoint_corr", "latent_intervention"]
+           "counterfactual_images", "latent_intervention"]
 
 
 def draw_labels(scm: BinarySCM, n: int, generator: torch.Generator,
@@ -113,21 +113,6 @@ def counterfactual_images(velocity, scm: BinarySCM, x: torch.Tensor,
     new = iv.propagate(scm, u, **values)
     x_cf, _ = generate(velocity, new, z=z, device=device, **sampler)
     return dict(z=z, round_trip=round_trip, labels=new, images=x_cf)
-
-
-def endpoint_corr(labels: torch.Tensor, structures: dict | None = None,
-                  given: dict | None = None) -> dict:
-    """corr(endpoints) of each structure from label rows, optionally among rows with middle = value; :ref:`sec_interventions`."""
-    from flowjac.causal.scm import ATTRIBUTES
-    from flowjac.pipelines.stored import label_corr
-
-    out = {}
-    for kind, (a, b, m) in (structures or STRUCTURES).items():
-        rows = labels
-        if given is not None:
-            rows = labels[labels[:, ATTRIBUTES.index(m)] == given[kind]]
-        out[kind] = label_corr(rows, ATTRIBUTES.index(a), ATTRIBUTES.index(b))
-    return out
 
 
 def attribute_gradients(velocity, classifier, z: torch.Tensor, *, sampler: dict,
