@@ -35,13 +35,13 @@ _WHAT_TO_READ = {
         "paper's E[J J^T] several times further from the flow's correlation "
         "than plain samples at equal compute (book/byom.md), and when the "
         "identity below wins (book/exact_covariances.md)."),
-    "local sensitivity, spectra, likelihoods, the h(rho) profile": (
+    "local sensitivity, spectra, likelihoods, the integrand h(rho)": (
         "the JVPs. second_moment = E[(Jv)(Jv)^T] = E[J J^T] (standard error "
         "second_moment_stderr) says how strongly the outputs move with the "
         "latent, averaged over z; it is not their covariance (it bounds it "
-        "from above). Spectra, divergences, log-likelihoods and the h(rho) "
-        "profile are built from JVPs by flowjac.estimators.spectra and "
-        "flowjac.estimators.covariance."),
+        "from above). Spectra, divergences, log-likelihoods and the "
+        "covariance identity's integrand h(rho) are built from JVPs by "
+        "flowjac.estimators.spectra and flowjac.estimators.covariance."),
     "the interpolation identity (--estimator covariance)": (
         "covariance.cov (standard error covariance.stderr), an unbiased Monte "
         "Carlo estimate of the covariance from 2 n k JVPs, not an exact value; "

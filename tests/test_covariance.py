@@ -55,7 +55,7 @@ def poly_truth():
     jac = poly_jac(x)
     upper = torch.einsum("n,nij,nkj->ik", w, jac, jac)
     ej = torch.einsum("n,nij->ij", w, jac)
-    x4, w4 = gauss_hermite(6, 4)                 # (z, z') for the profile
+    x4, w4 = gauss_hermite(6, 4)                 # (z, z') for the integrand
 
     def h(rho):
         zr = rho * x4[:, :2] + math.sqrt(1 - rho ** 2) * x4[:, 2:]
@@ -110,31 +110,34 @@ def test_tanh_1d_cov_upper_lower_match_quadrature():
     # the three are far apart relative to their errors: the test can fail
     assert float(res.upper - res.cov) > 20 * float(res.upper_stderr + res.stderr)
     assert float(res.cov - res.lower) > 5 * float(res.stderr + res.lower_stderr)
-    # the profile rises from the lower to the upper bound
-    assert float(res.profile[0]) < float(res.profile[-1])
-    assert res.rho.shape[0] == res.profile.shape[0] == 16
+    # the integrand h(rho) rises from the lower to the upper bound
+    assert float(res.integrand[0]) < float(res.integrand[-1])
+    assert res.rho.shape[0] == res.integrand.shape[0] == 16
+    # its old names, which a chapter still reads
+    assert res.profile is res.integrand and res.profile_stderr is res.integrand_stderr
+    assert res.profile_count is res.integrand_count
 
 
-def test_polynomial_map_cov_profile_and_bounds():
+def test_polynomial_map_cov_integrand_and_bounds():
     cov, upper, lower, h = poly_truth()
     res = covariance.jvp_covariance(poly, (2,), 20_000, generator=gen(1), dtype=F64)
     assert within(res.cov, res.stderr, cov)
     assert within(res.upper, res.upper_stderr, upper)
     assert within(res.lower, res.lower_stderr, lower)
     assert torch.allclose(res.cov, res.cov.T)
-    # the exact profile integrates to the covariance (Gauss-Legendre in rho,
+    # the exact integrand integrates to the covariance (Gauss-Legendre in rho,
     # exact: h is a polynomial of degree 2 in rho for a cubic map)
     x, w = np.polynomial.legendre.leggauss(4)
     integral = sum(wi / 2 * h((xi + 1) / 2) for xi, wi in zip(x, w))
     assert torch.allclose(integral, cov, atol=1e-12)
     assert torch.allclose(h(1.0), upper, atol=1e-12)
     assert torch.allclose(h(0.0), lower, atol=1e-12)
-    # explicit rho nodes, exact Jacobians (basis probes): the profile on the grid
+    # explicit rho nodes, exact Jacobians (basis probes): the integrand on the grid
     nodes = [0.0, 0.25, 0.5, 0.75, 1.0]
     grid = covariance.jvp_covariance(poly, (2,), 5 * 3000, rho=nodes, probes="basis",
                             generator=gen(2), dtype=F64)
     assert torch.allclose(grid.rho, torch.tensor(nodes, dtype=F64))
-    for r, prof, se in zip(nodes, grid.profile, grid.profile_stderr):
+    for r, prof, se in zip(nodes, grid.integrand, grid.integrand_stderr):
         assert within(prof, se, h(r))
     # the trapezoid rule over the 5 nodes of a quadratic h: error h''/(12*16)
     trap = grid.cov
@@ -155,7 +158,7 @@ def test_gaussian_flow_cov_equals_upper_equals_lower():
                                   t1=tt, generator=g, dtype=F64)
     for m in (exact.cov, exact.upper, exact.lower):
         assert (m - truth).abs().max() < 1e-7
-    assert (exact.profile - truth).abs().max() < 1e-7     # flat profile
+    assert (exact.integrand - truth).abs().max() < 1e-7     # flat integrand
     noisy = covariance.flow_jvp_covariance(vel, (3,), 2000, steps=20, t1=tt,
                                   generator=g, dtype=F64)
     assert within(noisy.cov, noisy.stderr, truth)
@@ -223,7 +226,7 @@ def test_flow_jvp_covariance_equals_jvp_covariance_of_integrated_flow():
     flow = covariance.flow_jvp_covariance(vel, (3,), 200, k=2, steps=steps,
                                  generator=gen(7), dtype=F64, batch_size=64)
     ref = covariance.jvp_covariance(phi, (3,), 200, k=2, generator=gen(7), dtype=F64)
-    for name in ("cov", "upper", "lower", "stderr", "profile", "sample"):
+    for name in ("cov", "upper", "lower", "stderr", "integrand", "sample"):
         assert torch.allclose(getattr(flow, name), getattr(ref, name),
                               rtol=0, atol=1e-10), name
     readout = lambda x: torch.stack([x[:, 0] * x[:, 1], torch.sin(x[:, 2])], 1)  # noqa: E731
@@ -255,7 +258,7 @@ def test_covariance_from_pairs_reproduces_jvp_covariance():
                                   probe_block=design.probe_block,
                                   fz=poly(design.z), fzr=poly(design.zr))
     ref = covariance.jvp_covariance(poly, (2,), 500, k=3, generator=gen(10), dtype=F64)
-    for name in ("cov", "stderr", "upper", "lower", "profile", "sample"):
+    for name in ("cov", "stderr", "upper", "lower", "integrand", "sample"):
         assert torch.allclose(getattr(res, name), getattr(ref, name),
                               atol=1e-12), name
     # chunking does not change the result
@@ -267,7 +270,7 @@ def test_covariance_from_pairs_reproduces_jvp_covariance():
     finally:
         covariance_reduction._CHUNK_ELEMENTS = old
     for name in ("cov", "stderr", "upper", "upper_stderr", "lower",
-                 "lower_stderr", "profile"):
+                 "lower_stderr", "integrand"):
         assert torch.allclose(getattr(chunked, name), getattr(res, name),
                               atol=1e-12), name
     # independent probes and no rho = 0 pair: lower is unknown (nan)
@@ -289,7 +292,7 @@ def test_covariance_from_pairs_with_jz_alone():
     assert torch.allclose(res.upper, flat.T @ flat / 4000)
     assert torch.isnan(res.cov).all() and res.evaluations == 4000
     assert torch.allclose(res.rho, torch.ones(1, dtype=F64))
-    assert torch.allclose(res.profile[0], res.upper)
+    assert torch.allclose(res.integrand[0], res.upper)
     assert torch.allclose(res.sample, torch.cov(poly(design.z).T))
     _, upper, lower, _ = poly_truth()
     assert within(res.upper, res.upper_stderr, upper)

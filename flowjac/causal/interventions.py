@@ -20,6 +20,9 @@ afterthought. Then
   topological order, exact. ``propagate`` runs the mechanisms on given noise
   (for sampling: abduct noise, then propagate under do()).
 
+On labels only, no flow and no image: ``flowjac.pipelines.interventions``
+carries these operations to images through a conditional flow, and
+``flowjac.pipelines.interventions_study`` runs the chapter's studies.
 Explained in :ref:`sec_interventions` (``book/interventions.md``).
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ E_v[(J(Z) v)(J(Z_rho) v)^T] = J(Z) J(Z_rho)^T, so two JVPs that share one
 probe give an unbiased term of the integrand. The endpoints are the known
 bounds: h(1) = E[J J^T] (the JVP second moment, the Gaussian Poincare upper
 bound) and h(0) = E[J] E[J]^T (Stein's lower bound, E[J] = Cov(f(Z), Z)).
-In the Hermite (Wiener chaos) expansion of f the profile h weights the
+In the Hermite (Wiener chaos) expansion of f the integrand h weights the
 order-q part by q rho^(q - 1), so h is non-decreasing in rho on the
 diagonal, flat exactly when f is affine, and its integral is the covariance.
 
@@ -138,7 +138,7 @@ def jvp_covariance(fn: Callable, latent_shape, n: int, *, k: int = 1,
     ``rho``, ``quadrature``, ``probes``, ``generator``, ``dtype`` and
     ``device`` are as in ``draw_pairs``. Runs under ``torch.no_grad()``.
     Returns a ``CovarianceEstimate`` (``cov``, ``stderr``, ``upper``,
-    ``lower``, ``profile``, ...).
+    ``lower``, ``integrand``, ...).
     """
     design = draw_pairs(latent_shape, n, k=k, rho=rho, quadrature=quadrature,
                         probes=probes, probe_block=2, generator=generator,

@@ -1,10 +1,10 @@
-"""The reduction of the covariance estimator: JVPs at Z and Z_rho with shared probes to cov, upper, lower and the profile.
+"""The reduction of the covariance estimator: JVPs at Z and Z_rho with shared probes to cov, upper, lower and the integrand h(rho).
 
 ``covariance_from_pairs`` reduces JVPs at the pairs of a ``PairDesign``
 (``flowjac.estimators.covariance_pairs``), or computed anywhere with the
 same probes, to a ``CovarianceEstimate``: ``cov`` with standard errors over
 the probe blocks, the bounds ``upper`` = E[J J^T] and ``lower`` = E[J] E[J]^T,
-and the profile h(rho) in bins, in float64 and in chunks of per-pair (p, p)
+and the integrand h(rho) in bins, in float64 and in chunks of per-pair (p, p)
 matrices; ``sample_covariance`` is the plain sample covariance beside it,
 and ``summarize_probe`` what ``flowjac probe`` reports from
 ``probing.probe``'s rows. The derivation is in
@@ -38,8 +38,10 @@ class CovarianceEstimate:
     E[J J^T], the JVP second moment from the same JVPs (Poincare bound),
     with ``upper_stderr``; ``lower``: E[J] E[J]^T (Stein bound), with
     ``lower_stderr`` (nan when the design has no cross terms). ``rho`` (m,)
-    and ``profile`` (m, p, p): the integrand h on the rho grid (bin means
-    for drawn rho), with ``profile_stderr`` and ``profile_count``.
+    and ``integrand`` (m, p, p): the integrand h(rho) on the rho grid (bin
+    means for drawn rho), with ``integrand_stderr`` and ``integrand_count``;
+    ``profile``, ``profile_stderr`` and ``profile_count`` are their old
+    names (a chapter still reads them; "profile" is the run's quick/full).
     ``sample``/``sample_stderr``: the plain sample covariance of the primal
     outputs f(Z) and f(Z_rho) when they were available (a free by-product;
     None otherwise). ``cov_terms``/``upper_terms`` (n,): per-pair
@@ -56,9 +58,9 @@ class CovarianceEstimate:
     lower: torch.Tensor
     lower_stderr: torch.Tensor
     rho: torch.Tensor
-    profile: torch.Tensor
-    profile_stderr: torch.Tensor
-    profile_count: torch.Tensor
+    integrand: torch.Tensor
+    integrand_stderr: torch.Tensor
+    integrand_count: torch.Tensor
     n: int
     k: int
     evaluations: int
@@ -67,6 +69,21 @@ class CovarianceEstimate:
     upper_terms: torch.Tensor
     sample: torch.Tensor | None = None
     sample_stderr: torch.Tensor | None = None
+
+    @property
+    def profile(self) -> torch.Tensor:
+        """``integrand``, under its old name."""
+        return self.integrand
+
+    @property
+    def profile_stderr(self) -> torch.Tensor:
+        """``integrand_stderr``, under its old name."""
+        return self.integrand_stderr
+
+    @property
+    def profile_count(self) -> torch.Tensor:
+        """``integrand_count``, under its old name."""
+        return self.integrand_count
 
     def __repr__(self) -> str:
         p = self.cov.shape[0]
@@ -124,7 +141,7 @@ def _reduce(jz, jzr, rho, weights, probe_block, fz, fzr, bins, integrates,
     nblocks = int(block[-1]) + 1
     zeros = lambda *s: torch.zeros(*s, dtype=f64, device=dev)  # noqa: E731
     acc = {key: zeros(p, p) for key in ("c1", "c2", "u1", "u2", "l1", "l2")}
-    prof1, prof2 = zeros(m, p, p), zeros(m, p, p)
+    h1, h2 = zeros(m, p, p), zeros(m, p, p)
     count = torch.zeros(m, dtype=f64, device=dev)
     n_lower = 0
     cov_terms, upper_terms = zeros(n), zeros(n)
@@ -139,8 +156,8 @@ def _reduce(jz, jzr, rho, weights, probe_block, fz, fzr, bins, integrates,
         cov_terms[sl] = w[sl] * (a * b).sum((1, 2)) / k
         upper_terms[sl] = ((a * a).sum((1, 2)) + (b * b).sum((1, 2))) / (2 * k)
         bi = bin_idx[sl]
-        prof1.index_add_(0, bi, g)
-        prof2.index_add_(0, bi, g * g)
+        h1.index_add_(0, bi, g)
+        h2.index_add_(0, bi, g * g)
         count.index_add_(0, bi, torch.ones_like(bi, dtype=f64))
         bl = block[sl] - block[sl][0]
         nbl = int(bl[-1]) + 1
@@ -189,10 +206,10 @@ def _reduce(jz, jzr, rho, weights, probe_block, fz, fzr, bins, integrates,
         lower_se = torch.full_like(cov, math.nan)
     keep = count > 0
     cnt = count[keep][:, None, None]
-    profile = prof1[keep] / cnt
-    pvar = (prof2[keep] / cnt - profile ** 2).clamp_min(0) * cnt / (cnt - 1)
-    profile_se = torch.where(cnt > 1, (pvar / cnt).sqrt(),
-                             torch.full_like(profile, math.nan))
+    integrand = h1[keep] / cnt
+    pvar = (h2[keep] / cnt - integrand ** 2).clamp_min(0) * cnt / (cnt - 1)
+    integrand_se = torch.where(cnt > 1, (pvar / cnt).sqrt(),
+                               torch.full_like(integrand, math.nan))
     rho_grid = zeros(m).index_add_(0, bin_idx, r)[keep] / count[keep]
     d = torch.diagonal(cov)
     scale = torch.where(d > 0, d, torch.full_like(d, math.nan)).sqrt()
@@ -202,8 +219,8 @@ def _reduce(jz, jzr, rho, weights, probe_block, fz, fzr, bins, integrates,
         sample, sample_se = _sample_cov(fz.to(f64), fzr.to(f64))
     return CovarianceEstimate(
         cov=cov, stderr=stderr, corr=corr, upper=upper, upper_stderr=upper_se,
-        lower=lower, lower_stderr=lower_se, rho=rho_grid, profile=profile,
-        profile_stderr=profile_se, profile_count=count[keep].long(), n=n, k=k,
+        lower=lower, lower_stderr=lower_se, rho=rho_grid, integrand=integrand,
+        integrand_stderr=integrand_se, integrand_count=count[keep].long(), n=n, k=k,
         evaluations=2 * n * k, quadrature=quadrature, cov_terms=cov_terms,
         upper_terms=upper_terms, sample=sample, sample_stderr=sample_se)
 
@@ -251,7 +268,7 @@ def covariance_from_pairs(jz: torch.Tensor, jzr: torch.Tensor | None, rho,
                           *, weights=None, probe_block: int = 1, fz=None,
                           fzr=None, bins: int | None = None
                           ) -> CovarianceEstimate:
-    """Reduce JVPs at Z and Z_rho (shared probes) to cov, upper, lower, profile; :ref:`sec_exact_covariances`.
+    """Reduce JVPs at Z and Z_rho (shared probes) to cov, upper, lower, the integrand h(rho); :ref:`sec_exact_covariances`.
 
     ``jz``, ``jzr``: (n, k, p) (or (n, p) for k = 1), jz[i, j] = J(Z_i) v_ij
     and jzr[i, j] = J(Z_rho_i) v_ij with the *same* probe v_ij,
@@ -261,13 +278,13 @@ def covariance_from_pairs(jz: torch.Tensor, jzr: torch.Tensor | None, rho,
     ``upper`` is computed from jz and jzr alone (all 2 n JVPs). With
     ``jzr=None`` only jz is used: ``upper`` from jz, ``lower`` from its cross
     terms (probe_block >= 2), ``sample`` from fz; ``cov`` is nan, ``rho``
-    is ignored (pass None) and the profile is h(1) = ``upper`` at rho = 1.
+    is ignored (pass None) and the integrand is h(1) = ``upper`` at rho = 1.
     ``probe_block``: blocks of that many consecutive pairs share their
     probes (as ``draw_pairs`` makes them), which gives an unbiased ``lower``
     from cross terms; with 1 (independent probes) ``lower`` comes from the
     pairs at rho = 0 and is nan when there are none. ``fz``, ``fzr``: (n, p)
     primal outputs f(Z_i), f(Z_rho_i), optional, for the free ``sample``
-    covariance. ``bins``: number of equal-width rho bins of the profile
+    covariance. ``bins``: number of equal-width rho bins of the integrand
     (default: one per distinct rho value when there are at most 64, else
     min(16, n // 64)). Reduces in float64 on jz's device, in chunks.
     """

@@ -7,6 +7,10 @@ observed image; render them through the same conditional flow; read them
 back with the shortcut-free attribute classifier. Counterfactual images
 abduct the latent exactly, z = phi^{-1}(x; y), by integrating the ODE
 backwards, then push it forward under the counterfactual labels.
+
+The exact label mathematics it calls is ``flowjac.causal.interventions``;
+the chapter's three studies, built from these steps, are
+``flowjac.pipelines.interventions_study``.
 """
 from __future__ import annotations
 

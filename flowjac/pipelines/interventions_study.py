@@ -1,5 +1,8 @@
 """The three studies of :ref:`sec_interventions` as functions: seeing and doing, counterfactual images, a label-free intervention.
 
+Built from the image steps of ``flowjac.pipelines.interventions`` and the
+exact label mathematics of ``flowjac.causal.interventions``.
+
 The chapter runs them live (``live=True``, the full profile) or loads the
 stored run that ``tools/run_interventions.py`` made with the same
 functions (``results/interventions_run.pt``, the quick profile) and
