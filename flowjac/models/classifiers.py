@@ -146,17 +146,19 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
                      lr: float = CELEBA_LR, weight_decay: float = 0.0,
                      seed: int = 0, device="cpu", progress: bool = False,
                      loss: str = "bce", shift: int = 0) -> dict:
-    """Train a classifier with Adam: multi-label BCE or multi-class cross-entropy; :ref:`sec_attributes`.
+    """Train a classifier with Adam: multi-label BCE or multi-class cross-entropy (or a regressor, MSE); :ref:`sec_attributes`.
 
     Minibatches are drawn with replacement from ``images`` (N, C, H, W) and
     ``labels``: 0/1 (N, n_attr) for ``loss="bce"`` (one logit per
-    attribute), class indices (N,) for ``loss="ce"`` (one logit per class).
+    attribute), class indices (N,) for ``loss="ce"`` (one logit per class),
+    real targets (N, n_attr) for ``loss="mse"`` (one linear output per
+    target: a regressor, e.g. the Morpho-MNIST attributes).
     ``shift`` > 0 translates each training image by a random whole number
     of pixels in [-shift, shift] along each axis (zero fill), the usual
     augmentation for digits. Returns ``{"loss": [...]}`` per step.
     """
-    if loss not in ("bce", "ce"):
-        raise ValueError(f"loss must be 'bce' or 'ce', got {loss!r}")
+    if loss not in ("bce", "ce", "mse"):
+        raise ValueError(f"loss must be 'bce', 'ce' or 'mse', got {loss!r}")
     shift = check_int("shift", shift, minimum=0)
     if loss == "ce":
         if not torch.is_tensor(labels) or labels.ndim != 1:
@@ -165,6 +167,8 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         _check_data(images, labels[:, None])
     else:
         _check_data(images, labels)
+        if loss == "mse" and not bool(torch.isfinite(labels).all()):
+            raise ValueError("labels must be finite for loss='mse'")
     steps = check_int("steps", steps, minimum=1)
     batch_size = check_int("batch_size", batch_size, minimum=1)
     if not lr > 0:
@@ -186,6 +190,8 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         x = x.to(device)
         if loss == "ce":
             value = F.cross_entropy(model(x), labels[idx].to(device).long())
+        elif loss == "mse":
+            value = F.mse_loss(model(x), labels[idx].to(device).float())
         else:
             value = F.binary_cross_entropy_with_logits(
                 model(x), labels[idx].to(device).float())
