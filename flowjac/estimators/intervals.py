@@ -112,8 +112,12 @@ def hill_index(values, frac: float = 0.05) -> float:
     """Hill estimate of the tail index alpha of ``|x|`` from its top ``frac``; :ref:`sec_exact_covariances`.
 
     alpha = 1 / mean(log(x_(i) / x_(m+1)), i <= m) over the m = frac n
-    largest ``|x|``. ``P(|X| > x)`` ~ x^(-alpha): the mean exists for alpha > 1,
-    the variance (and a standard error that means anything) for alpha > 2.
+    largest ``|x|``. ``P(|X| > x)`` ~ x^(-alpha): for an unbounded law the mean
+    exists for alpha > 1, the variance (and a standard error that means
+    anything) for alpha > 2. A flow's Jacobian is bounded, so its terms have
+    every moment; the index then describes the tail the sample reached:
+    below 1, the sample mean at this n is dominated by latents of
+    probability below 1/n.
     """
     x = _values(values, min_n=3).abs()
     frac = _check_fraction("frac", frac)
