@@ -230,6 +230,34 @@ def test_gates_of_a_flow_of_all_digits_judge_the_class_balance():
         quality.digit_sample_gates(logits, x, digit=None, class_shares=[0.5] * 10)
 
 
+def test_background_haze_gate():
+    train = torch.zeros(20, 1, 8, 8)
+    train[:, :, 2:6, 2:6] = torch.rand(20, 1, 4, 4)         # ink only in the middle
+    mask = quality.background_mask(train)
+    assert int(mask.sum()) == 64 - 16
+    logits = torch.zeros(500, 10)
+    logits[:, 5] = 10.0
+    clean = train[torch.arange(500) % 20]
+    g = quality.digit_sample_gates(logits, clean, background=mask)
+    assert g["background"] == 0 and g["status"]["background"] == "pass" and g["passed"]
+    # a grey haze of 0.05 everywhere stays inside the pixel range but fails here
+    hazy = clean + 0.05
+    g = quality.digit_sample_gates(logits, hazy.clamp(0, 1), background=mask)
+    assert g["status"]["in_range"] == "pass"
+    assert abs(g["background"] - 0.05) < 1e-6 and g["status"]["background"] == "fail"
+    # negative noise is not haze: clipped at 0
+    g = quality.digit_sample_gates(logits, clean - 0.04, background=mask)
+    assert g["background"] == 0
+    # and with the class balance of a flow of all digits, the same statistic
+    g = quality.digit_sample_gates(logits, hazy, digit=None, class_shares=[0.1] * 10,
+                                   background=mask)
+    assert g["status"]["background"] == "fail" and "class_error" in g["status"]
+    with pytest.raises(ValueError, match="background"):
+        quality.digit_sample_gates(logits, clean, background=torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="train"):
+        quality.background_mask(torch.zeros(0))
+
+
 def test_training_subsets_are_seeded_and_nested_in_the_training_fives(monkeypatch):
     full, _ = pretrained.training_data("mnist-fives", "train")
     r = dict(pretrained.RECIPES["mnist-fives"], n_train=100)

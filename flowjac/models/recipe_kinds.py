@@ -168,11 +168,12 @@ class ClassifierRecipe(Recipe):
                     intervals=gate["intervals"], status=gate["status"],
                     passed=gate["passed"])
 
-    def sample_gates(self, logits: torch.Tensor, samples: torch.Tensor) -> dict:
-        """The gates of a flow's samples as this classifier reads them: ``quality.digit_sample_gates``."""
+    def sample_gates(self, logits: torch.Tensor, samples: torch.Tensor,
+                     background=None) -> dict:
+        """The gates of a flow's samples as this classifier reads them: ``quality.digit_sample_gates`` (``background``: its training set's ``quality.background_mask``)."""
         from flowjac.models import quality
 
-        return quality.digit_sample_gates(logits, samples)
+        return quality.digit_sample_gates(logits, samples, background=background)
 
 
 class AttributeClassifierRecipe(ClassifierRecipe):
@@ -371,7 +372,11 @@ class FlowRecipe(Recipe):
             _, train_y = training_data(self.part, "train")
             shares = torch.bincount(train_y.long(), minlength=10).double() / len(train_y)
             gates = quality.digit_sample_gates(logits, samples, digit=None,
-                                               class_shares=shares)
+                                               class_shares=shares,
+                                               background=quality.background_mask(train_x))
+        elif judge.reads_pixels:        # digits: the background haze too
+            gates = judge.sample_gates(logits, samples,
+                                       background=quality.background_mask(train_x))
         else:
             gates = judge.sample_gates(logits, samples)
         gates = quality.combine(gates, quality.memorization(samples, train_x, test_x,
