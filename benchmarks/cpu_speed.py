@@ -5,7 +5,7 @@ run (median of repeats), each variant of
 
 * a training step (CFM loss, AdamW, clipping) at ``--batch``;
 * a sample (``integrate`` under ``torch.no_grad``, midpoint ``--steps``);
-* an exact JVP (``flow_jvp`` with the network's hand-written tangents);
+* an exact JVP (``flow_jvp`` with the network's exact tangents, the engine's rules);
 
 with these variants: the plain model (contiguous NCHW, float32) — the
 baseline —, the channels-last memory format, ``torch.compile`` (inductor,

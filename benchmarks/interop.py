@@ -6,7 +6,7 @@ example's network in a ``ModelWrapper``) and, beside them, flowjac's own
 ``FlowUNet`` and ``MLPFlow``, times in one run (interleaved, median of
 repeats) a plain sample (``integrate``), the exact JVP of the flow map
 (``flow_jvp``: the adapters' tangent-carrying path for the third-party
-networks, hand-written tangents for flowjac's), the same with
+networks, the same engine run on flowjac's own code), the same with
 ``torch.func.jvp`` per stage, and k-probe JVPs, and prints every time
 divided by the sample's as JSON, with the hardware and which tangent path
 ran. Networks whose package is not installed are listed as skipped. See

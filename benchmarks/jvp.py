@@ -2,7 +2,7 @@
 
 For an MLPFlow and a small FlowUNet, times (in one run, interleaved, median
 of repeats) a plain sample (``integrate`` under ``torch.no_grad``), the exact
-JVP (``flow_jvp``: hand-written tangents, and ``jvp_mode="func"``:
+JVP (``flow_jvp``: the engine's tangent rules, and ``jvp_mode="func"``:
 ``torch.func.jvp`` per stage), ``torch.func.jvp`` through the whole solver,
 forward and central finite differences (``fd_jvp``) and k-probe exact JVPs,
 and prints every time divided by the sample's as JSON. Ratios only: the

@@ -16,7 +16,7 @@ chapter; tests/test_layers.py checks it):
   any network's own code; the value in ``tangents_value``, the pointwise
   derivatives in ``tangents_pointwise``), ``train`` (CFM, EMA),
   ``checkpoints``
-- ``models``: ``nets`` (MLPFlow, FlowUNet with exact fast tangents),
+- ``models``: ``nets`` (MLPFlow, FlowUNet; exact tangents by the engine's rules),
   ``conditional`` (label-conditional velocities), ``classifiers``,
   ``adapters`` (torchcfm and flow_matching models as velocities; its rooms
   ``adapters_velocity``, ``adapters_checkpoints``, ``adapters_user_class``

@@ -17,6 +17,7 @@ from flowjac.utils import repo_root
                     "--mlp-batch", "16", "--mlp-hidden", "16"], None),
     ("cpu_speed.py", ["--part", "mnist-fives", "--batch", "2", "--sample-batch", "2",
                       "--steps", "1", "--repeats", "1", "--threads", "1", "--no-compile"], None),
+    ("jvp_cost.py", ["--batch", "1", "--k", "1", "--steps", "1", "--repeats", "1"], None),
     ("scaling.py", ["--n", "8", "--batch-size", "4", "--repeats", "1", "--size", "8",
                     "--base-channels", "8", "--steps", "1"], None),
 ])

@@ -1,4 +1,4 @@
-"""Tests of flowjac.models.nets: shapes, and hand-written tangents vs torch.func.jvp."""
+"""Tests of flowjac.models.nets: shapes, and the engine's tangents of the networks vs torch.func.jvp."""
 import pytest
 import torch
 from torch.func import jvp, vmap
@@ -6,7 +6,7 @@ from torch.func import jvp, vmap
 from flowjac.engine.jvp import flow_jvp, reference_jvp
 from flowjac.engine.ode import integrate
 from flowjac.engine.velocity import velocity_fn
-from flowjac.models.nets import FlowUNet, MLPFlow, joint_group_norm, timestep_embedding
+from flowjac.models.nets import FlowUNet, MLPFlow, timestep_embedding
 
 F64 = torch.float64
 
@@ -69,18 +69,20 @@ def test_unet_forward_jvp_matches_torch_func_jvp():
     assert torch.allclose(yd, ref, atol=1e-10 * float(ref.detach().abs().max()))
 
 
-def test_joint_group_norm_equals_group_norm_and_its_derivative():
+def test_jvp_primal_is_the_forward_bit_for_bit():
+    # float32, padded, label-conditional: forward_jvp runs forward's own code
     torch.manual_seed(2)
-    gn = torch.nn.GroupNorm(2, 4).double()
-    with torch.no_grad():
-        gn.weight.normal_()
-        gn.bias.normal_()
-    x = torch.randn(3, 4, 5, 5, dtype=F64)
-    v = torch.randn(3, 2, 4, 5, 5, dtype=F64)
-    z = joint_group_norm(torch.cat([x[:, None], v], 1), 2, gn.weight, gn.bias)
-    assert torch.allclose(z[:, 0], gn(x), atol=1e-12)
-    ref = func_jvp_k(lambda a, _: gn(a), x, None, v)
-    assert torch.allclose(z[:, 1:], ref, atol=1e-11)
+    u = FlowUNet(3, base_channels=8, channel_mult=(1, 2, 2, 2), time_dim=16,
+                 image_size=12, norm_groups=4, num_labels=2)
+    x = torch.randn(2, 3, 12, 12)
+    cond = torch.tensor([[1.0, -1.0], [0.0, 1.0]])
+    y, yd = u.forward_jvp(x, 0.3, torch.randn(2, 4, 3, 12, 12), cond)
+    assert torch.equal(y, u(x, 0.3, cond)) and yd.shape == (2, 4, 3, 12, 12)
+    y1, yd1 = u.forward_jvp(x[0], 0.3, torch.randn(3, 12, 12), cond[0])
+    assert torch.equal(y1, u(x[:1], 0.3, cond[:1])[0]) and yd1.shape == (3, 12, 12)
+    m = MLPFlow(2, hidden=16, depth=2)
+    xm = torch.randn(5, 2)
+    assert torch.equal(m.forward_jvp(xm, 0.7, torch.randn(5, 2))[0], m(xm, 0.7))
 
 
 def test_unet_goes_exactly_through_flow_jvp():

@@ -10,6 +10,7 @@ from torch.func import jvp as func_jvp
 
 from flowjac.engine import tangents
 from flowjac.engine.tangents import DERIVATIVES, RULES, Joint, NoRule, joint_jvp
+from flowjac.engine.tangents_pointwise import silu_unfused
 
 TOL = 1e-11
 
@@ -49,13 +50,13 @@ def x64(*shape, scale=2.0):
 
 
 @pytest.mark.parametrize("fn", [
-    F.silu, nn.SiLU(),
+    F.silu, nn.SiLU(), silu_unfused,
     F.selu, torch.selu, nn.SELU(),
     F.elu, lambda x: F.elu(x, alpha=0.7), nn.ELU(alpha=1.3),
     F.gelu, lambda x: F.gelu(x, approximate="tanh"), nn.GELU(),
     F.softplus, lambda x: F.softplus(x, beta=2.0, threshold=3.0), nn.Softplus(),
     F.leaky_relu, torch.tanh, torch.sigmoid, torch.exp, torch.sin, torch.erf,
-], ids=["silu", "SiLU", "selu", "torch.selu", "SELU", "elu", "elu_alpha", "ELU",
+], ids=["silu", "SiLU", "silu_unfused", "selu", "torch.selu", "SELU", "elu", "elu_alpha", "ELU",
         "gelu", "gelu_tanh", "GELU", "softplus", "softplus_beta_threshold",
         "Softplus", "leaky_relu", "tanh", "sigmoid", "exp", "sin", "erf"])
 def test_pointwise_rules(fn):
@@ -64,8 +65,15 @@ def test_pointwise_rules(fn):
 
 def test_the_common_activations_have_rules():
     for fn in (F.silu, F.selu, torch.selu, F.elu, F.gelu, F.softplus, F.leaky_relu,
-               torch.tanh, torch.sigmoid):
+               torch.tanh, torch.sigmoid, silu_unfused):
         assert fn in DERIVATIVES and fn in RULES, fn
+
+
+def test_silu_unfused_keeps_its_rounding_under_the_engine():
+    # x * sigmoid(x), not F.silu's fused kernel: flowjac's networks were trained with it
+    x = 3 * torch.randn(4, 1000)
+    y, _ = joint_jvp(silu_unfused, x, torch.randn(4, 2, 1000))
+    assert torch.equal(silu_unfused(x), x * torch.sigmoid(x)) and torch.equal(y, x * torch.sigmoid(x))
 
 
 def test_group_norm_with_and_without_affine():
@@ -75,6 +83,7 @@ def test_group_norm_with_and_without_affine():
         gn.bias.normal_()
     check(gn, x64(4, 6, 5, 5))
     check(lambda x: F.group_norm(x, 2), x64(4, 6, 7))
+    check(lambda x: F.group_norm(x, 2, gn.weight), x64(4, 6))   # (N, C): no spatial axes
 
 
 def test_layer_norm_and_softmax():
@@ -83,6 +92,8 @@ def test_layer_norm_and_softmax():
         ln.weight.normal_()
         ln.bias.normal_()
     check(ln, x64(4, 3, 8))
+    check(lambda x: F.layer_norm(x, (3, 8)), x64(4, 3, 8))
+    check(lambda x: F.layer_norm(x, (3, 8), ln.weight.expand(3, 8)), x64(4, 3, 8))
     check(lambda x: torch.softmax(x, dim=-1), x64(4, 3, 8))
     check(lambda x: F.log_softmax(x, dim=1), x64(4, 3, 8))
 

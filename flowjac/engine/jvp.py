@@ -97,9 +97,9 @@ def flow_jvp(velocity: Callable, x0: torch.Tensor, tangents: torch.Tensor,
     Each stage differentiates the velocity with ``torch.func.jvp`` (vmapped
     over the k tangents). With ``jvp_mode="auto"`` a velocity that has a
     ``jvp(x, t, tangents) -> (v, v_dot)`` method (``flowjac.engine.velocity.velocity_fn``
-    of an ``MLPFlow`` or ``FlowUNet``) uses it instead: hand-written exact
-    tangents that are much faster on CPU; ``jvp_mode="func"`` forces
-    ``torch.func.jvp``.
+    of an ``MLPFlow`` or ``FlowUNet``) uses it instead: the engine's exact
+    tangent rules (``flowjac.engine.tangents``), much faster on CPU;
+    ``jvp_mode="func"`` forces ``torch.func.jvp``.
 
     Runs without recording an autograd graph (inference mode, memory
     independent of ``steps``) unless ``create_graph=True``, which records

@@ -96,31 +96,36 @@ def _linear(input, weight, bias=None):
     return Joint(F.linear(input.p, weight, bias), F.linear(input.d, weight))
 
 
-def _normalized(j: Joint, p, mean, rstd, groups, weight, wshape) -> Joint:
+def _normalized(j: Joint, p, mean, rstd, groups, scale) -> Joint:
     """Tangents of (x - mean) rstd weight, statistics over the last axis of the
-    primal viewed as ``groups``: rstd (t - mean(t) - z mean(z t)) weight."""
+    primal viewed as ``groups``: (t - mean(t) - z mean(z t)) scale, with
+    ``scale`` = rstd weight broadcastable against the primal. In place after
+    the first difference: one new tangent-sized buffer, not five."""
     mean, rstd = mean.reshape(*groups[:-1], 1), rstd.reshape(*groups[:-1], 1)
     z = (j.p.reshape(groups) - mean) * rstd
     t = j.d.reshape(j.k, *groups)
     zt = (z * t).mean(-1, keepdim=True)
-    td = torch.addcmul(t - t.mean(-1, keepdim=True), z, zt, value=-1) * rstd
-    td = td.reshape(j.d.shape)
-    return Joint(p, td if weight is None else td * weight.reshape(wshape))
+    td = torch.sub(t, t.mean(-1, keepdim=True)).addcmul_(z, zt, value=-1)
+    return Joint(p, td.reshape(j.d.shape).mul_(scale))
 
 
 def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     n, c = input.shape[:2]
     p, mean, rstd = torch.native_group_norm(
         input.p.contiguous(), weight, bias, n, c, input.p[0, 0].numel(), num_groups, eps)
-    return _normalized(input, p, mean, rstd, (n, num_groups, -1), weight,
-                       (-1,) + (1,) * (input.ndim - 2))
+    scale = rstd.reshape(n, num_groups, 1).expand(n, num_groups, c // num_groups)
+    scale = scale.reshape(n, c) if weight is None else scale.reshape(n, c) * weight
+    return _normalized(input, p, mean, rstd, (n, num_groups, -1),
+                       scale.reshape(n, c, *([1] * (input.ndim - 2))))
 
 
 def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     shape = tuple(normalized_shape)
     p, mean, rstd = torch.native_layer_norm(input.p, shape, weight, bias, eps)
     lead = input.shape[:input.ndim - len(shape)]
-    return _normalized(input, p, mean, rstd, (*lead, -1), weight, shape)
+    scale = rstd.reshape(*lead, *([1] * len(shape)))
+    return _normalized(input, p, mean, rstd, (*lead, -1),
+                       scale if weight is None else scale * weight)
 
 
 def _batch_norm(input, running_mean, running_var, weight=None, bias=None,

@@ -2,7 +2,8 @@
 
 ``DERIVATIVES`` maps each pointwise torch function the engine follows
 (sigmoid, tanh, exp, log, the trigonometric functions, square roots, abs,
-erf, ReLU, SiLU, GELU, Softplus, leaky ReLU, SELU, ELU) to its derivative
+erf, ReLU, SiLU, GELU, Softplus, leaky ReLU, SELU, ELU, and
+``silu_unfused``, SiLU as flowjac's networks compute it) to its derivative
 ``d(x0, fn(x0), *args)`` at the primal x0, given the primal output too (so
 that sigmoid's and tanh's come from the output, without a second call).
 Plain torch functions of tensors, no tangent-carrying value: the value
@@ -18,7 +19,21 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DERIVATIVES"]
+__all__ = ["DERIVATIVES", "silu_unfused"]
+
+
+def silu_unfused(x):
+    """SiLU computed as ``x * sigmoid(x)``, a function the engine has a rule for; :ref:`sec_byom`.
+
+    Two kernels, not ``F.silu``'s fused one, so its rounding is the one
+    flowjac's networks were trained with. It is overridable like a torch
+    function (``torch.overrides``): on the engine's tangent-carrying value
+    its rule is the pointwise one, one product of the tangents with SiLU's
+    derivative, instead of the product rule through the sigmoid.
+    """
+    if torch.overrides.has_torch_function_unary(x):
+        return torch.overrides.handle_torch_function(silu_unfused, (x,), x)
+    return x * torch.sigmoid(x)
 
 
 def _softplus_deriv(x0, out0, beta=1.0, threshold=20.0):
@@ -69,6 +84,7 @@ DERIVATIVES = {
     torch.relu: lambda x0, y: (x0 > 0).to(x0.dtype),
     F.relu: lambda x0, y: (x0 > 0).to(x0.dtype),
     F.silu: _silu_deriv,
+    silu_unfused: _silu_deriv,
     F.gelu: _gelu_deriv,
     F.softplus: _softplus_deriv,
     F.leaky_relu: _leaky_deriv,

@@ -83,7 +83,7 @@ class ModelVelocity:
     (only the last stage of a solver that reaches t = 1, e.g. rk4 or heun,
     sees this), which keeps it finite; the error is O(1 - t_max) on that
     stage only. ``jvp(x, t, tangents)`` uses the model's ``forward_jvp``
-    when it has one (hand-written exact tangents), otherwise
+    when it has one (the engine's exact tangent rules), otherwise
     ``torch.func.jvp`` (``func_jvp``): every ModelVelocity satisfies
     ``TangentVelocity``.
     """

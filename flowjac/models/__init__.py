@@ -1,6 +1,6 @@
 """Models: networks, classifiers, gates and the shipped, sha256-checked weights.
 
-- ``nets``: ``MLPFlow`` and ``FlowUNet`` with exact hand-written tangents
+- ``nets``: ``MLPFlow`` and ``FlowUNet``, their exact tangents by the engine's rules
 - ``conditional``: label-conditional velocities u(x, t, y), guidance
 - ``classifiers``: attribute and digit classifiers, the CelebA ResNet50
 - ``quality``: the quality gates a learned model must pass

@@ -1,4 +1,4 @@
-"""Velocity networks with fast, exact forward-mode tangents.
+"""Velocity networks whose exact tangents come from the engine's rules.
 
 ``MLPFlow`` (vectors) and ``FlowUNet`` (images) both provide
 
@@ -7,29 +7,27 @@
 * ``forward_jvp(x, t, tangents)``: ``(forward(x, t), D_x forward(x, t) v)``
   for ``tangents`` shaped like ``x`` or ``(B, k, *x.shape[1:])``.
 
-``forward_jvp`` is hand-written tangent propagation, not an approximation:
-the network runs on a *joint* tensor ``Z`` of shape ``(B, 1 + k, ...)`` whose
-slot 0 is the primal and slots 1..k the tangents. Every linear operation
-(linear and convolution weights, padding, resampling, skips, sums) is applied
-to all slots in one batched call; biases and the time embedding go to slot 0
-only; the two nonlinear operations use their derivatives at the primal:
+``forward_jvp`` runs the network's own forward code once on the engine's
+tangent-carrying value (``flowjac.engine.tangents.joint_jvp``): the primal
+is computed once for all k probes, by the same operations as ``forward``
+(so it equals ``forward``'s output bit for bit), and every linear operation
+(linear and convolution weights, padding, resampling, skips, sums) acts on
+the k tangents in one batched call; GroupNorm and SiLU use their derivatives
+at the primal. These are the engine's rules, the same ones that serve
+third-party networks (``flowjac.models.adapters``); the networks write no
+tangent of their own. The cost is close to (1 + k) forward passes
+(``benchmarks/jvp_cost.py``). ``torch.func.jvp`` of ``forward`` stays
+available and is the reference the tests compare against. We avoid
+BatchNorm (breaks vmap, couples the batch), fused attention (no forward AD
+in torch.func) and ``nn.GroupNorm`` under ``torch.func`` forward AD (about a
+hundred times its forward pass on CPU; measured in ``benchmarks/jvp.py``).
 
-* SiLU: y = x s(x), y_dot = x_dot s (1 + x (1 - s)) with s the sigmoid;
-* GroupNorm: z = (x - m) r with r = (var + eps)^(-1/2); with
-  d = x_dot - mean(x_dot), z_dot = r (d - z mean(z d)) per group.
-
-So the primal is computed once for all k probes, and the cost is close to
-(1 + k) forward passes. ``torch.func.jvp`` of ``forward`` stays available
-and is the reference the tests compare against. We avoid BatchNorm (breaks
-vmap, couples the batch), fused attention (no forward AD) and
-``nn.GroupNorm`` under forward AD (about a hundred times its forward pass on
-CPU; measured in ``benchmarks/jvp.py``).
+Convolution and linear biases are added after the product, and SiLU is
+x sigmoid(x) (``flowjac.engine.tangents_pointwise.silu_unfused``, not
+``F.silu``'s fused kernel): the shipped weights' samples depend on these
+roundings, so they stay as they were when the networks were trained.
 
 Explained in :ref:`sec_neural_gaussian` (MLP) and :ref:`sec_mnist` (UNet).
-
-Longer than 400 lines because the two networks share the joint (primal,
-tangent) helpers; splitting them would separate each network from the
-tangent rules it relies on.
 """
 from __future__ import annotations
 
@@ -41,76 +39,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flowjac._checks import check_int, check_number
+from flowjac.engine.tangents import joint_jvp
+from flowjac.engine.tangents_pointwise import silu_unfused as _silu
 
-__all__ = ["timestep_embedding", "MLPFlow", "FlowUNet", "joint_silu",
-           "joint_group_norm"]
-
-
-# ---------------------------------------------------------------------------
-# joint (primal, tangents) helpers: Z has shape (B, 1 + k, ...)
-
-def _add_primal(z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Add b (broadcastable to (B, 1, ...)) to slot 0 of Z only."""
-    k1 = z.shape[1]
-    if k1 == 1:
-        return z + b
-    mask = torch.zeros(k1, dtype=z.dtype, device=z.device)
-    mask[0] = 1
-    return z + b * mask.view(1, k1, *([1] * (z.ndim - 2)))
+__all__ = ["timestep_embedding", "MLPFlow", "FlowUNet"]
 
 
-def joint_silu(z: torch.Tensor) -> torch.Tensor:
-    """SiLU of slot 0 and its exact tangent on slots 1..k; :ref:`sec_neural_gaussian`."""
-    x = z[:, :1]
-    s = torch.sigmoid(x)
-    y = x * s
-    if z.shape[1] == 1:
-        return y
-    return torch.cat([y, z[:, 1:] * (s * (1 + x * (1 - s)))], 1)
+def _linear(x, layer: nn.Linear):
+    return F.linear(x, layer.weight) + layer.bias
 
 
-def joint_group_norm(z: torch.Tensor, num_groups: int, weight: torch.Tensor,
-                     bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """GroupNorm of slot 0 with exact tangents on slots 1..k; :ref:`sec_mnist`.
-
-    ``z`` has shape (B, 1 + k, C, ...). With one slot it is
-    ``F.group_norm`` itself (fused, fast).
-    """
-    bsz, k1, c = z.shape[:3]
-    shape_c = (c,) + (1,) * (z.ndim - 3)
-    if k1 == 1:
-        y = F.group_norm(z[:, 0], num_groups, weight, bias, eps)
-        return y.unsqueeze(1)
-    y = z.reshape(bsz, k1, num_groups, -1)
-    xc = y[:, :1] - y[:, :1].mean(-1, keepdim=True)
-    r = torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)
-    zn = xc * r
-    d = y[:, 1:] - y[:, 1:].mean(-1, keepdim=True)
-    zd = r * (d - zn * (zn * d).mean(-1, keepdim=True))
-    out = torch.cat([zn, zd], 1).reshape(z.shape) * weight.view(shape_c)
-    return _add_primal(out, bias.view(shape_c))
+def _conv(x, conv: nn.Conv2d):
+    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding) + \
+        conv.bias.view(-1, 1, 1)
 
 
-def _joint_linear(z, layer: nn.Linear):
-    return _add_primal(F.linear(z, layer.weight), layer.bias)
+def _norm(x, norm: nn.GroupNorm):
+    return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
 
-
-def _joint_conv(z, conv: nn.Conv2d):
-    bsz, k1 = z.shape[:2]
-    out = F.conv2d(z.flatten(0, 1), conv.weight, None, conv.stride,
-                   conv.padding)
-    out = out.view(bsz, k1, *out.shape[1:])
-    return _add_primal(out, conv.bias.view(-1, 1, 1))
-
-
-def _apply_flat(z, fn):
-    """Apply a linear, batch-wise map to every slot at once."""
-    bsz, k1 = z.shape[:2]
-    out = fn(z.flatten(0, 1))
-    return out.view(bsz, k1, *out.shape[1:])
-
-
-# ---------------------------------------------------------------------------
 
 def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0,
                        max_period: float = 10000.0) -> torch.Tensor:
@@ -154,8 +100,8 @@ def _check_dtype(net: nn.Module, x) -> None:
                          f"net.to({x.dtype}))")
 
 
-class _JointModule(nn.Module):
-    """forward / forward_jvp on top of a ``_joint(z, t)`` implementation."""
+class _Velocity(nn.Module):
+    """forward / forward_jvp on top of a ``_forward(x, t[, cond])`` implementation."""
 
     event_ndim = 1
 
@@ -183,39 +129,24 @@ class _JointModule(nn.Module):
             x = x.unsqueeze(0)
         tb = _batch_t(t, x.shape[0], x)
         cond = self._cond(cond, x, unbatched)
-        y = (self._joint(x.unsqueeze(1), tb) if cond is None else
-             self._joint(x.unsqueeze(1), tb, cond))[:, 0]
+        y = self._forward(x, tb) if cond is None else self._forward(x, tb, cond)
         return y[0] if unbatched else y
 
     def forward_jvp(self, x: torch.Tensor, t, tangents: torch.Tensor,
                     cond=None):
-        """Return (forward(x, t), D_x forward(x, t) tangents), primal once for k probes."""
+        """Return (forward(x, t), D_x forward(x, t) tangents), primal once for k probes, by the engine's rules."""
         unbatched = self._check_x(x)
         if unbatched:
             x, tangents = x.unsqueeze(0), tangents.unsqueeze(0)
         cond = self._cond(cond, x, unbatched)
-        if tangents.shape == x.shape:
-            single, tv = True, tangents.unsqueeze(1)
-        elif (tangents.ndim == x.ndim + 1 and tangents.shape[0] == x.shape[0]
-              and tangents.shape[2:] == x.shape[1:]):
-            single, tv = False, tangents
-        else:
-            raise ValueError(
-                f"tangents must have shape {tuple(x.shape)} or "
-                f"{(x.shape[0], 'k', *x.shape[1:])}, got "
-                f"{tuple(tangents.shape)}")
         tb = _batch_t(t, x.shape[0], x)
-        zin = torch.cat([x.unsqueeze(1), tv.to(x.dtype)], 1)
-        z = self._joint(zin, tb) if cond is None else self._joint(zin, tb, cond)
-        y, yd = z[:, 0], z[:, 1:]
-        if single:
-            yd = yd[:, 0]
-        if unbatched:
-            y, yd = y[0], yd[0]
-        return y, yd
+        extra = () if cond is None else (cond,)
+        y, yd = joint_jvp(lambda z: self._forward(z, tb, *extra), x,
+                          tangents.to(x.dtype))
+        return (y[0], yd[0]) if unbatched else (y, yd)
 
 
-class MLPFlow(_JointModule):
+class MLPFlow(_Velocity):
     """MLP velocity field v(x, t) on R^dim with a sinusoidal time embedding; :ref:`sec_neural_gaussian`.
 
     ``depth`` hidden layers of width ``hidden`` with SiLU activations; the
@@ -251,15 +182,14 @@ class MLPFlow(_JointModule):
                              f"({self.dim},), got {tuple(x.shape)}")
         return x.ndim == 1
 
-    def _joint(self, z, t):
+    def _forward(self, x, t):
         emb = timestep_embedding(t, self.time_dim, scale=self.time_scale)
         w = self.inp.weight
-        h = F.linear(z, w[:, :self.dim])
-        h = _add_primal(h, F.linear(emb, w[:, self.dim:], self.inp.bias)[:, None])
-        h = joint_silu(h)
+        h = F.linear(x, w[:, :self.dim]) + F.linear(emb, w[:, self.dim:], self.inp.bias)
+        h = _silu(h)
         for layer in self.hidden:
-            h = joint_silu(_joint_linear(h, layer))
-        return _joint_linear(h, self.out)
+            h = _silu(_linear(h, layer))
+        return _linear(h, self.out)
 
 
 class _ResBlock(nn.Module):
@@ -273,19 +203,14 @@ class _ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
-    def forward(self, z, emb):
-        n1, n2 = self.norm1, self.norm2
-        h = joint_silu(joint_group_norm(z, self.groups, n1.weight, n1.bias,
-                                        n1.eps))
-        h = _joint_conv(h, self.conv1)
-        h = _add_primal(h, self.emb(F.silu(emb))[:, None, :, None, None])
-        h = joint_silu(joint_group_norm(h, self.groups, n2.weight, n2.bias,
-                                        n2.eps))
-        h = _joint_conv(h, self.conv2)
-        return h + (z if self.skip is None else _joint_conv(z, self.skip))
+    def forward(self, x, emb):
+        h = _conv(_silu(_norm(x, self.norm1)), self.conv1)
+        h = h + self.emb(F.silu(emb))[:, :, None, None]
+        h = _conv(_silu(_norm(h, self.norm2)), self.conv2)
+        return h + (x if self.skip is None else _conv(x, self.skip))
 
 
-class FlowUNet(_JointModule):
+class FlowUNet(_Velocity):
     """UNet velocity field for images with skips and a sinusoidal time MLP; :ref:`sec_mnist`.
 
     The paper's baseline: a sinusoidal time embedding of dimension
@@ -294,8 +219,8 @@ class FlowUNet(_JointModule):
     levels), ``num_res_blocks`` residual blocks per level, skip connections.
     Inputs of size ``image_size`` are zero-padded to a multiple of
     2^(levels - 1) and the output cropped back (28 x 28 needs no padding for
-    three levels, 32 x 32 for four). GroupNorm and SiLU have hand-written
-    exact tangents (``forward_jvp``); no attention, no BatchNorm.
+    three levels, 32 x 32 for four). ``forward_jvp`` runs this code through
+    the engine's exact tangent rules; no attention, no BatchNorm.
 
     With ``num_labels > 0`` the network is label-conditional: ``forward(x,
     t, cond)`` takes a code ``cond`` (B, num_labels) whose entries are +1
@@ -390,7 +315,7 @@ class FlowUNet(_JointModule):
                              f"{event[2]}) or {event}, got {tuple(x.shape)}")
         return x.ndim == 3
 
-    def _joint(self, z, t, cond=None):
+    def _forward(self, x, t, cond=None):
         emb = self.time_mlp(timestep_embedding(t, self.time_dim))
         if self.num_labels:
             emb = emb + self.label_emb(
@@ -398,29 +323,25 @@ class FlowUNet(_JointModule):
                             device=emb.device) if cond is None else cond)
         p0, p1 = self.pad
         if p0 or p1:
-            z = F.pad(z, (p0, p1, p0, p1))
-        h = _joint_conv(z, self.conv_in)
+            x = F.pad(x, (p0, p1, p0, p1))
+        h = _conv(x, self.conv_in)
         skips = [h]
         for i, blocks in enumerate(self.down):
             for block in blocks:
                 h = block(h, emb)
                 skips.append(h)
             if i < len(self.downsample):
-                h = _joint_conv(h, self.downsample[i])
+                h = _conv(h, self.downsample[i])
                 skips.append(h)
         for block in self.mid:
             h = block(h, emb)
         for i, blocks in enumerate(self.up):
             for block in blocks:
-                h = block(torch.cat([h, skips.pop()], 2), emb)
+                h = block(torch.cat([h, skips.pop()], 1), emb)
             if i < len(self.upsample):
-                h = _apply_flat(h, lambda u: F.interpolate(
-                    u, scale_factor=2, mode="nearest"))
-                h = _joint_conv(h, self.upsample[i])
-        n = self.norm_out
-        h = joint_silu(joint_group_norm(h, self.groups, n.weight, n.bias,
-                                        n.eps))
-        h = _joint_conv(h, self.conv_out)
+                h = F.interpolate(h, scale_factor=2, mode="nearest")
+                h = _conv(h, self.upsample[i])
+        h = _conv(_silu(_norm(h, self.norm_out)), self.conv_out)
         if p0 or p1:
             s = self.image_size
             h = h[..., p0:p0 + s, p0:p0 + s]
