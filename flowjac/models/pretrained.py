@@ -247,7 +247,7 @@ def evaluate_part(part: str, model, *, device="cpu", n: int = 2000,
 
 def write_manifest(records: dict, weights_dir=None) -> Path:
     """Write ``manifest.json`` for the given ``{part: record}``, adding each file's sha256; :ref:`sec_attributes`."""
-    from flowjac.utils import save_json
+    from flowjac.base import save_json
 
     wdir = Path(weights_dir or WEIGHTS_DIR)
     parts = {}

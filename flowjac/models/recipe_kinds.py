@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from flowjac._checks import check_choice, check_int
-from flowjac.utils import hardware
+from flowjac.base import hardware
 
 from flowjac.models.recipe_settings import RECIPES, sample, sha256, to_pixels, training_data
 
@@ -476,7 +476,7 @@ class TorchcfmFlowRecipe(FlowRecipe):
         import io
 
         from flowjac.models.torchcfm_recipe import shipped_payload
-        from flowjac.utils import atomic_write_bytes
+        from flowjac.base import atomic_write_bytes
 
         buf = io.BytesIO()
         torch.save(shipped_payload(run.out_dir / f".{self.part}-training.pt"), buf)
