@@ -29,6 +29,7 @@ def _tiny_recipes() -> dict:
         "morpho-flow": dict(r["morpho-flow"], data=DATA, heldout=HELDOUT, **STEPS,
                             net=dict(TINY_NET), sampler=dict(method="euler", steps=2)),
         "morpho-regressor": dict(r["morpho-regressor"], data=DATA, train_steps=5, batch_size=8,
+                                 finetune=dict(steps=3, lr=1e-4, seed=1),
                                  net=dict(n_attr=2, in_channels=1, width=4, stages=2,
                                           blocks_per_stage=1, stem_stride=1)),
     }
@@ -192,7 +193,7 @@ def test_regressor_gates_print_the_floor_and_baseline_and_catch_saturation():
 def test_regressor_trains_on_standardised_labels_and_predicts_scm_units(tiny, tmp_path):
     rec = mm.recipe("morpho-regressor")
     model, record = rec.train(tmp_path)
-    assert record["train_steps"] == 5
+    assert record["train_steps"] == 5 + 3 and record["seconds_per_step"] > 0   # and the finetune
     pred = mm.predict_attributes(model, tiny.images[:6])
     assert pred["t"].shape == (6,) and np.isfinite(pred["i"]).all()
     with pytest.raises(ValueError, match=r"^images "):
