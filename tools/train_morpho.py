@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flowjac.models import morpho_models, quality  # noqa: E402
 from flowjac.models.morpho_models import to_grey  # noqa: E402
-from flowjac.utils import atomic_write_bytes, save_json  # noqa: E402
+from flowjac.base import atomic_write_bytes, save_json  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -102,10 +102,10 @@ import torch
 from torch import nn
 
 from flowjac._checks import check_choice, check_int
+from flowjac.base import hardware
 from flowjac.data import morpho
 from flowjac.models import quality
 from flowjac.models.recipe_kinds import ClassifierRecipe, FlowRecipe, _Run
-from flowjac.utils import hardware
 
 __all__ = ["MORPHO_RECIPES", "MORPHO_GATES", "FLOOR", "N_CONDITIONS", "CACHE_DIR",
            "conditioning", "MorphoVelocity", "sample_conditional", "training_data",
