@@ -170,6 +170,11 @@ def test_unconditional_gates_pass_the_data_against_itself_and_fail_noise(tiny, d
     noise = torch.rand(len(data), 1, 28, 28, generator=torch.Generator().manual_seed(1))
     bad = mm.unconditional_gates(noise, mm.read_digits(digits_classifier, noise), ref, shares)
     assert bad["status"]["mean_t_error"] == "fail" and bad["status"]["sd_i_error"] == "fail"
+    # saturated samples: every intensity 255, so corr(t, i) is undefined and counts as 0
+    flat = (noise > 0.5).float()
+    sat = mm.unconditional_gates(flat, mm.read_digits(digits_classifier, flat), ref, shares)
+    assert sat["sd_i_error"] == 1.0 and sat["status"]["corr_ti_error"] == "fail"
+    assert abs(sat["corr_ti_error"] - ok["reference_moments"]["corr_ti"]) < 1e-12
     with pytest.raises(ValueError, match=r"^reference "):
         mm.unconditional_gates(real, mm.read_digits(digits_classifier, real), {"t": [1]}, shares)
 
@@ -214,6 +219,12 @@ def test_mse_regression_in_train_classifier():
         train_classifier(net, x, y * np.nan, steps=1, loss="mse")
     with pytest.raises(ValueError, match=r"^loss must be 'bce', 'ce' or 'mse'"):
         train_classifier(net, x, y, steps=1, loss="l1")
+
+
+def test_an_undefined_statistic_fails_its_gate():
+    out = mm._judged({}, {"x": ("max", 1.0), "y": ("min", 0.5)}, [float("nan"), 0.6], [0.2, 0.7])
+    assert out["status"] == {"x": "fail", "y": "pass"} and out["intervals"]["x"] == [None, None]
+    assert out["passed"] is False
 
 
 def test_judge_interval_is_quality_judges_rule():
@@ -266,3 +277,5 @@ def test_the_training_command_writes_its_outputs_and_never_overwrites(tiny, tmp_
     (tmp_path / "morpho-flow_samples.pt").unlink()
     assert tool.main(args) == 2 and "--resume" in capsys.readouterr().err
     assert tool.main(args + ["--resume"]) == 0
+    assert tool.main(args + ["--force", "--train-steps", "0"]) == 2
+    assert "--train-steps must be >= 1" in capsys.readouterr().err

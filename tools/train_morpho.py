@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-seed", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--progress", action="store_true", help="show training bars")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="override the recipe's steps (smoke runs only; recorded)")
     return p
 
 
@@ -59,8 +61,9 @@ def _refuse(args, outputs, work) -> str | None:
     if work.exists() and not args.resume and not args.force:
         return (f"{work} holds an unfinished or earlier training; pass --resume to "
                 "continue it or --force to start afresh")
-    if args.chunk < 1 or args.n_gate < 2 or args.gate_seed < 0:
-        return "--chunk must be >= 1, --n-gate >= 2 and --gate-seed >= 0"
+    if args.chunk < 1 or args.n_gate < 2 or args.gate_seed < 0 or (
+            args.train_steps is not None and args.train_steps < 1):
+        return "--chunk and --train-steps must be >= 1, --n-gate >= 2 and --gate-seed >= 0"
     return None
 
 
@@ -91,7 +94,8 @@ def main(argv=None) -> int:
     if args.force and not args.resume:
         work.unlink(missing_ok=True)
     model, record = rec.train(out, device=args.device, chunk=args.chunk,
-                              progress=args.progress, resume=True)
+                              progress=args.progress, resume=True,
+                              train_steps=args.train_steps)
     print(part, json.dumps({k: record[k] for k in ("train_steps", "train_seconds",
                                                     "seconds_per_step", "loss_tail")}),
           flush=True)
@@ -102,6 +106,11 @@ def main(argv=None) -> int:
         gates = rec.gates(model, device=args.device)
     gates["gate_seconds"] = time.perf_counter() - t0
     gates["decides_shipping"] = bool(gates["n"] >= quality.GATE_MIN_N)
+    there = [str(p) for p in outputs if p.exists()]
+    if there and not args.force:        # written by another run since the start
+        print(f"train_morpho: {', '.join(there)} appeared while this run trained; "
+              "nothing written (pass --force to replace them)", file=sys.stderr)
+        return 2
     if is_flow:
         _save_samples(outputs[2], gates)
     record["gates"] = {k: v for k, v in gates.items()
@@ -109,7 +118,8 @@ def main(argv=None) -> int:
     rec.save(model, outputs[0], step=record["train_steps"])
     save_json(outputs[1], json.loads(json.dumps(record, default=float)))
     for row in morpho_models.gate_table(gates):
-        print(f"{row['gate']:>16} {row['value']:.4g} [{row['low']:.4g}, {row['high']:.4g}] "
+        low, high = (f"{v:.4g}" if v is not None else "undefined" for v in (row["low"], row["high"]))
+        print(f"{row['gate']:>16} {row['value']:.4g} [{low}, {high}] "
               f"{row['limit']:>10}  {row['status']}")
     print(part, "PASSED" if gates["passed"] else "NOT PASSED", f"(n = {gates['n']}, "
           f"seed {args.gate_seed if is_flow else 'none: the published set'})", flush=True)

@@ -360,9 +360,14 @@ def judge_interval(interval, limit: float, side: str) -> str:
 def _judged(out: dict, limits: dict, lo, hi) -> dict:
     """Intervals, limits and status of the gates named in ``limits`` (in its order)."""
     for k, (name, (side, limit)) in enumerate(limits.items()):
-        out.setdefault("intervals", {})[name] = [float(lo[k]), float(hi[k])]
+        bounds = [float(lo[k]), float(hi[k])]
         out.setdefault("limits", {})[name] = [side, float(limit)]
-        out.setdefault("status", {})[name] = judge_interval((lo[k], hi[k]), limit, side)
+        if np.isnan(bounds).any():          # the statistic is undefined on these samples
+            out.setdefault("intervals", {})[name] = [None, None]
+            out.setdefault("status", {})[name] = "fail"
+            continue
+        out.setdefault("intervals", {})[name] = bounds
+        out.setdefault("status", {})[name] = judge_interval(bounds, limit, side)
     out["passed"] = all(v == "pass" for v in out["status"].values())
     return out
 
@@ -408,8 +413,9 @@ def conditional_gates(samples, t, i, digits, logits, floor=None) -> dict:
 
 
 def _moments(t, i) -> list:
-    with np.errstate(invalid="ignore", divide="ignore"):     # constant: NaN corr
+    with np.errstate(invalid="ignore", divide="ignore"):
         corr = float(np.corrcoef(t, i)[0, 1])
+    corr = 0.0 if np.isnan(corr) else corr      # a constant measurement: no association
     return [float(t.mean()), float(i.mean()), float(t.std()), float(i.std()), corr]
 
 
@@ -563,10 +569,13 @@ class _MorphoPart:
     def train(self, out_dir, *, device="cpu", chunk: int = 2000, progress: bool = False,
               resume: bool = False, on_chunk=None, time_budget=None, train_steps=None):
         """Train the part; returns ``(network, record)``. Flows train in chunks with
-        ``train_flow``'s exact resume (``DIR/.<part>-training.pt``, kept with ``resume``)."""
+        ``train_flow``'s exact resume (``DIR/.<part>-training.pt``, kept with ``resume``);
+        ``train_steps`` (smoke runs) replaces the steps of every stage."""
         r = copy.deepcopy(self.settings)
         steps = r["train_steps"] if train_steps is None else check_int(
             "train_steps", train_steps, minimum=1)
+        if train_steps is not None and "finetune" in r:     # a smoke run: both stages
+            r["finetune"]["steps"] = steps
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         data = training_data(self.part)
