@@ -93,9 +93,15 @@ def main(argv=None) -> int:
         return 2
     if args.force and not args.resume:
         work.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+
+    def report(model, step):        # one line a chunk, for the log of a long run
+        print(f"{part}: step {step} checkpointed, {time.perf_counter() - t0:.0f} s this run",
+              flush=True)
+
     model, record = rec.train(out, device=args.device, chunk=args.chunk,
                               progress=args.progress, resume=True,
-                              train_steps=args.train_steps)
+                              train_steps=args.train_steps, on_chunk=report)
     print(part, json.dumps({k: record[k] for k in ("train_steps", "train_seconds",
                                                     "seconds_per_step", "loss_tail")}),
           flush=True)
