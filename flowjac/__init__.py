@@ -8,6 +8,7 @@ closed forms never import the engine or training code, nothing imports a
 chapter; tests/test_layers.py checks it):
 
 - ``closedform``: exact objects, no training (``gaussian``, ``mixture``,
+  ``quantile`` (the 1D monotone map), ``chaos`` (Hermite chaos spectra),
   ``empirical``, ``unified``; ``symbolic`` is the one place SymPy lives)
 - ``engine``: ``velocity`` (the velocity protocol), ``ode`` (one
   Runge-Kutta stage loop), ``jvp`` (exact and finite-difference JVPs of the
@@ -34,7 +35,8 @@ chapter; tests/test_layers.py checks it):
   (local spectra of the flow map, divergence, log-likelihood, Hutch++)
 - ``pipelines``: ``stored`` (stored GPU runs), ``interventions`` and
   ``interventions_study`` (seeing, doing, imagining on the SCM images),
-  ``celeba`` (the CelebA study)
+  ``patch_study`` (the MNIST patch), ``covariance_study`` (the
+  exact-covariance studies), ``celeba`` (the CelebA study)
 - ``cli``: the ``flowjac`` command line (``train``, ``sample``, ``probe``;
   the parser in ``cli_parser``, the commands in ``cli_commands``),
   on one process or many under torchrun (``python -m flowjac``)

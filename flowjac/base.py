@@ -22,7 +22,8 @@ import torch
 from flowjac._checks import check_int
 
 __all__ = ["DEVICES", "repo_root", "seed_everything", "get_device",
-           "atomic_write_bytes", "save_json", "load_results", "hardware"]
+           "atomic_write_bytes", "save_json", "load_results", "hardware",
+           "hardware_text"]
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -175,3 +176,15 @@ def hardware() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def hardware_text(hw: dict) -> str:
+    """A ``hardware()`` record in words: the GPU, else the CPU with its torch threads; :ref:`sec_how_to_run`."""
+    if not isinstance(hw, dict) or not (hw.get("gpu") or hw.get("cpu")):
+        raise ValueError(f"hw must be a hardware() record with 'gpu' or 'cpu', got {hw!r}")
+    if hw.get("gpu"):
+        return str(hw["gpu"])
+    threads = hw.get("torch_threads")
+    if threads is None:
+        return str(hw["cpu"])
+    return f"{hw['cpu']} ({threads} thread{'' if threads == 1 else 's'})"

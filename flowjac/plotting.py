@@ -2,7 +2,7 @@
 
 Explained where each is used: ``draw_graph`` in :ref:`sec_causal_structures`,
 ``save_image_grid`` (what ``flowjac sample --out FILE.png`` writes) in
-:ref:`sec_running_at_scale`.
+:ref:`sec_running_at_scale`, ``image_rows`` in :ref:`sec_byom_live`.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-__all__ = ["draw_graph", "save_image_grid"]
+__all__ = ["draw_graph", "save_image_grid", "image_rows"]
 
 
 def draw_graph(endpoints, names, ax=None, title=None, highlight=None):
@@ -93,3 +93,25 @@ def save_image_grid(path, x) -> None:
                             cmap="gray" if c == 1 else None, vmin=0, vmax=1,
                             format="png")
     atomic_write_bytes(path, buf.getvalue())
+
+
+def image_rows(rows: dict, n: int = 10, size: float = 0.8):
+    """A figure of one row of ``n`` grey images per entry of ``rows`` (``{title: (N, 1, H, W) in [0, 1]}``, white 0), each row labelled by its title; :ref:`sec_byom_live`."""
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        raise ValueError("rows must hold at least one row of images")
+    for title, imgs in rows.items():
+        if getattr(imgs, "ndim", 0) != 4 or imgs.shape[0] < n:
+            raise ValueError(f"rows[{title!r}] must be at least {n} images (N, 1, H, W), "
+                             f"got shape {tuple(getattr(imgs, 'shape', ()))}")
+    fig, axes = plt.subplots(len(rows), n, figsize=(size * n, 0.9 * size * len(rows) + 0.3),
+                             squeeze=False)
+    for r, (title, imgs) in enumerate(rows.items()):
+        for c in range(n):
+            axes[r, c].imshow(imgs[c, 0].detach().cpu().numpy(), cmap="gray_r", vmin=0, vmax=1)
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+        axes[r, 0].set_ylabel(title.replace(" ", "\n", 1), fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -113,9 +113,8 @@ def test_tanh_1d_cov_upper_lower_match_quadrature():
     # the integrand h(rho) rises from the lower to the upper bound
     assert float(res.integrand[0]) < float(res.integrand[-1])
     assert res.rho.shape[0] == res.integrand.shape[0] == 16
-    # its old names, which a chapter still reads
-    assert res.profile is res.integrand and res.profile_stderr is res.integrand_stderr
-    assert res.profile_count is res.integrand_count
+    # one name per concept: "profile" is the run's quick/full, not h(rho)
+    assert not hasattr(res, "profile")
 
 
 def test_polynomial_map_cov_integrand_and_bounds():
@@ -237,6 +236,22 @@ def test_flow_jvp_covariance_equals_jvp_covariance_of_integrated_flow():
     assert flow_r.cov.shape == (2, 2)
     assert torch.allclose(flow_r.cov, ref_r.cov, rtol=0, atol=1e-10)
     assert torch.allclose(flow_r.lower, ref_r.lower, rtol=0, atol=1e-10)
+
+
+def test_flow_pair_jvps_reduce_to_flow_jvp_covariance():
+    vel = tanh_velocity()
+    design = covariance.draw_pairs((3,), 120, k=2, probe_block=2, generator=gen(7), dtype=F64)
+    pairs = covariance.flow_pair_jvps(vel, design, steps=8, batch_size=50)
+    assert pairs.jz.shape == (120, 2, 3) and pairs.fz.shape == (120, 3)
+    res = covariance.covariance_from_pairs(pairs.jz, pairs.jzr, design.rho,
+                                           weights=design.weights, probe_block=2,
+                                           fz=pairs.fz, fzr=pairs.fzr)
+    ref = covariance.flow_jvp_covariance(vel, (3,), 120, k=2, steps=8, generator=gen(7),
+                                         dtype=F64)
+    for name in ("cov", "upper", "lower", "integrand", "sample"):
+        assert torch.allclose(getattr(res, name), getattr(ref, name), atol=1e-12), name
+    with pytest.raises(ValueError, match="PairDesign"):
+        covariance.flow_pair_jvps(vel, {"z": design.z}, steps=8)
 
 
 def test_flow_jvp_covariance_records_no_graph():

@@ -5,7 +5,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowjac.closedform import gaussian
-from flowjac.engine.jvp import fd_jvp, flow_jvp, random_probes, reference_jvp
+from flowjac.engine.jvp import (
+    fd_jvp,
+    flow_jvp,
+    jvp_cost,
+    median_seconds,
+    random_probes,
+    reference_jvp,
+)
 
 F64 = torch.float64
 
@@ -195,3 +202,18 @@ def test_flow_jvp_records_no_graph_unless_asked():
         assert torch.isfinite(g).all() and g.abs().sum() > 0
     with pytest.raises(ValueError, match="create_graph"):
         flow_jvp(vel, x0, v, steps=3, create_graph="yes")
+
+
+def test_median_seconds_interleaves_and_jvp_cost_gives_ratios():
+    calls = []
+    secs = median_seconds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                          repeats=3)
+    assert set(secs) == {"a", "b"} and all(v >= 0 for v in secs.values())
+    assert calls == ["a", "b"] * 4                 # one warm-up, then interleaved
+    vel = tanh_velocity()
+    z = torch.randn(16, 3, dtype=F64)
+    cost = jvp_cost(vel, z, torch.randn(16, 2, 3, dtype=F64), steps=3, repeats=2,
+                    torch_func=True)
+    assert set(cost) == {"exact", "torch_func"} and all(v > 0 for v in cost.values())
+    with pytest.raises(ValueError, match="repeats"):
+        median_seconds({"a": lambda: None}, repeats=0)

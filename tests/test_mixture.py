@@ -346,3 +346,53 @@ def test_monotone_map_moment_single_gaussian_and_flow():
 def test_monotone_map_moment_rejects_bad_input(kw, word):
     with pytest.raises(ValueError, match=word):
         mixture.monotone_map_jacobian_moment(**kw)
+
+
+# -- the quantile map (flowjac.closedform.quantile) ------------------------
+
+def test_quantile_map_of_one_component_is_affine():
+    from flowjac.closedform.quantile import QuantileMap
+
+    qm = QuantileMap([3.0], 0.7)
+    z = torch.linspace(-4, 4, 9, dtype=torch.float64)
+    assert torch.allclose(qm(z), 3.0 + 0.7 * z, atol=1e-12)
+    assert torch.allclose(qm.derivative(z), torch.full_like(z, 0.7), atol=1e-10)
+    assert qm.cov() == pytest.approx(0.49)
+    assert qm.upper() == pytest.approx(0.49, rel=1e-7)
+    assert qm.lower() == pytest.approx(0.49, rel=1e-7)
+    assert qm.integrand([0.0, 0.5, 1.0]) == pytest.approx([0.49] * 3, rel=1e-6)
+
+
+def test_quantile_map_bounds_integrand_and_derivative():
+    from flowjac.closedform.quantile import QuantileMap
+
+    qm = QuantileMap([-1.0, 1.0])                  # sd 0.5, equal weights
+    z = torch.linspace(-3, 3, 13, dtype=torch.float64)
+    fd = (qm(z + 1e-6) - qm(z - 1e-6)) / 2e-6
+    assert torch.allclose(qm.derivative(z), fd, rtol=1e-6)
+    x, jv = qm.jvp(z[:, None], torch.full((13, 2, 1), 2.0, dtype=torch.float64))
+    assert x.shape == (13, 1) and torch.allclose(jv[:, 1, 0], 2 * qm.derivative(z))
+    assert qm.cov() == pytest.approx(1.25)
+    assert qm.lower() < qm.cov() < qm.upper()
+    assert qm.upper() == pytest.approx(mixture.monotone_map_jacobian_moment(
+        [0.5, 0.5], [-1.0, 1.0], [0.5, 0.5]))
+    rhos = torch.linspace(0, 0.99, 100, dtype=torch.float64)
+    h = torch.tensor(qm.integrand(rhos.tolist(), n_grid=801), dtype=torch.float64)
+    assert h[0] == pytest.approx(qm.lower(), rel=1e-4)
+    assert (h[1:] >= h[:-1] - 1e-9).all()                       # non-decreasing
+    rare = qm.rare_share(20_000)
+    assert 0 <= rare["share"] < 0.01 and rare["second_moment"] == pytest.approx(qm.upper(), rel=1e-3)
+    assert rare["max_derivative"] == pytest.approx(float(qm.derivative(torch.zeros(1, dtype=torch.float64))), rel=1e-3)
+
+
+def test_quantile_map_errors():
+    from flowjac.closedform.quantile import QuantileMap
+
+    with pytest.raises(ValueError, match="stds"):
+        QuantileMap([0.0, 1.0], [0.5, -1.0])
+    with pytest.raises(ValueError, match="weights"):
+        QuantileMap([0.0, 1.0], 0.5, weights=[0.5, 0.6])
+    with pytest.raises(ValueError, match="rhos"):
+        QuantileMap([0.0]).integrand([1.5])
+    with pytest.raises(ValueError, match="n_grid"):
+        QuantileMap([0.0]).grid(2)

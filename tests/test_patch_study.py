@@ -99,3 +99,25 @@ def test_size_verdict_rules():
                          400: summary((0.2, 0.25), (1, 3))})
     assert set(v["estimators"].values()) == {"no change detected"}
     assert v["tails"] == "no change detected"
+
+
+def test_against_own_correlation_at_equal_compute():
+    gen = torch.Generator().manual_seed(1)
+    probes, L = _probes(400, 2, 1.0, gen)
+    probes["plain"] = torch.randn(4 * 200 * 3 + 10, 36, generator=gen,
+                                  dtype=torch.float64) @ L.T
+    data = torch.randn(2000, 36, generator=gen, dtype=torch.float64) @ L.T
+    out = ps.against_own_correlation(probes, data)
+    assert out["n_pairs"] == 200 and out["n_plain"] == 1200
+    errs = out["errors"]
+    plain = "plain samples (1,200, equal compute)"
+    assert errs[plain] < errs["zeros (trivial)"] / 3
+    assert errs["paper's E[JJ^T] (200 pairs' JVPs)"] < errs["zeros (trivial)"]
+    assert list(errs)[-1] == "flow's correlation vs the data's"
+    fewer = ps.against_own_correlation(probes, data, n_pairs=50)
+    assert fewer["n_pairs"] == 50 and "plain samples (300, equal compute)" in fewer["errors"]
+    with pytest.raises(ValueError, match="n_pairs"):
+        ps.against_own_correlation(probes, data, n_pairs=401)
+    probes["plain"] = probes["plain"][:100]
+    with pytest.raises(ValueError, match="plain"):
+        ps.against_own_correlation(probes, data)

@@ -180,3 +180,28 @@ def test_concurrent_writers_of_one_path_each_leave_a_whole_file(tmp_path):
     assert errors == [] and all(seen) and len(seen) == 30
     assert target.read_bytes() in payloads
     assert [p.name for p in tmp_path.iterdir()] == ["shared.bin"]
+
+
+def test_hardware_text_names_the_gpu_or_the_cpu_and_threads():
+    from flowjac.base import hardware, hardware_text
+
+    assert hardware_text({"cpu": "AMD EPYC", "gpu": "NVIDIA H200", "torch_threads": 4}) \
+        == "NVIDIA H200"
+    assert hardware_text({"cpu": "AMD EPYC", "torch_threads": 1}) == "AMD EPYC (1 thread)"
+    assert hardware_text({"cpu": "AMD EPYC", "torch_threads": 2}) == "AMD EPYC (2 threads)"
+    assert hardware_text(hardware())
+    with pytest.raises(ValueError, match="hardware"):
+        hardware_text({})
+
+
+def test_image_rows_draws_one_labelled_row_per_entry():
+    import matplotlib
+    matplotlib.use("Agg")
+    from flowjac import plotting
+
+    fig = plotting.image_rows({"flow samples": torch.rand(10, 1, 8, 8),
+                               "data": torch.rand(12, 1, 8, 8)}, n=10)
+    axes = fig.axes
+    assert len(axes) == 20 and axes[0].get_ylabel() == "flow\nsamples"
+    with pytest.raises(ValueError, match="at least 10 images"):
+        plotting.image_rows({"few": torch.rand(3, 1, 8, 8)})

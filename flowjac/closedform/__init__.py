@@ -1,7 +1,10 @@
 """Closed forms: exact objects, no training.
 
 - ``gaussian``: Gaussian drift, flow map, Jacobians, push-forward covariance
-- ``mixture``: Gaussian-mixture drift and its Jacobian (eq. 4), quantile map
+- ``mixture``: Gaussian-mixture drift and its Jacobian (eq. 4)
+- ``quantile``: the quantile map onto a 1D mixture (the 1D flow), exactly
+- ``chaos``: Hermite chaos spectra by Gauss-Hermite quadrature, and when the
+  normalised JVP second moment is the correlation
 - ``empirical``: the optimal velocity on a finite data set, EFM, hybrid sampler
 - ``unified``: diffusion and flow-matching targets in one linear form
 - ``symbolic``: SymPy derivations; **the one place SymPy lives** (the other
@@ -11,7 +14,7 @@ import importlib
 
 # Submodules load on first use (PEP 562), so that importing one closed form
 # does not import SymPy through the others.
-_MODULES = ("empirical", "gaussian", "mixture", "symbolic", "unified")
+_MODULES = ("chaos", "empirical", "gaussian", "mixture", "quantile", "symbolic", "unified")
 
 
 def __getattr__(name):
@@ -20,4 +23,4 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["empirical", "gaussian", "mixture", "symbolic", "unified"]
+__all__ = ["chaos", "empirical", "gaussian", "mixture", "quantile", "symbolic", "unified"]

@@ -7,9 +7,12 @@ S_k(t) = (1 - t)^2 Sigma0 + t^2 Sigma_k, so the drift is a
 responsibility-weighted sum of affine maps and its Jacobian is a blend of
 their linear parts plus a softmax-gradient term.
 
-The torch class ``GaussianMixture`` is batched over points and components;
-the ``sym_*`` functions state the same objects in SymPy for the K = 2
-verification. Derived in :ref:`sec_mixture` (``book/mixture.md``).
+The torch class ``GaussianMixture`` is batched over points and components.
+In one dimension every ODE flow preserves order, so the flow-matching map
+from N(0, 1) onto a 1D mixture is its quantile map, in
+``flowjac.closedform.quantile`` (``monotone_map_jacobian_moment``, its JVP
+second moment, is importable from here too). Derived in :ref:`sec_mixture`
+(``book/mixture.md``).
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import torch
 
 from flowjac._checks import check_choice, check_int
 from flowjac.closedform.gaussian import check_cov, check_t, psd_sqrt
+# the 1D monotone map lives in quantile.py; its moment keeps this address too
+from flowjac.closedform.quantile import monotone_map_jacobian_moment
 
 __all__ = [
     "GaussianMixture", "monotone_map_jacobian_moment",
@@ -242,53 +247,3 @@ class GaussianMixture:
         z = torch.randn(n, self.dim, dtype=self.means.dtype,
                         device=self.means.device, generator=generator)
         return self.base_mean + z @ torch.linalg.cholesky(self.base_cov).T
-
-
-# -- SymPy: the same objects, for the K = 2 verification -----------------
-#
-# The component densities enter the drift only as N_k(x) and through
-# grad N_k = N_k g_k with g_k = -S_k^{-1}(x - m_k). Keeping N_k as undefined
-# functions and substituting that rule (checked once on the true density)
-# turns every identity into one between rational functions, which
-# sp.simplify proves in seconds instead of fighting with exponentials.
-
-def monotone_map_jacobian_moment(weights, means, stds,
-                                 n_grid: int = 400_001) -> float:
-    """E[T'(Z)^2] for the monotone map T of N(0, 1) onto a 1D Gaussian mixture, by quadrature; :ref:`sec_mixture`.
-
-    In 1D every ODE flow is order preserving, so the flow-matching map from
-    N(0, 1) is the quantile map T = F^{-1} o Phi, with T'(z) = p(z) / q(T(z))
-    for the base density p and the target density q. Substituting x = T(z),
-    E[T'(Z)^2] = int p(T^{-1}(x))^2 / q(x) dx, computed in float64 with the
-    trapezoid rule on ``n_grid`` points spanning every component +- 12 sd.
-    """
-    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
-    mu = torch.as_tensor(means, dtype=torch.float64).flatten()
-    sd = torch.as_tensor(stds, dtype=torch.float64).flatten()
-    if not (w.numel() == mu.numel() == sd.numel() >= 1):
-        raise ValueError("weights, means and stds must be 1D with one entry "
-                         f"per component, got {w.numel()}, {mu.numel()}, "
-                         f"{sd.numel()}")
-    if not (torch.isfinite(w).all() and torch.isfinite(mu).all()
-            and torch.isfinite(sd).all()):
-        raise ValueError("weights, means and stds must be finite")
-    if (w < 0).any() or abs(float(w.sum()) - 1.0) > 1e-9:
-        raise ValueError("weights must be non-negative and sum to 1, got "
-                         f"{w.tolist()}")
-    if (sd <= 0).any():
-        raise ValueError(f"stds must be positive, got {sd.tolist()}")
-    if isinstance(n_grid, bool) or not isinstance(n_grid, int) or n_grid < 3:
-        raise ValueError(f"n_grid must be an integer >= 3, got {n_grid!r}")
-    lo = float((mu - 12 * sd).min())
-    hi = float((mu + 12 * sd).max())
-    x = torch.linspace(lo, hi, n_grid, dtype=torch.float64)[:, None]
-    u = (x - mu) / sd
-    cdf = (w * torch.special.ndtr(u)).sum(1)
-    sf = (w * torch.special.ndtr(-u)).sum(1)
-    # the quantile of the base through whichever tail keeps precision
-    z = torch.where(cdf < 0.5, torch.special.ndtri(cdf), -torch.special.ndtri(sf))
-    q = (w * torch.exp(-0.5 * u ** 2) / (sd * math.sqrt(2 * math.pi))).sum(1)
-    p = torch.exp(-0.5 * z ** 2) / math.sqrt(2 * math.pi)
-    return float(torch.trapezoid(p ** 2 / q, x[:, 0]))
-
-

@@ -255,3 +255,46 @@ def sym_mixture_jacobian(t, xvec, weights, means, covs, m0, cov0,
         blend += g * c * s.inv()
         soft += dk * (g * (gk - gbar)).T
     return blend, soft
+
+
+# -- the Gaussian interpolation identity for polynomial maps ------------------
+
+def gaussian_expectation(expr, variables):
+    """E[expr] for independent N(0, 1) variables of a polynomial, monomial by monomial (E z^m = (m-1)!! for even m, else 0); :ref:`sec_exact_covariances_identity`."""
+    poly = sp.Poly(sp.expand(expr), *variables)
+    total = sp.Integer(0)
+    for powers, coeff in poly.terms():
+        moment = sp.Integer(1)
+        for m in powers:
+            moment *= sp.factorial2(m - 1) if m % 2 == 0 else 0
+        total += coeff * moment
+    return sp.expand(total)
+
+
+def interpolation_identity(f, variables, rho):
+    """Both sides of Cov f(Z) = int_0^1 h(rho) d rho for a polynomial map of independent N(0, 1) variables; :ref:`sec_exact_covariances_identity`.
+
+    ``f`` a column Matrix of polynomials in ``variables``; ``rho`` the
+    correlation symbol. With Z_rho = rho Z + sqrt(1 - rho^2) W (W fresh
+    standard Gaussians) returns a dict of Matrices: ``h`` = E[J(Z) J(Z_rho)^T]
+    (a polynomial in rho), ``cov`` = Cov f(Z), ``upper`` = E[J J^T],
+    ``lower`` = E[J] E[J]^T, and ``blocks``, the chaos blocks C_q read off
+    h = sum_q q rho^(q-1) C_q (q = 1 .. degree of h in rho + 1).
+    """
+    f = sp.Matrix(f)
+    variables = list(variables)
+    fresh = sp.symbols(f"w_1:{len(variables) + 1}", real=True)
+    s_rho = sp.sqrt(1 - rho ** 2)
+    mean = lambda m, v: m.applyfunc(lambda e: gaussian_expectation(e, v))  # noqa: E731
+    jac = f.jacobian(variables)
+    jac_r = jac.subs({z: rho * z + s_rho * w for z, w in zip(variables, fresh)},
+                     simultaneous=True)
+    h = mean(jac * jac_r.T, variables + list(fresh))
+    centre = mean(f, variables)
+    cov = mean(f * f.T, variables) - centre * centre.T
+    ej = mean(jac, variables)
+    degree = max((sp.Poly(e, rho).degree() for e in h if e != 0), default=0)
+    blocks = [h.applyfunc(lambda e: sp.Poly(e, rho).coeff_monomial(rho ** (q - 1))) / q
+              for q in range(1, degree + 2)]
+    return dict(h=h, cov=cov, upper=mean(jac * jac.T, variables), lower=ej * ej.T,
+                blocks=blocks)

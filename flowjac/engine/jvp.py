@@ -12,6 +12,8 @@
 * ``random_probes``: N(0, I) directions. For v ~ N(0, I) independent of z,
   E[(Jv)(Jv)^T | z] = J J^T, so the second moment of the JVPs estimates
   E_z[J J^T]; no rescaling of v is needed (a probe eps * v gives eps^2 J J^T).
+* ``jvp_cost``: what an exact JVP costs against a sample on the same grid,
+  as a ratio of median times (``median_seconds``, cases interleaved).
 
 Explained in :ref:`sec_jvp_diagnostics` (``book/jvp_diagnostics.md``); used in
 :ref:`sec_neural_gaussian`.
@@ -19,6 +21,8 @@ Explained in :ref:`sec_jvp_diagnostics` (``book/jvp_diagnostics.md``); used in
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from typing import Callable
 
 import torch
@@ -35,7 +39,7 @@ from flowjac.engine.ode import (
 from flowjac.engine.velocity import func_jvp, has_exact_jvp
 
 __all__ = ["flow_jvp", "fd_jvp", "random_probes", "reference_jvp",
-           "check_tangents"]
+           "check_tangents", "median_seconds", "jvp_cost"]
 
 SCHEMES = ("forward", "central")
 JVP_MODES = ("auto", "func")
@@ -219,3 +223,41 @@ def random_probes(x0: torch.Tensor, k: int | None = None,
         v = torch.randn(shape, generator=generator, dtype=x0.dtype,
                         device=gdev)
     return v.to(x0.device)
+
+
+def median_seconds(cases: dict, repeats: int = 3, warmup: bool = True) -> dict:
+    """Median wall seconds of each callable in ``cases`` (after one warm-up call of each unless ``warmup=False``), the cases interleaved so that load drifts hit all alike; :ref:`sec_byom_cost`."""
+    repeats = check_int("repeats", repeats, minimum=1)
+    for fn in cases.values() if warmup else ():
+        fn()
+    times = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def jvp_cost(velocity: Callable, x0: torch.Tensor, tangents: torch.Tensor, *,
+             steps: int, method: str = "rk4", repeats: int = 3,
+             torch_func: bool = False) -> dict:
+    """What an exact JVP of the flow map costs against a sample on the same grid: ``{"exact": ratio}`` (and ``"torch_func"``); :ref:`sec_byom_cost`.
+
+    Times ``integrate`` (a sample) and ``flow_jvp`` along ``tangents`` (one
+    direction, or k probes: ``(B, k, ...)``) with ``median_seconds``, under
+    ``torch.no_grad()`` and after one warm-up call of the velocity, and
+    returns their ratio; with ``torch_func=True``
+    also the ratio for ``torch.func.jvp`` at every stage
+    (``jvp_mode="func"``), what a user without the engine's rules would run.
+    Ratios only: the absolute times of a shared machine mean little.
+    """
+    cases = {"sample": lambda: integrate(velocity, x0, steps, method),
+             "exact": lambda: flow_jvp(velocity, x0, tangents, steps, method)}
+    if torch_func:
+        cases["torch_func"] = lambda: flow_jvp(velocity, x0, tangents, steps, method,
+                                               jvp_mode="func")
+    with torch.no_grad():
+        velocity(x0, torch.tensor(0.5, dtype=x0.dtype, device=x0.device))   # warm-up
+        secs = median_seconds(cases, repeats, warmup=False)
+    return {name: secs[name] / secs["sample"] for name in cases if name != "sample"}

@@ -42,7 +42,7 @@ Explained in :ref:`sec_exact_covariances` (``book/exact_covariances.md``).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch.func import jvp as _func_jvp
@@ -65,10 +65,10 @@ from flowjac.estimators.covariance_reduction import (
     summarize_probe,
 )
 
-__all__ = ["QUADRATURES", "PROBES", "PairDesign",
+__all__ = ["QUADRATURES", "PROBES", "PairDesign", "PairJVPs",
            "CovarianceEstimate", "draw_pairs", "covariance_from_pairs",
            "sample_covariance", "jvp_covariance",
-           "flow_jvp_covariance", "summarize_probe"]
+           "flow_jvp_covariance", "flow_pair_jvps", "summarize_probe"]
 
 
 def _check_outputs(f, jv, bsz: int, k: int, name: str):
@@ -106,19 +106,32 @@ def _batches(n: int, batch_size):
     return [(s, min(n, s + bs)) for s in range(0, n, bs)]
 
 
-def _estimate(design: PairDesign, batch_size, jvps) -> CovarianceEstimate:
-    """Run ``jvps(x, tangents)`` on [Z; Z_rho] batches and reduce."""
-    n = design.n
+class PairJVPs(NamedTuple):
+    """The outputs (n, p) and JVPs (n, k, p) at both latents of every pair of a design; :ref:`sec_exact_cov_convergence`."""
+
+    fz: torch.Tensor
+    fzr: torch.Tensor
+    jz: torch.Tensor
+    jzr: torch.Tensor
+
+
+def _pair_outputs(design: PairDesign, batch_size, jvps) -> PairJVPs:
+    """Run ``jvps(x, tangents)`` on [Z; Z_rho] batches and split the halves."""
     parts = []
-    for s, e in _batches(n, batch_size):
+    for s, e in _batches(design.n, batch_size):
         x = torch.cat([design.z[s:e], design.zr[s:e]])
         t = torch.cat([design.v[s:e], design.v[s:e]])
         f, jv = jvps(x, t)
         b = e - s
         parts.append((f[:b], f[b:], jv[:b], jv[b:]))
-    fz, fzr, jz, jzr = (torch.cat(c) for c in zip(*parts))
-    return _reduce(jz, jzr, design.rho, design.weights, design.probe_block,
-                   fz, fzr, None, design.integrates, design.quadrature)
+    return PairJVPs(*(torch.cat(c) for c in zip(*parts)))
+
+
+def _estimate(design: PairDesign, batch_size, jvps) -> CovarianceEstimate:
+    """Run ``jvps(x, tangents)`` on [Z; Z_rho] batches and reduce."""
+    out = _pair_outputs(design, batch_size, jvps)
+    return _reduce(out.jz, out.jzr, design.rho, design.weights, design.probe_block,
+                   out.fz, out.fzr, None, design.integrates, design.quadrature)
 
 
 def jvp_covariance(fn: Callable, latent_shape, n: int, *, k: int = 1,
@@ -171,10 +184,17 @@ def flow_jvp_covariance(velocity: Callable, latent_shape, n: int, *,
     autograd graphs otherwise). ``evaluations`` counts JVPs of the whole
     flow map (2 n k), not velocity calls.
     """
-    steps, method, t0, t1 = check_solver_args(steps, method, t0, t1)
+    jvps = _flow_jvps(velocity, readout, steps, method, t0, t1)
     design = draw_pairs(latent_shape, n, k=k, rho=rho, quadrature=quadrature,
                         probes=probes, probe_block=2, generator=generator,
                         dtype=dtype, device=device)
+    with torch.no_grad():
+        return _estimate(design, batch_size, jvps)
+
+
+def _flow_jvps(velocity, readout, steps, method, t0, t1):
+    """``jvps(x, tangents)`` of readout(phi(x)) by ``flow_jvp``."""
+    steps, method, t0, t1 = check_solver_args(steps, method, t0, t1)
 
     def jvps(x, t):
         x1, xd = flow_jvp(velocity, x, t, steps=steps, method=method, t0=t0,
@@ -185,5 +205,23 @@ def flow_jvp_covariance(velocity: Callable, latent_shape, n: int, *,
                                   bsz, k, "the flow map")
         return _map_jvp(readout, x1, xd, "readout")
 
+    return jvps
+
+
+def flow_pair_jvps(velocity: Callable, design: PairDesign, *,
+                   readout: Callable | None = None, steps: int = 100,
+                   method: str = "rk4", t0: float = 0.0, t1: float = 1.0,
+                   batch_size: int | None = None) -> PairJVPs:
+    """The outputs and JVPs of readout(phi(.)) at both latents of every pair of ``design``, Z and Z_rho in one forward-mode solve per batch; :ref:`sec_exact_cov_convergence`.
+
+    What ``flow_jvp_covariance`` reduces at once, kept apart, so that
+    disjoint subsets of the pairs can be reduced one by one
+    (``covariance_from_pairs(out.jz[sl], out.jzr[sl], design.rho[sl], ...)``),
+    as replications at a smaller budget. Arguments as for
+    ``flow_jvp_covariance``; runs under ``torch.no_grad()``.
+    """
+    if not isinstance(design, PairDesign):
+        raise ValueError(f"design must be a PairDesign (draw_pairs), got {type(design).__name__}")
     with torch.no_grad():
-        return _estimate(design, batch_size, jvps)
+        return _pair_outputs(design, batch_size,
+                             _flow_jvps(velocity, readout, steps, method, t0, t1))

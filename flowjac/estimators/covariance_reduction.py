@@ -39,9 +39,7 @@ class CovarianceEstimate:
     with ``upper_stderr``; ``lower``: E[J] E[J]^T (Stein bound), with
     ``lower_stderr`` (nan when the design has no cross terms). ``rho`` (m,)
     and ``integrand`` (m, p, p): the integrand h(rho) on the rho grid (bin
-    means for drawn rho), with ``integrand_stderr`` and ``integrand_count``;
-    ``profile``, ``profile_stderr`` and ``profile_count`` are their old
-    names (a chapter still reads them; "profile" is the run's quick/full).
+    means for drawn rho), with ``integrand_stderr`` and ``integrand_count``.
     ``sample``/``sample_stderr``: the plain sample covariance of the primal
     outputs f(Z) and f(Z_rho) when they were available (a free by-product;
     None otherwise). ``cov_terms``/``upper_terms`` (n,): per-pair
@@ -69,21 +67,6 @@ class CovarianceEstimate:
     upper_terms: torch.Tensor
     sample: torch.Tensor | None = None
     sample_stderr: torch.Tensor | None = None
-
-    @property
-    def profile(self) -> torch.Tensor:
-        """``integrand``, under its old name."""
-        return self.integrand
-
-    @property
-    def profile_stderr(self) -> torch.Tensor:
-        """``integrand_stderr``, under its old name."""
-        return self.integrand_stderr
-
-    @property
-    def profile_count(self) -> torch.Tensor:
-        """``integrand_count``, under its old name."""
-        return self.integrand_count
 
     def __repr__(self) -> str:
         p = self.cov.shape[0]

@@ -7,8 +7,11 @@
   by the chapter and its stored run (``tools/run_interventions.py``)
 - ``patch_study``: the 6x6 patch of the MNIST flows (readout, the paper's
   forward differences, one flow's summary for the training-set-size study)
+- ``covariance_study``: the exact-covariance chapter's studies (rho rules,
+  the mixture table, equal compute, tails, interval coverage)
 - ``celeba``: the CelebA study (``run_celeba``), for users who have CelebA
 """
-from . import celeba, interventions, interventions_study, patch_study, stored
+from . import celeba, covariance_study, interventions, interventions_study, patch_study, stored
 
-__all__ = ["celeba", "interventions", "interventions_study", "patch_study", "stored"]
+__all__ = ["celeba", "covariance_study", "interventions", "interventions_study", "patch_study",
+           "stored"]

@@ -8,6 +8,9 @@ bar of a five). This module holds what every reading of that patch needs:
   space maps pixels 0 and 1 to ``value_range``);
 - ``paper_fd``: the paper's own estimator, a float32 forward difference with
   its step and Euler solver, at latents and probes of a stored run;
+- ``against_own_correlation``: each estimator at equal compute against the
+  flow's own correlation (plain samples that no estimator sees), the
+  comparison of :ref:`sec_byom`;
 - ``summarize``: for one stored probe run, the tails of the per-latent
   ``|Jv|^2`` (Hill index with a bootstrap interval, the top 1% share) and the
   patch correlations of each estimator against the data's, with intervals
@@ -21,7 +24,7 @@ import torch
 from flowjac._checks import check_int
 
 __all__ = ["PATCH", "PAIR", "Patch", "paper_fd", "corr_of", "offdiag_mae",
-           "tail_summary", "summarize", "PAPER_FD"]
+           "tail_summary", "summarize", "PAPER_FD", "against_own_correlation"]
 
 #: the 36 pixels of the patch, as flat indices of a 28x28 image
 PATCH = [r * 28 + c for r in range(6, 12) for c in range(12, 18)]
@@ -59,7 +62,7 @@ def paper_fd(velocity, readout, z: torch.Tensor, v: torch.Tensor, *,
              dtype=PAPER_FD["dtype"]) -> torch.Tensor:
     """The paper's forward-difference JVPs (readout(phi(z + eps v)) - readout(phi(z))) / eps, in its precision and solver; :ref:`sec_mnist`.
 
-    ``z`` (n, *shape) latents and ``v`` (n, *shape) one probe each (the
+    ``z`` ``(n, *shape)`` latents and ``v`` ``(n, *shape)`` one probe each (the
     paper's design: one direction per latent). Returns (n, p) in float64,
     computed in ``dtype`` (float32 as the paper) with ``steps`` Euler steps.
     """
@@ -89,6 +92,50 @@ def offdiag_mae(C: torch.Tensor, ref: torch.Tensor) -> float:
     iu = torch.triu_indices(C.shape[0], C.shape[0], 1)
     d = (C[iu[0], iu[1]] - ref[iu[0], iu[1]]).abs()
     return float(d[torch.isfinite(d)].mean())
+
+
+def against_own_correlation(probes: dict, data: torch.Tensor, n_pairs: int | None = None) -> dict:
+    """Each estimator of the patch's correlation at equal compute, against the flow's own correlation from plain samples that no estimator sees; :ref:`sec_byom`.
+
+    ``probes``: a stored patch probe run (``jvp``, ``jvp_pair`` (N, k, 36),
+    ``rho``, ``plain`` at least 4 N_e (1 + k) rows, ``meta``); ``data``
+    (n, 36) patch pixels of real images. The first N_e = N / 2 pairs give
+    the paper's normalised E[J J^T] and the covariance identity; one exact
+    JVP with k probes costs about 1 + k samples, so the plain estimate gets
+    the first 2 N_e (1 + k) plain samples and the next as many are the
+    reference; ``n_pairs`` sets N_e instead (to compare runs of different N
+    at one budget). Returns ``errors`` (mean absolute off-diagonal error per
+    estimator, the matrix of zeros included, and, last, the reference's
+    own error against the data's correlation), ``negative`` (pixels whose
+    variance the identity estimates as <= 0; their rows are left out),
+    ``n_pairs`` and ``n_plain``.
+    """
+    from flowjac.estimators.covariance import covariance_from_pairs
+
+    n_pairs = probes["jvp"].shape[0] // 2 if n_pairs is None else check_int(
+        "n_pairs", n_pairs, minimum=2)
+    if n_pairs > probes["jvp"].shape[0]:
+        raise ValueError(f"n_pairs must be at most the run's {probes['jvp'].shape[0]} pairs, "
+                         f"got {n_pairs}")
+    k = probes["jvp"].shape[1]
+    n_plain = 2 * n_pairs * (1 + k)
+    plain = probes["plain"].double()
+    if len(plain) < 2 * n_plain:
+        raise ValueError(f"probes['plain'] must hold at least {2 * n_plain} samples "
+                         f"(twice the equal-compute budget), got {len(plain)}")
+    est = covariance_from_pairs(probes["jvp"][:n_pairs].double(),
+                                probes["jvp_pair"][:n_pairs].double(),
+                                probes["rho"][:n_pairs].double())
+    reference = corr_of(_cov(plain[n_plain:2 * n_plain]))
+    estimates = {"zeros (trivial)": torch.eye(len(PATCH), dtype=torch.float64),
+                 f"plain samples ({n_plain:,}, equal compute)": corr_of(_cov(plain[:n_plain])),
+                 f"paper's E[JJ^T] ({n_pairs:,} pairs' JVPs)": corr_of(est.upper),
+                 f"covariance identity ({n_pairs:,} pairs)": corr_of(est.cov)}
+    errors = {name: offdiag_mae(C, reference) for name, C in estimates.items()}
+    data = torch.as_tensor(data, dtype=torch.float64)
+    errors["flow's correlation vs the data's"] = offdiag_mae(reference, corr_of(_cov(data)))
+    return dict(errors=errors, negative=int((est.cov.diagonal() <= 0).sum()),
+                n_pairs=n_pairs, n_plain=n_plain)
 
 
 def _second(units: torch.Tensor) -> torch.Tensor:
