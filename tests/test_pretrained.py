@@ -94,8 +94,8 @@ def test_manifest_describes_every_shipped_file():
         assert entry["gates"]["passed"] == _recompute_passed(part, entry["gates"]), part
         # a recipe with a fine-tuning stage counts its steps on from the first stage's
         r = pretrained.RECIPES[part]
-        total = r["train_steps"] + r.get("finetune", {}).get("steps", 0)
-        assert entry["train_steps"] == total, part
+        steps = r["train_steps"] + r.get("finetune", {}).get("steps", 0)
+        assert entry["train_steps"] == steps, part
         assert entry["recipe"]["train_steps"] == r["train_steps"], part
         rec = json.loads(json.dumps(pretrained.RECIPES[part]))
         assert entry["recipe"] == rec, part
