@@ -13,13 +13,15 @@
   their recipes as settings with the data and sampler they use
   (``recipe_settings``) and a recipe class per kind (``recipe_kinds``),
   every name importable from ``pretrained``
+- ``morpho_models``: the Morpho-MNIST flows and regressor (recipes,
+  conditioning, training), their gates in ``morpho_gates``
 - ``torchcfm_recipe``: training with torchcfm's own parts, in its
   checkpoint format (the shipped ``mnist-fives-torchcfm``)
 """
 from . import (adapters, adapters_checkpoints, adapters_door, adapters_user_class,
-               adapters_velocity, classifiers, conditional, nets, pretrained, quality,
-               recipe_kinds, recipe_settings, torchcfm_recipe)
+               adapters_velocity, classifiers, conditional, morpho_gates, morpho_models, nets,
+               pretrained, quality, recipe_kinds, recipe_settings, torchcfm_recipe)
 
 __all__ = ["adapters", "adapters_checkpoints", "adapters_door", "adapters_user_class",
-           "adapters_velocity", "classifiers", "conditional", "nets", "pretrained", "quality",
-           "recipe_kinds", "recipe_settings", "torchcfm_recipe"]
+           "adapters_velocity", "classifiers", "conditional", "morpho_gates", "morpho_models",
+           "nets", "pretrained", "quality", "recipe_kinds", "recipe_settings", "torchcfm_recipe"]

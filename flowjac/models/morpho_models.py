@@ -1,9 +1,9 @@
 """Morpho-MNIST models: the recipes, the conditioning and the gates of a conditional flow, an unconditional flow and an attribute regressor.
 
-Longer than 400 lines because the three recipes, the glue that trains them
-with the package's trainers and the gates that accept them are one contract
-(as in ``pretrained``): split, the limits, the statistics they bound and the
-settings they judge would drift apart.
+The gates and their limits live in ``morpho_gates`` (every name
+re-exported here). Longer than 400 lines because the three recipes and the
+glue that trains them with the package's trainers (the conditioning code,
+the velocity with guidance, the data caches) are one contract per part.
 
 **Space.** Images are grey levels / 255 in [0, 1] at 28 x 28, like the
 shipped MNIST flows (``MorphoData.float_images``). The published
@@ -92,7 +92,6 @@ scaled). Explained in :ref:`sec_interventions`.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import time
 from pathlib import Path
@@ -105,6 +104,10 @@ from flowjac._checks import check_choice, check_int
 from flowjac.base import hardware
 from flowjac.data import morpho
 from flowjac.models import quality
+from flowjac.models.morpho_gates import (  # noqa: F401  (re-exported)
+    FLOOR, MORPHO_GATES, _column, _digits, _judged, _samples, _scale, conditional_gates, gate_table, judge_interval,
+    measure_samples, measurement_floor, read_digits, regressor_gates, to_grey,
+    unconditional_gates)
 from flowjac.models.recipe_kinds import ClassifierRecipe, FlowRecipe, _Run
 
 __all__ = ["MORPHO_RECIPES", "MORPHO_GATES", "FLOOR", "N_CONDITIONS", "CACHE_DIR",
@@ -141,52 +144,11 @@ MORPHO_RECIPES = {
         finetune=dict(steps=4_000, lr=1e-4, seed=1)),
 }
 
-MORPHO_GATES = {
-    "mae_floor_factor": 2.0,      # measured (or regressed) t and i: MAE <= 2 x floor
-    "digit_min_readback": 0.95,   # conditional flow: the requested digit read back
-    "mean_max_error": 0.10,       # unconditional: |mean - data's| in SCM sds
-    "sd_max_error": 0.10,         # |sd / data's sd - 1|
-    "corr_max_error": 0.05,       # |corr(t, i) - data's|
-    "slope_min": 0.9,             # regressor: prediction on label, worst attribute
-    "slope_max": 1.1,
-}
-
-# The measurement's MAE on all 10,000 published test digits against their
-# labels, measured here (morpho.measure): used when the published set is absent.
-FLOOR = {"t": 0.0932, "i": 0.515}
-
 # where build_dataset caches the renders (git-ignored)
 CACHE_DIR = Path(__file__).resolve().parents[2] / "data" / "morpho"
 
 
 # ------------------------------------------------------------ conditioning
-@functools.lru_cache(maxsize=1)
-def _scale() -> tuple:
-    m = morpho.scm_moments()
-    return m["mean_t"], float(np.sqrt(m["var_t"])), m["mean_i"], float(np.sqrt(m["var_i"]))
-
-
-def _column(name, x, n=None) -> np.ndarray:
-    if torch.is_tensor(x):
-        x = x.detach().cpu().numpy()
-    try:
-        arr = np.asarray(x, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be numbers, got {type(x).__name__}") from None
-    if not len(arr) or not np.isfinite(arr).all():
-        raise ValueError(f"{name} must be a non-empty array of finite numbers")
-    if n is not None and len(arr) != n:
-        raise ValueError(f"{name} must have one value per sample ({n}), got {len(arr)}")
-    return arr
-
-
-def _digits(digits, n) -> np.ndarray:
-    d = _column("digits", digits, n)
-    if not ((d == np.round(d)) & (d >= 0) & (d <= 9)).all():
-        raise ValueError("digits must be whole numbers from 0 to 9")
-    return d.astype(np.int64)
-
-
 def conditioning(t, i, digits) -> torch.Tensor:
     """The conditional flow's code (n, 12): standardised t and i, the digit one-hot as +1/-1; :ref:`sec_interventions`."""
     t = _column("t", t)
@@ -288,238 +250,6 @@ def heldout_data(part: str) -> morpho.MorphoData:
     if "heldout" not in MORPHO_RECIPES[part]:
         raise ValueError(f"part {part!r} has no held-out renders (a flow part has)")
     return _data(MORPHO_RECIPES[part], "heldout")
-
-
-# ------------------------------------------------------------ measurements
-def _samples(samples) -> torch.Tensor:
-    if not torch.is_tensor(samples) or samples.ndim != 4 or samples.shape[1] != 1 \
-            or samples.shape[0] < 2:
-        raise ValueError(f"samples must be a (n, 1, H, W) tensor of pixels with n >= 2, got "
-                         f"{getattr(samples, 'shape', type(samples).__name__)}")
-    if not torch.isfinite(samples).all():
-        raise ValueError("samples must be finite")
-    return samples.detach().cpu().double()
-
-
-def to_grey(samples) -> np.ndarray:
-    """Pixels in [0, 1] (n, 1, H, W) as uint8 grey levels (n, H, W), clipped and rounded like the data; :ref:`sec_interventions`."""
-    x = _samples(samples).clamp(0, 1)[:, 0].numpy()
-    return np.rint(x * 255).astype(np.uint8)
-
-
-def measure_samples(samples) -> dict:
-    """Thickness and intensity of samples (pixels in [0, 1]) by ``morpho.measure``; a blank image measures 0 and its grey level; :ref:`sec_interventions`."""
-    grey = to_grey(samples)
-    flat = grey.reshape(len(grey), -1)
-    blank = flat.max(1) == flat.min(1)
-    t, i = np.zeros(len(grey)), flat[:, 0].astype(np.float64)
-    if (~blank).any():
-        m = morpho.measure(grey[~blank], progress=False)
-        t[~blank], i[~blank] = m["thickness"], m["intensity"]
-    return {"thickness": t, "intensity": i, "blank": int(blank.sum())}
-
-
-def read_digits(classifier: nn.Module, samples) -> torch.Tensor:
-    """The digit classifier's logits (n, 10) on samples clipped to [0, 1] and scaled to a maximum of 1; :ref:`sec_interventions`."""
-    from flowjac.models.classifiers import predict_logits
-
-    x = _samples(samples).clamp(0, 1).float()
-    peak = x.flatten(1).amax(1).clamp_min(1 / 255)[:, None, None, None]
-    return predict_logits(classifier, x / peak)
-
-
-@functools.lru_cache(maxsize=4)
-def measurement_floor(root=None, n: int | None = None) -> dict:
-    """The measurement's MAE (t, i) on the published test set against its labels (``FLOOR`` if the set is absent); :ref:`sec_interventions`.
-
-    ``n``: the first n digits only (all 10,000: about 35 s on one thread).
-    """
-    try:
-        data = morpho.load_published(root)
-    except FileNotFoundError:
-        return dict(FLOOR, n=0, source="FLOOR constants (published test set not found)")
-    k = len(data) if n is None else min(check_int("n", n, minimum=2), len(data))
-    m = morpho.measure(data.images[:k], progress=False)
-    return {"t": float(np.abs(m["thickness"] - data.t[:k]).mean()),
-            "i": float(np.abs(m["intensity"] - data.i[:k]).mean()), "n": k,
-            "source": f"measured on {data.source}"}
-
-
-# -------------------------------------------------------------------- gates
-def judge_interval(interval, limit: float, side: str) -> str:
-    """``quality.judge``'s rule with the limit given: pass when the whole interval is on the good side; :ref:`sec_interventions`."""
-    check_choice("side", side, ("min", "max"))
-    lo, hi = (float(v) for v in interval)
-    if not lo <= hi:
-        raise ValueError(f"interval must be (low, high) with low <= high, got {interval!r}")
-    good = lo >= limit if side == "min" else hi <= limit
-    bad = hi < limit if side == "min" else lo > limit
-    return "pass" if good else "fail" if bad else "borderline"
-
-
-def _judged(out: dict, limits: dict, lo, hi) -> dict:
-    """Intervals, limits and status of the gates named in ``limits`` (in its order)."""
-    for k, (name, (side, limit)) in enumerate(limits.items()):
-        bounds = [float(lo[k]), float(hi[k])]
-        out.setdefault("limits", {})[name] = [side, float(limit)]
-        if np.isnan(bounds).any():          # the statistic is undefined on these samples
-            out.setdefault("intervals", {})[name] = [None, None]
-            out.setdefault("status", {})[name] = "fail"
-            continue
-        out.setdefault("intervals", {})[name] = bounds
-        out.setdefault("status", {})[name] = judge_interval(bounds, limit, side)
-    out["passed"] = all(v == "pass" for v in out["status"].values())
-    return out
-
-
-def _floor(floor) -> dict:
-    floor = measurement_floor() if floor is None else floor
-    if not isinstance(floor, dict) or not all(isinstance(floor.get(k), (int, float))
-                                              and floor[k] > 0 for k in ("t", "i")):
-        raise ValueError(f"floor must be a dict with positive 't' and 'i' (measurement_floor()), "
-                         f"got {floor!r}")
-    return dict(floor)
-
-
-def conditional_gates(samples, t, i, digits, logits, floor=None) -> dict:
-    """Gates of conditional samples: measured t and i against their conditioning values, the digit read back; :ref:`sec_interventions`.
-
-    ``samples`` (n, 1, H, W) pixels in [0, 1] drawn at ``t``, ``i``,
-    ``digits``; ``logits`` (n, 10) from ``read_digits``; ``floor`` the
-    measurement floor (default ``measurement_floor()``). Returns ``t_mae``,
-    ``i_mae`` (limits ``2 x floor``), ``digit_readback`` (>= 0.95), the
-    signed mean errors, their ``intervals``, ``limits``, ``status`` and
-    ``passed``.
-    """
-    x = _samples(samples)
-    n = len(x)
-    t, i, d = _column("t", t, n), _column("i", i, n), _digits(digits, n)
-    if not torch.is_tensor(logits) or tuple(logits.shape) != (n, 10):
-        raise ValueError(f"logits must be a ({n}, 10) tensor, got "
-                         f"{getattr(logits, 'shape', type(logits).__name__)}")
-    floor = _floor(floor)
-    m = measure_samples(x)
-    rows = torch.from_numpy(np.stack([np.abs(m["thickness"] - t), np.abs(m["intensity"] - i),
-                                      (logits.argmax(1).numpy() == d).astype(np.float64)], 1))
-    est, lo, hi = quality._bootstrap(lambda r: r.mean(0), rows)
-    out = dict(n=n, t_mae=float(est[0]), i_mae=float(est[1]), digit_readback=float(est[2]),
-               t_bias=float((m["thickness"] - t).mean()), i_bias=float((m["intensity"] - i).mean()),
-               blank=m["blank"], floor=floor,
-               in_range=float(((x >= -0.05) & (x <= 1.05)).double().mean()))
-    factor = MORPHO_GATES["mae_floor_factor"]
-    return _judged(out, {"t_mae": ("max", factor * floor["t"]),
-                         "i_mae": ("max", factor * floor["i"]),
-                         "digit_readback": ("min", MORPHO_GATES["digit_min_readback"])}, lo, hi)
-
-
-def _moments(t, i) -> list:
-    with np.errstate(invalid="ignore", divide="ignore"):
-        corr = float(np.corrcoef(t, i)[0, 1])
-    corr = 0.0 if np.isnan(corr) else corr      # a constant measurement: no association
-    return [float(t.mean()), float(i.mean()), float(t.std()), float(i.std()), corr]
-
-
-def unconditional_gates(samples, logits, reference: dict, class_shares) -> dict:
-    """Gates of unconditional samples: their measured (t, i) law against the real renders' and the SCM's, the class balance; :ref:`sec_interventions`.
-
-    ``reference``: ``{"t": ..., "i": ...}`` measured on the real renders
-    (``MorphoData.t_measured``, ``.i_measured``). Gates: means within 0.1
-    SCM sds, sds within 10% and corr(t, i) within 0.05 of the reference,
-    and ``quality.digit_sample_gates`` of ``logits`` (``read_digits``)
-    with ``class_shares``. ``scm`` and ``reference_moments`` are printed
-    beside (mean t, mean i, sd t, sd i, corr).
-    """
-    x = _samples(samples)
-    if not isinstance(reference, dict) or not {"t", "i"} <= set(reference):
-        raise ValueError("reference must be a dict with the real renders' measured 't' and 'i'")
-    ref_t = _column("reference['t']", reference["t"])
-    ref_i = _column("reference['i']", reference["i"], len(ref_t))
-    m = measure_samples(x)
-    ref = _moments(ref_t, ref_i)
-    _, sd_t, _, sd_i = _scale()
-    scale = torch.tensor([sd_t, sd_i, ref[2], ref[3], 1.0], dtype=torch.float64)
-    target = torch.tensor(ref, dtype=torch.float64)
-
-    def stats(r):
-        got = torch.tensor(_moments(r[:, 0].numpy(), r[:, 1].numpy()), dtype=torch.float64)
-        return (got - target).abs() / scale
-
-    rows = torch.from_numpy(np.stack([m["thickness"], m["intensity"]], 1))
-    est, lo, hi = quality._bootstrap(stats, rows)
-    scm = morpho.scm_moments()
-    names = ("mean_t", "mean_i", "sd_t", "sd_i", "corr_ti")
-    out = dict(n=len(x), blank=m["blank"], sample_moments=dict(zip(names, _moments(
-        m["thickness"], m["intensity"]))), reference_moments=dict(zip(names, ref)),
-        scm=dict(zip(names, [scm["mean_t"], scm["mean_i"], float(np.sqrt(scm["var_t"])),
-                             float(np.sqrt(scm["var_i"])), scm["corr_ti"]])))
-    out.update({f"{k}_error": float(v) for k, v in zip(names, est)})
-    g = MORPHO_GATES
-    _judged(out, {"mean_t_error": ("max", g["mean_max_error"]),
-                  "mean_i_error": ("max", g["mean_max_error"]),
-                  "sd_t_error": ("max", g["sd_max_error"]),
-                  "sd_i_error": ("max", g["sd_max_error"]),
-                  "corr_ti_error": ("max", g["corr_max_error"])}, lo, hi)
-    digit = quality.digit_sample_gates(logits, x.float(), digit=None, class_shares=class_shares)
-    for name in ("share", "in_range", "class_error"):
-        key, side = quality.GATE_SIDES[name]
-        out[name] = digit[name]
-        out["intervals"][name] = digit["intervals"][name]
-        out["limits"][name] = [side, quality.GATES[key]]
-        out["status"][name] = digit["status"][name]
-    out["class_histogram"] = digit["class_histogram"]
-    out["passed"] = all(v == "pass" for v in out["status"].values())
-    return out
-
-
-def regressor_gates(pred_t, pred_i, t, i, floor=None) -> dict:
-    """Gates of the (t, i) regressor on labelled images: MAE within 2 x the floor, slopes in [0.9, 1.1], baseline beside; :ref:`sec_interventions`.
-
-    The slope is the least-squares slope of prediction on label per
-    attribute (a saturating readout flattens it); ``slope_min`` and
-    ``slope_max`` are the worst of the two. ``baseline_mae`` predicts the
-    SCM's mean; ``floor`` is the measurement's MAE (``measurement_floor()``).
-    """
-    pt = _column("pred_t", pred_t)
-    n = len(pt)
-    if n < 2:
-        raise ValueError("pred_t must hold at least 2 predictions")
-    pi, t, i = _column("pred_i", pred_i, n), _column("t", t, n), _column("i", i, n)
-    floor = _floor(floor)
-
-    def stats(r):
-        err = (r[:, :2] - r[:, 2:]).abs().mean(0)
-        y = r[:, 2:] - r[:, 2:].mean(0)
-        slope = ((r[:, :2] - r[:, :2].mean(0)) * y).sum(0) / (y * y).sum(0)
-        return torch.cat([err, slope.min().reshape(1), slope.max().reshape(1)])
-
-    rows = torch.from_numpy(np.stack([pt, pi, t, i], 1))
-    est, lo, hi = quality._bootstrap(stats, rows)
-    mean_t, _, mean_i, _ = _scale()
-    out = dict(n=n, t_mae=float(est[0]), i_mae=float(est[1]), slope_min=float(est[2]),
-               slope_max=float(est[3]), floor=floor,
-               baseline_mae={"t": float(np.abs(t - mean_t).mean()),
-                             "i": float(np.abs(i - mean_i).mean())},
-               prediction_range={"t": [float(pt.min()), float(pt.max())],
-                                 "i": [float(pi.min()), float(pi.max())]},
-               label_range={"t": [float(t.min()), float(t.max())],
-                            "i": [float(i.min()), float(i.max())]})
-    g = MORPHO_GATES
-    return _judged(out, {"t_mae": ("max", g["mae_floor_factor"] * floor["t"]),
-                         "i_mae": ("max", g["mae_floor_factor"] * floor["i"]),
-                         "slope_min": ("min", g["slope_min"]),
-                         "slope_max": ("max", g["slope_max"])}, lo, hi)
-
-
-def gate_table(gates: dict) -> list[dict]:
-    """One row per gate of a record: value, 95% interval, limit and status; :ref:`sec_interventions`."""
-    rows = []
-    for name, status in gates["status"].items():
-        value = gates.get(name, gates.get("memorization", {}).get(name))
-        side, limit = gates["limits"][name]
-        lo, hi = gates["intervals"][name]
-        rows.append(dict(gate=name, value=value, low=lo, high=hi,
-                         limit=f"{'>=' if side == 'min' else '<='} {limit:.4g}", status=status))
-    return rows
 
 
 def _memorization(gates: dict, samples, part: str, device) -> dict:
