@@ -14,7 +14,9 @@ def _byom_outputs() -> str:
     for cell in nb["cells"]:
         for out in cell.get("outputs", []):
             data = out.get("data", {})
+            # printed text, shown tables and the verdicts the chapter glues
             text.append("".join(data.get("text/plain", "")) + "".join(data.get("text/markdown", ""))
+                        + "".join(data.get("application/papermill.record/text/plain", ""))
                         + "".join(out.get("text", "")))
     return "\n".join(text)
 
