@@ -15,9 +15,11 @@
   the value and its algebra in ``tangents_value``, the derivatives of
   pointwise functions in ``tangents_pointwise``
 - ``checkpoints``: atomic saves, ``weights_only=True`` loads, resume rules
+- ``small_flows``: small flows trained with the CFM or the EFM target on the
+  same minibatches, and the memorisation rule that compares them
 """
-from . import (checkpoints, composite, distributed, jvp, ode, probing, tangents,
-               tangents_pointwise, tangents_value, train, velocity)
+from . import (checkpoints, composite, distributed, jvp, ode, probing, small_flows,
+               tangents, tangents_pointwise, tangents_value, train, velocity)
 
-__all__ = ["checkpoints", "composite", "distributed", "jvp", "ode", "probing", "tangents",
+__all__ = ["checkpoints", "composite", "distributed", "jvp", "ode", "probing", "small_flows", "tangents",
            "tangents_pointwise", "tangents_value", "train", "velocity"]
