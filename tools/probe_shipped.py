@@ -56,7 +56,7 @@ def save(obj, path):
 
 
 def run(name, readout_of, k, n, n_plain, device, batch, grad_outputs,
-        dtype, weights_dir, out_dir):
+        dtype, weights_dir, out_dir, grad_batch=250):
     pre = pretrained.load({"mnist": "mnist-fives"}.get(name, name),
                           device=device, weights_dir=weights_dir)
     pre.flow.to(dtype)
@@ -66,7 +66,7 @@ def run(name, readout_of, k, n, n_plain, device, batch, grad_outputs,
     res = probing.probe(pre.velocity, readout, pre.latent_shape, n, k=k,
                         steps=smp["steps"], method=smp["method"], seed=0,
                         device=device, dtype=dtype, batch_size=batch,
-                        grad_outputs=grad_outputs, grad_batch=250,
+                        grad_outputs=grad_outputs, grad_batch=grad_batch,
                         progress=True,
                         partial_path=out_dir / f".{name}-probe.partial")
     res["meta"]["total_seconds"] = time.perf_counter() - t0
@@ -99,6 +99,10 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--only", choices=("scm", "mnist", "mnist-torchcfm"), default=None)
     ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--grad-batch", type=int, default=250,
+                    help="latents per backward pass of the gradient norms (their memory "
+                         "grows with it: on a CPU with 24 GiB, 250 SCM latents with RK4 "
+                         "10 steps do not fit; 20 do); the results do not depend on it")
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     ap.add_argument("--weights-dir", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -114,7 +118,7 @@ def main(argv=None):
         res = run("scm", lambda: pre.classifier, k, args.n,
                   args.n * (1 + k), args.device, args.batch,
                   [pre.attr_names.index(a) for a in ("C_warm", "Z_framed", "M_marker")],
-                  dtype, wd, args.out)
+                  dtype, wd, args.out, grad_batch=args.grad_batch)
         save(res, args.out / "attributes_probes.pt")
         done(args.out, "scm")
     if args.only in (None, "mnist"):

@@ -1,0 +1,91 @@
+"""tools/ship_part.py: a part ships only with passing gates on a fresh seed, and never replaces silently."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from flowjac.models import pretrained
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("ship_part", ROOT / "tools" / "ship_part.py")
+ship_part = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ship_part)
+
+RK4 = {"method": "rk4", "steps": 10}
+
+
+@pytest.fixture
+def weights(tmp_path):
+    out = tmp_path / "weights"
+    shutil.copytree(pretrained.WEIGHTS_DIR, out)
+    return out
+
+
+def _record(tmp_path, weights, **gate_changes):
+    current = json.loads((weights / "manifest.json").read_text())["parts"]["scm-flow"]
+    gates = {"sampler": RK4, "n": 4000, "seed": 2, "passed": True,
+             "status": {"readable": "pass", "marginal_error": "pass"}}
+    gates.update(gate_changes)
+    midpoint = dict(gates, sampler={"method": "midpoint", "steps": 10}, passed=False,
+                    status={"readable": "pass", "marginal_error": "borderline"})
+    record = {k: v for k, v in current.items() if k not in ("sha256", "gates_by_sampler")}
+    record.update(gates=midpoint, gates_by_sampler=[midpoint, gates],
+                  started_from={"file": "stage1.pt", "sha256": current["sha256"]},
+                  gates_along_training=[])
+    path = tmp_path / "scm-flow.json"
+    path.write_text(json.dumps(record))
+    new = tmp_path / "new_flow.pt"
+    new.write_bytes(b"not the shipped flow")
+    return path, new, current
+
+
+def test_ships_the_named_samplers_gates_and_keeps_the_first_stage(tmp_path, weights):
+    record, new, old = _record(tmp_path, weights)
+    before = json.loads((weights / "manifest.json").read_text())["parts"]
+    with pytest.raises(SystemExit, match="--replace"):
+        ship_part.ship(record, new, RK4, weights)
+    assert pretrained.sha256(weights / "scm_flow.pt") == old["sha256"]   # untouched
+    entry = ship_part.ship(record, new, RK4, weights, replace=True, note="why rk4")
+    assert entry["sha256"] == pretrained.sha256(new) == pretrained.sha256(weights / "scm_flow.pt")
+    assert entry["sampler"] == RK4 and entry["gates"]["sampler"] == RK4
+    assert entry["gates"]["passed"] and entry["notes"] == "why rk4"
+    assert entry["first_stage"]["sha256"] == old["sha256"]
+    assert entry["first_stage"]["gates_along_training"] == old["gates_along_training"]
+    after = json.loads((weights / "manifest.json").read_text())["parts"]
+    assert {p: e for p, e in after.items() if p != "scm-flow"} == \
+        {p: e for p, e in before.items() if p != "scm-flow"}
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(status={"readable": "pass", "marginal_error": "borderline"}), "do not all pass"),
+    (dict(passed=False), "do not all pass"),
+    (dict(n=2000), "n >= 4000"),
+    (dict(seed=1), "seed other than 1"),
+])
+def test_refuses_gates_that_do_not_pass_on_a_fresh_seed(tmp_path, weights, change, message):
+    record, new, old = _record(tmp_path, weights, **change)
+    with pytest.raises(SystemExit, match=message):
+        ship_part.ship(record, new, RK4, weights, replace=True)
+    assert pretrained.sha256(weights / "scm_flow.pt") == old["sha256"]
+
+
+def test_refuses_a_sampler_without_gates_and_a_recipe_not_the_packages(tmp_path, weights):
+    record, new, _ = _record(tmp_path, weights)
+    with pytest.raises(SystemExit, match="no gates measured"):
+        ship_part.ship(record, new, {"method": "euler", "steps": 99}, weights, replace=True)
+    rec = json.loads(record.read_text())
+    rec["recipe"]["lr"] = 1.0
+    record.write_text(json.dumps(rec))
+    with pytest.raises(SystemExit, match="RECIPES"):
+        ship_part.ship(record, new, RK4, weights, replace=True)
+
+
+def test_sampler_argument_is_checked():
+    assert ship_part._sampler("rk4:10") == RK4
+    for bad in ("rk4", "rk4:0", ":10", "rk4:ten"):
+        with pytest.raises(SystemExit, match="--sampler"):
+            ship_part._sampler(bad)
