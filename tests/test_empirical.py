@@ -1,4 +1,5 @@
-"""Unit, property and error-path tests of flowjac.closedform.empirical."""
+"""Unit, property and error-path tests of flowjac.closedform.empirical, and of what integrates
+u* (flowjac.engine.empirical_flow) or trains on it (flowjac.engine.small_flows)."""
 import math
 
 import pytest
@@ -7,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowjac.closedform import empirical, gaussian
+from flowjac.engine import empirical_flow, small_flows
 
 f64 = torch.float64
 
@@ -256,32 +258,32 @@ def test_bad_shapes_and_data():
 def test_hybrid_sample_bad_inputs():
     data, x = cloud(10, 2, 0), cloud(4, 2, 1)
     with pytest.raises(ValueError, match="tau must lie"):
-        empirical.hybrid_sample(None, x, data, 1.2, 10)
+        empirical_flow.hybrid_sample(None, x, data, 1.2, 10)
     with pytest.raises(ValueError, match="tau must be a number"):
-        empirical.hybrid_sample(None, x, data, "half", 10)
+        empirical_flow.hybrid_sample(None, x, data, "half", 10)
     with pytest.raises(ValueError, match="steps"):
-        empirical.hybrid_sample(None, x, data, 1.0, 0)
+        empirical_flow.hybrid_sample(None, x, data, 1.0, 0)
     with pytest.raises(ValueError, match="velocity must be a callable"):
-        empirical.hybrid_sample(None, x, data, 0.5, 10)
+        empirical_flow.hybrid_sample(None, x, data, 0.5, 10)
     with pytest.raises(ValueError, match="method must be 'euler' or"):
-        empirical.hybrid_sample(None, x, data, 1.0, 10, method="rk4")
+        empirical_flow.hybrid_sample(None, x, data, 1.0, 10, method="rk4")
     with pytest.raises(ValueError, match="x0 must have shape"):
-        empirical.hybrid_sample(None, cloud(4, 3, 1), data, 1.0, 10)
+        empirical_flow.hybrid_sample(None, cloud(4, 3, 1), data, 1.0, 10)
 
 
 def test_empirical_sample_memorises():
     """Every endpoint of the u* flow is a training point."""
     data = cloud(50, 2, 23)
     x0 = cloud(200, 2, 24)
-    end = empirical.empirical_sample(x0, data, steps=10, decades=3)
+    end = empirical_flow.empirical_sample(x0, data, steps=10, decades=3)
     dist, _ = empirical.nearest_neighbours(end, data)
     assert float(dist.max()) < 1e-6
     with pytest.raises(ValueError, match="method must be 'euler' or"):
-        empirical.empirical_sample(x0, data, method="rk4")
+        empirical_flow.empirical_sample(x0, data, method="rk4")
     with pytest.raises(ValueError, match="decades"):
-        empirical.empirical_sample(x0, data, decades=-1)
+        empirical_flow.empirical_sample(x0, data, decades=-1)
     with pytest.raises(ValueError, match="x0 must have shape"):
-        empirical.empirical_sample(cloud(3, 3, 0), data)
+        empirical_flow.empirical_sample(cloud(3, 3, 0), data)
 
 
 def test_hybrid_sample_segments():
@@ -293,14 +295,14 @@ def test_hybrid_sample_segments():
     x0 = cloud(30, 2, 26)
     model = lambda x, t: -x + torch.sin(3 * t)
     ref0 = integrate(model, x0, 40, method="midpoint")
-    assert torch.allclose(empirical.hybrid_sample(model, x0, data, 0.0, 40), ref0,
+    assert torch.allclose(empirical_flow.hybrid_sample(model, x0, data, 0.0, 40), ref0,
                           rtol=0, atol=1e-14)
-    end = empirical.hybrid_sample(model, x0, data, 1.0, 400)
+    end = empirical_flow.hybrid_sample(model, x0, data, 1.0, 400)
     assert float(empirical.nearest_neighbours(end, data)[0].max()) < 1e-6
     u = lambda x, t: empirical.optimal_velocity(x, t, data)
     mid = integrate(u, x0, 12, method="midpoint", t0=0.0, t1=0.3)
     ref = integrate(model, mid, 28, method="midpoint", t0=0.3, t1=1.0)
-    assert torch.allclose(empirical.hybrid_sample(model, x0, data, 0.3, 40), ref,
+    assert torch.allclose(empirical_flow.hybrid_sample(model, x0, data, 0.3, 40), ref,
                           rtol=0, atol=1e-12)
 
 
@@ -312,12 +314,12 @@ def test_efm_loss_target():
     t = torch.linspace(0, 0.99, 8, dtype=f64)
     zero = lambda x, tt: torch.zeros_like(x)
     cfm = ((x1 - x0) ** 2).mean()
-    assert torch.allclose(empirical.efm_loss(zero, x0, x1, t), cfm, rtol=1e-10)
+    assert torch.allclose(small_flows.efm_loss(zero, x0, x1, t), cfm, rtol=1e-10)
     x1 = cloud(8, 3, 29)
     exact = lambda x, tt: empirical.optimal_velocity(x, tt, x1)
-    assert float(empirical.efm_loss(exact, x0, x1, t)) < 1e-20
+    assert float(small_flows.efm_loss(exact, x0, x1, t)) < 1e-20
     with pytest.raises(ValueError, match="same batch size"):
-        empirical.efm_loss(zero, x0[:4], x1, t)
+        small_flows.efm_loss(zero, x0[:4], x1, t)
 
 
 # --- the nulls, memorisation, cosines and the capacity study -------------
@@ -420,7 +422,7 @@ def test_fit_optimal_reduces_approximation_error():
     ts = [0.1, 0.5]
     before = empirical.approximation_error(lambda x, t: net(x, t), data, ts, 500,
                                    torch.Generator().manual_seed(1))
-    losses = empirical.fit_optimal(net, data, 300, batch_size=128, lr=3e-3, seed=0)
+    losses = small_flows.fit_optimal(net, data, 300, batch_size=128, lr=3e-3, seed=0)
     after = empirical.approximation_error(lambda x, t: net(x, t), data, ts, 500,
                                   torch.Generator().manual_seed(1))
     assert len(losses) == 300 and losses[-1] < losses[0]
@@ -442,6 +444,6 @@ def test_fit_optimal_bad_inputs():
     from flowjac.models.nets import MLPFlow
     net = MLPFlow(2, hidden=4, depth=1)
     with pytest.raises(ValueError, match="steps"):
-        empirical.fit_optimal(net, cloud(5, 2, 0), 0)
+        small_flows.fit_optimal(net, cloud(5, 2, 0), 0)
     with pytest.raises(ValueError, match="lr"):
-        empirical.fit_optimal(net, cloud(5, 2, 0), 1, lr=-1)
+        small_flows.fit_optimal(net, cloud(5, 2, 0), 1, lr=-1)

@@ -1,13 +1,14 @@
-"""The hybrid sampler's study and rule (closedform.empirical) and the CFM-EFM memorisation study (engine.small_flows)."""
+"""The hybrid sampler (engine.empirical_flow), its study and rule (pipelines.hybrid) and the CFM-EFM memorisation study (engine.small_flows)."""
 import math
 
 import pytest
 import torch
 
 from flowjac.closedform import empirical
-from flowjac.engine import small_flows
+from flowjac.engine import empirical_flow, small_flows
 from flowjac.engine.ode import integrate
 from flowjac.models.nets import MLPFlow
+from flowjac.pipelines import hybrid
 
 f64 = torch.float64
 
@@ -28,14 +29,14 @@ def test_exact_tau_switches_at_tau():
     for tau, n_u, n_m in ((0.35, 4, 7), (0.3, 3, 7), (0.05, 1, 10)):
         mid = integrate(u, x0, n_u, method="midpoint", t0=0.0, t1=tau)
         ref = integrate(model, mid, n_m, method="midpoint", t0=tau, t1=1.0)
-        got = empirical.hybrid_sample(model, x0, data, tau, 10, exact_tau=True)
+        got = empirical_flow.hybrid_sample(model, x0, data, tau, 10, exact_tau=True)
         assert torch.allclose(got, ref, rtol=0, atol=1e-13)
     ref0 = integrate(model, x0, 10, method="midpoint")
-    assert torch.equal(empirical.hybrid_sample(model, x0, data, 0.0, 10,
+    assert torch.equal(empirical_flow.hybrid_sample(model, x0, data, 0.0, 10,
                                                exact_tau=True), ref0)
     mid = integrate(u, x0, 4, method="midpoint", t0=0.0, t1=0.4)
     ref = integrate(model, mid, 6, method="midpoint", t0=0.4, t1=1.0)
-    assert torch.allclose(empirical.hybrid_sample(model, x0, data, 0.35, 10), ref,
+    assert torch.allclose(empirical_flow.hybrid_sample(model, x0, data, 0.35, 10), ref,
                           rtol=0, atol=1e-13)
 
 
@@ -43,14 +44,14 @@ def test_hybrid_study_matches_hybrid_sample_and_memorisation():
     data, x0, held = cloud(15, 2, 3), cloud(40, 2, 4), cloud(30, 2, 5)
     conts = {"network": model, "stop": lambda x, t: torch.zeros_like(x)}
     taus = [0.0, 0.25, 0.5, 1.0]
-    study = empirical.hybrid_study(conts, x0, data, held, taus, 10, keep=3)
+    study = hybrid.hybrid_study(conts, x0, data, held, taus, 10, keep=3)
     assert study["d1"].shape == (2, 4, 40) and study["ends"].shape == (2, 4, 3, 2)
     for k, tau in enumerate(taus):
         for c, vel in enumerate(conts.values()):
-            end = empirical.hybrid_sample(vel, x0, data, tau, 10, exact_tau=True)
+            end = empirical_flow.hybrid_sample(vel, x0, data, tau, 10, exact_tau=True)
             assert torch.equal(study["ends"][c, k], end[:3].float())
             memo = empirical.memorisation(end, data, held)
-            bands = empirical.hybrid_bands(study, n_boot=20)
+            bands = hybrid.hybrid_bands(study, n_boot=20)
             assert bands["copy"][c, k] == pytest.approx(memo["copy_share"], abs=1e-12)
             assert bands["nn"][c, k] == pytest.approx(memo["nn_ratio"], rel=1e-9)
     # at tau = 1 no continuation is left: every one ends where u* ends
@@ -58,28 +59,28 @@ def test_hybrid_study_matches_hybrid_sample_and_memorisation():
     assert torch.allclose(study["named_weight"][0], torch.full((40,), 1 / 15, dtype=f64))
     assert bool((study["named_weight"][-1] == 1.0).all())
     with pytest.raises(ValueError, match="continuations must be"):
-        empirical.hybrid_study({}, x0, data, held, taus, 10)
+        hybrid.hybrid_study({}, x0, data, held, taus, 10)
     with pytest.raises(ValueError, match="method must be 'euler'"):
-        empirical.hybrid_study(conts, x0, data, held, taus, 10, method="rk4")
+        hybrid.hybrid_study(conts, x0, data, held, taus, 10, method="rk4")
     with pytest.raises(ValueError, match="heldout must have shape"):
-        empirical.hybrid_study(conts, x0, data, cloud(3, 3, 0), taus, 10)
+        hybrid.hybrid_study(conts, x0, data, cloud(3, 3, 0), taus, 10)
 
 
 def test_crossing_time():
     grid = [0.0, 0.5, 1.0]
-    assert float(empirical.crossing_time(grid, [0.0, 0.4, 0.6], 0.5)) == \
+    assert float(hybrid.crossing_time(grid, [0.0, 0.4, 0.6], 0.5)) == \
         pytest.approx(0.75)
-    assert float(empirical.crossing_time(grid, [0.6, 0.7, 1.0], 0.5)) == 0.0
-    assert math.isnan(float(empirical.crossing_time(grid, [0.1, 0.2, 0.3], 0.5)))
+    assert float(hybrid.crossing_time(grid, [0.6, 0.7, 1.0], 0.5)) == 0.0
+    assert math.isnan(float(hybrid.crossing_time(grid, [0.1, 0.2, 0.3], 0.5)))
     # first upward crossing, vectorised over leading dimensions
     v = torch.tensor([[0.0, 0.5, 0.2], [0.2, 0.3, 0.8]])
-    got = empirical.crossing_time(grid, v, 0.5)
+    got = hybrid.crossing_time(grid, v, 0.5)
     assert got.tolist() == pytest.approx([0.5, 0.5 + 0.5 * 0.2 / 0.5])
-    assert float(empirical.crossing_time([0.3], [0.7])) == 0.3
+    assert float(hybrid.crossing_time([0.3], [0.7])) == 0.3
     with pytest.raises(ValueError, match="values must have shape"):
-        empirical.crossing_time(grid, [0.1, 0.2])
+        hybrid.crossing_time(grid, [0.1, 0.2])
     with pytest.raises(ValueError, match="strictly increasing"):
-        empirical.crossing_time([0.0, 0.0, 1.0], [0.1, 0.2, 0.3])
+        hybrid.crossing_time([0.0, 0.0, 1.0], [0.1, 0.2, 0.3])
 
 
 def _bands(net_lo, net_hi, null_hi, null_lo=None, tau50=(0.6, 0.55, 0.65)):
@@ -94,22 +95,22 @@ def _bands(net_lo, net_hi, null_hi, null_lo=None, tau50=(0.6, 0.55, 0.65)):
 def test_hybrid_verdict_rule():
     # a window at tau = 0.5 and the network copies before u* has named
     b = _bands([0.0, 0.6, 1.0], [0.1, 0.8, 1.0], [0.0, 0.1, 1.0], tau50=(0.4, 0.35, 0.45))
-    v = empirical.hybrid_verdict(b, (0.5, 0.46, 0.55))
+    v = hybrid.hybrid_verdict(b, (0.5, 0.46, 0.55))
     assert v["window"] == [0.5] and v["timing"] == "early" and v["verdict"] == "holds"
     # the same window, but the network copies only after u* has named
-    v = empirical.hybrid_verdict(b, (0.3, 0.25, 0.34))
+    v = hybrid.hybrid_verdict(b, (0.3, 0.25, 0.34))
     assert v["timing"] == "late" and v["verdict"] == "fails"
     # overlapping intervals: the timing is undecided, the verdict inconclusive
-    v = empirical.hybrid_verdict(b, (0.4, 0.38, 0.42))
+    v = hybrid.hybrid_verdict(b, (0.4, 0.38, 0.42))
     assert v["timing"] == "undecided" and v["verdict"] == "inconclusive"
     # no window, every tau decided outside: fails whatever the timing
     b = _bands([0.0, 0.6, 1.0], [0.1, 0.8, 1.0], [0.0, 0.5, 1.0], null_lo=[0, 0.3, 1],
                tau50=(0.4, 0.35, 0.45))
-    v = empirical.hybrid_verdict(b, (0.5, 0.46, 0.55))
+    v = hybrid.hybrid_verdict(b, (0.5, 0.46, 0.55))
     assert v["window"] == [] and v["outside"] == [0.0, 0.5] and v["verdict"] == "fails"
     # an interval straddling 0.5 leaves the point undecided
     b = _bands([0.0, 0.45, 1.0], [0.1, 0.55, 1.0], [0.0, 0.1, 1.0], tau50=(0.4, 0.35, 0.45))
-    v = empirical.hybrid_verdict(b, (0.5, 0.46, 0.55))
+    v = hybrid.hybrid_verdict(b, (0.5, 0.46, 0.55))
     assert v["undecided"] == [0.5] and v["verdict"] == "inconclusive"
 
 
@@ -118,12 +119,12 @@ def test_share_crossing_and_bands_intervals():
     grid = [0.0, 0.25, 0.5, 0.75]
     p = torch.tensor(grid)[:, None].expand(4, 400)
     flags = torch.rand(4, 400, generator=g) < p + 0.2
-    out = empirical.share_crossing(flags, grid, 0.5, n_boot=200)
+    out = hybrid.share_crossing(flags, grid, 0.5, n_boot=200)
     est, lo, hi = out["crossing"]
     assert lo <= est <= hi and abs(est - 0.3) < 0.08
     assert torch.all(out["lo"] <= out["share"]) and torch.all(out["share"] <= out["hi"])
     with pytest.raises(ValueError, match="flags must have shape"):
-        empirical.share_crossing(flags[:2], grid, 0.5)
+        hybrid.share_crossing(flags[:2], grid, 0.5)
 
 
 def test_two_moons_and_fit_flow_share_minibatches():

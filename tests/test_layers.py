@@ -46,20 +46,10 @@ GROUND_NAMES = {"DEVICES", "repo_root", "seed_everything", "get_device", "atomic
                 "save_json", "load_results", "hardware", "_TMP_INFIX", "_cpu_model",
                 "_json_default", "_umask"}
 
-#: (importing module, imported module) -> why it is still there.
-KNOWN = {
-    ("flowjac.closedform.empirical", "flowjac.engine.ode"):
-        "empirical_sample and hybrid_sample integrate u* with the engine's Runge-Kutta "
-        "loop; they move to the engine together with book/empirical.md's calls "
-        "(empirical.empirical_sample, empirical.hybrid_sample), which need the chapter "
-        "re-executed (make golden CH=empirical)",
-}
-#: closed-form modules that still train a network -> why.
-KNOWN_TRAINING = {
-    "flowjac.closedform.empirical":
-        "fit_optimal (Adam on u*), called by book/empirical.md as empirical.fit_optimal; "
-        "it moves to the engine with the chapter's call (make golden CH=empirical)",
-}
+#: (importing module, imported module) -> why it is still there (none left).
+KNOWN: dict = {}
+#: closed-form modules that still train a network -> why (none left).
+KNOWN_TRAINING: dict = {}
 
 
 def module_name(path: Path, root: Path = PACKAGE) -> str:

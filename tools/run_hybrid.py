@@ -3,11 +3,11 @@
     python tools/run_hybrid.py --out results/hybrid_run.pt [--n 500] [--device cpu]
 
 Everything that decides the chapter's verdict is fixed in
-``flowjac.closedform.empirical.HYBRID_STUDY`` before the run: the grid of
+``flowjac.pipelines.hybrid.HYBRID_STUDY`` before the run: the grid of
 tau (spacing 0.05 on [0, 1]), the number of latents per tau (500, the same
 latents at every tau), the pairs for u*'s collapse time (1,000 per t) and
 the rule with its bootstrap (applied by
-``flowjac.closedform.empirical.hybrid_verdict``); the solver is the flow's
+``flowjac.pipelines.hybrid.hybrid_verdict``); the solver is the flow's
 own (midpoint, steps of at most 0.1) with the switch exactly at tau, and
 the continuations are the shipped flow of fives, the Gaussian null and the
 stop null. The file keeps, per sample, the distances that the chapter
@@ -27,9 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flowjac.closedform import empirical  # noqa: E402
 from flowjac.models import pretrained  # noqa: E402
+from flowjac.pipelines import hybrid  # noqa: E402
 from flowjac.utils import atomic_write_bytes, hardware  # noqa: E402
 
-DESIGN = empirical.HYBRID_STUDY
+DESIGN = hybrid.HYBRID_STUDY
 
 
 def main(argv=None):
@@ -55,9 +56,9 @@ def main(argv=None):
     seconds = {}
     t0 = time.perf_counter()
     with torch.no_grad():
-        study = empirical.hybrid_study(conts, x0, tr5, te5, taus, sampler["steps"],
-                                       method=sampler["method"],
-                                       exact_tau=DESIGN["exact_tau"], keep=DESIGN["keep"])
+        study = hybrid.hybrid_study(conts, x0, tr5, te5, taus, sampler["steps"],
+                                    method=sampler["method"],
+                                    exact_tau=DESIGN["exact_tau"], keep=DESIGN["keep"])
     seconds["hybrid"] = time.perf_counter() - t0
     print(f"hybrid: {len(taus)} taus x {args.n} latents in {seconds['hybrid']:.0f} s",
           flush=True)

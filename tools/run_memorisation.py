@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flowjac.closedform import empirical  # noqa: E402
-from flowjac.engine import small_flows  # noqa: E402
+from flowjac.engine import empirical_flow, small_flows  # noqa: E402
 from flowjac.models.nets import MLPFlow  # noqa: E402
 from flowjac.utils import atomic_write_bytes, hardware  # noqa: E402
 
@@ -84,7 +84,7 @@ def main(argv=None):
         res["refs"][n] = {
             "fresh": empirical.memorisation(fresh, train[n], held, rule["radius"]),
             "u* samples": empirical.memorisation(
-                empirical.empirical_sample(z.double(), train[n].double(), 25).float(),
+                empirical_flow.empirical_sample(z.double(), train[n].double(), 25).float(),
                 train[n], held, rule["radius"])}
     for n in sizes:
         for width in DESIGN["widths"]:

@@ -5,7 +5,10 @@
 - ``quantile``: the quantile map onto a 1D mixture (the 1D flow), exactly
 - ``chaos``: Hermite chaos spectra by Gauss-Hermite quadrature, and when the
   normalised JVP second moment is the correlation
-- ``empirical``: the optimal velocity on a finite data set, EFM, hybrid sampler
+- ``empirical``: the optimal velocity u* on a finite data set, its posterior
+  weights and the measures of a sample against a training set (memorisation,
+  energy distance, distance to u*); integrating or training on u* is the
+  engine's (``engine.empirical_flow``, ``engine.small_flows``)
 - ``unified``: diffusion and flow-matching targets in one linear form
 - ``symbolic``: SymPy derivations; **the one place SymPy lives** (the other
   modules are torch only)

@@ -16,10 +16,13 @@
   pointwise functions in ``tangents_pointwise``
 - ``checkpoints``: atomic saves, ``weights_only=True`` loads, resume rules
 - ``small_flows``: small flows trained with the CFM or the EFM target on the
-  same minibatches, and the memorisation rule that compares them
+  same minibatches, the memorisation rule that compares them, and networks
+  regressed on the closed form u* itself (``fit_optimal``)
+- ``empirical_flow``: the closed form u* integrated to t = 1, alone or
+  before a network (the hybrid sampler)
 """
-from . import (checkpoints, composite, distributed, jvp, ode, probing, small_flows,
-               tangents, tangents_pointwise, tangents_value, train, velocity)
+from . import (checkpoints, composite, distributed, empirical_flow, jvp, ode, probing,
+               small_flows, tangents, tangents_pointwise, tangents_value, train, velocity)
 
-__all__ = ["checkpoints", "composite", "distributed", "jvp", "ode", "probing", "small_flows", "tangents",
-           "tangents_pointwise", "tangents_value", "train", "velocity"]
+__all__ = ["checkpoints", "composite", "distributed", "empirical_flow", "jvp", "ode", "probing",
+           "small_flows", "tangents", "tangents_pointwise", "tangents_value", "train", "velocity"]

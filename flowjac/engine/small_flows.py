@@ -1,12 +1,15 @@
-"""Small flows trained with CFM or EFM, and the memorisation rule that compares them.
+"""Small flows trained with CFM or EFM, networks trained on u* itself, and the memorisation rule.
 
 The empirical chapter asks whether regressing on the closed form u*
-(empirical flow matching, EFM) makes a network copy its training points
-where regressing on x1 - x0 (CFM) does not. ``fit_flow`` trains a given
-network with either target on the same minibatches, ``train_and_sample``
-adds its samples, ``two_moons`` is the chapter's 2D law, ``memorises`` is the chapter's criterion for one flow
-and ``copy_verdict`` reads a study of several capacities and seeds by the
-rule fixed before it ran. Explained in :ref:`sec_empirical_efm`.
+(empirical flow matching, EFM: ``efm_loss``) makes a network copy its
+training points where regressing on x1 - x0 (CFM) does not. ``fit_flow``
+trains a given network with either target on the same minibatches,
+``train_and_sample`` adds its samples, ``two_moons`` is the chapter's 2D
+law, ``memorises`` is the chapter's criterion for one flow and
+``copy_verdict`` reads a study of several capacities and seeds by the rule
+fixed before it ran. ``fit_optimal`` regresses a network on u* of the
+whole training set (the capacity study). Explained in
+:ref:`sec_empirical_efm` and :ref:`sec_empirical_capacity`.
 """
 from __future__ import annotations
 
@@ -16,13 +19,13 @@ import torch
 from torch import nn
 
 from flowjac._checks import check_choice, check_int, check_number
-from flowjac.closedform import empirical
+from flowjac.closedform.empirical import _check_data, _check_time, _check_x, optimal_velocity
 from flowjac.engine.ode import integrate
 from flowjac.engine.train import cfm_loss
 from flowjac.engine.velocity import velocity_fn
 
-__all__ = ["TARGETS", "COPY_STUDY", "two_moons", "study_data", "fit_flow",
-           "train_and_sample", "memorises", "copy_verdict"]
+__all__ = ["TARGETS", "COPY_STUDY", "two_moons", "study_data", "efm_loss", "fit_flow",
+           "train_and_sample", "memorises", "copy_verdict", "fit_optimal"]
 
 TARGETS = ("CFM", "EFM")
 # The CFM-against-EFM study where a network can copy (book/empirical.md,
@@ -63,6 +66,29 @@ def study_data(design: dict = COPY_STUDY) -> tuple:
     return train, held, fresh, z
 
 
+def efm_loss(model, x0, x1, t) -> torch.Tensor:
+    """Empirical flow matching: regress model(x_t, t) on u* of the minibatch; :ref:`sec_empirical_efm`.
+
+    ``x0`` and ``x1`` are (B, ...) noise and data, ``t`` is (B,) in [0, 1).
+    The target is ``optimal_velocity(x_t, t, x1)``: the closed form for the
+    empirical law of the minibatch, which contains the x1 that made x_t.
+    Returns the mean squared error over all entries, the scale of
+    ``flowjac.engine.train.cfm_loss``.
+    """
+    x1 = _check_data(x1)
+    x0 = _check_x(x0, x1, "x0")
+    if x0.shape[0] != x1.shape[0]:
+        raise ValueError(f"x0 and x1 must have the same batch size, got "
+                         f"{x0.shape[0]} and {x1.shape[0]}")
+    tt = _check_time(t, x1.shape[0], x1.device)
+    tb = tt.to(x1.dtype).reshape(-1, *([1] * (x1.ndim - 1)))
+    xt = (1 - tb) * x0 + tb * x1
+    with torch.no_grad():
+        target = optimal_velocity(xt, tt, x1)
+    pred = model(xt, tt.to(x1.dtype))
+    return (pred - target).pow(2).mean()
+
+
 def fit_flow(model: nn.Module, data: torch.Tensor, target: str, train_steps: int,
              batch_size: int = 256, lr: float = 2e-3, seed: int = 0) -> list:
     """Train ``model(x, t)`` on ``data`` with the CFM or the EFM target, Adam, in place; :ref:`sec_empirical_efm`.
@@ -71,7 +97,7 @@ def fit_flow(model: nn.Module, data: torch.Tensor, target: str, train_steps: int
     order, the minibatch indices, x0 ~ N(0, I) and t ~ U(0, 1), so the two
     targets see the same minibatches. CFM regresses on x1 - x0
     (``flowjac.engine.train.cfm_loss``), EFM on u* of the minibatch
-    (``flowjac.closedform.empirical.efm_loss``). Returns the losses.
+    (``efm_loss``). Returns the losses.
     """
     check_choice("target", target, TARGETS)
     if not torch.is_tensor(data) or data.ndim != 2 or data.shape[0] < 1:
@@ -91,7 +117,7 @@ def fit_flow(model: nn.Module, data: torch.Tensor, target: str, train_steps: int
         if target == "CFM":
             loss = cfm_loss(model, x0, x1, t)
         else:
-            loss = empirical.efm_loss(model, x0, x1, t)
+            loss = efm_loss(model, x0, x1, t)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -193,3 +219,37 @@ def copy_verdict(flags: dict) -> dict:
                   f"EFM copies where CFM is mixed at {named(open_)}")
     return {"status": status, "per_config": per_config, "verdict": verdict,
             "reason": reason}
+
+
+def fit_optimal(model, data, steps, batch_size=256, lr=2e-3, seed=0):
+    """Train ``model(x, t)`` by regression on u* of the whole data set (the capacity study); :ref:`sec_empirical_capacity`.
+
+    Each step draws x1 from ``data``, x0 ~ N(0, I), t ~ U(0, 1) and
+    minimises the mean squared error to ``optimal_velocity(x_t, t, data)``.
+    Returns the list of losses.
+    """
+    data = _check_data(data)
+    steps = check_int("steps", steps, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    g = torch.Generator().manual_seed(check_int("seed", seed, minimum=0))
+    dev = data.device
+    x1s = data.float()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        x1 = x1s[torch.randint(0, data.shape[0], (batch_size,),
+                               generator=g).to(dev)]
+        x0 = torch.randn(x1.shape, generator=g).to(dev)
+        t = torch.rand(batch_size, generator=g).to(dev)
+        tb = t.reshape(-1, *([1] * (x1.ndim - 1)))
+        xt = (1 - tb) * x0 + tb * x1
+        with torch.no_grad():
+            target = optimal_velocity(xt, t.double(), data)
+        loss = (model(xt, t) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

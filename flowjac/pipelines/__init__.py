@@ -10,8 +10,12 @@
 - ``covariance_study``: the exact-covariance chapter's studies (rho rules,
   the mixture table, equal compute, tails, interval coverage)
 - ``celeba``: the CelebA study (``run_celeba``), for users who have CelebA
+- ``hybrid``: the hybrid sampler's study (u* on [0, tau], then a network or
+  a null) on a grid of tau, shared by the empirical chapter and its stored
+  run (``tools/run_hybrid.py``): its design, bootstrap bands and rule
 """
-from . import celeba, covariance_study, interventions, interventions_study, patch_study, stored
+from . import (celeba, covariance_study, hybrid, interventions, interventions_study, patch_study,
+               stored)
 
-__all__ = ["celeba", "covariance_study", "interventions", "interventions_study", "patch_study",
-           "stored"]
+__all__ = ["celeba", "covariance_study", "hybrid", "interventions", "interventions_study",
+           "patch_study", "stored"]
