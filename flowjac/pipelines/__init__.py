@@ -13,9 +13,13 @@
 - ``hybrid``: the hybrid sampler's study (u* on [0, tau], then a network or
   a null) on a grid of tau, shared by the empirical chapter and its stored
   run (``tools/run_hybrid.py``): its design, bootstrap bands and rule
+- ``likelihood_study``: bits per dimension of held-out digits under the
+  flow of fives on a sequence of grids, their Richardson limit and the
+  AUROCs against an ink baseline, shared by the spectra chapter and its
+  stored run (``tools/run_likelihood.py``)
 """
-from . import (celeba, covariance_study, hybrid, interventions, interventions_study, patch_study,
-               stored)
+from . import (celeba, covariance_study, hybrid, interventions, interventions_study,
+               likelihood_study, patch_study, stored)
 
 __all__ = ["celeba", "covariance_study", "hybrid", "interventions", "interventions_study",
-           "patch_study", "stored"]
+           "likelihood_study", "patch_study", "stored"]
