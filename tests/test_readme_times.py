@@ -21,4 +21,4 @@ def test_the_generator_replaces_only_the_block():
     text = f"before\n{readme_times.START}\n| stale |\n{readme_times.END}\nafter\n"
     out = readme_times.rewrite(text)
     assert out.startswith("before\n") and out.endswith("after\n")
-    assert "| stale |" not in out and "| chapter | wall | peak memory |" in out
+    assert "| stale |" not in out and "| chapter | wall | kernel CPU | load | peak memory |" in out

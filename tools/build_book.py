@@ -104,27 +104,44 @@ def _clean(nb):
 
 
 class _PeakMemory:
-    """The largest resident memory (VmHWM) of this process's children (the
-    chapter's kernel), sampled every half second while a chapter runs."""
+    """What the chapter's kernel (this process's children) used while it ran,
+    sampled every half second: the largest resident memory (VmHWM), the CPU
+    seconds (user + system, the last reading of each child) and the machine's
+    mean one-minute load average. On a shared machine the wall time grows
+    with the load; the CPU seconds of a one-thread kernel do not, and are
+    close to the wall time the chapter takes on an idle machine."""
 
     def __init__(self):
         import threading
 
         self.peak, self._stop = 0, threading.Event()
+        self._cpu, self._loads = {}, []
         self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    @property
+    def cpu(self) -> float:
+        return sum(self._cpu.values())
+
+    @property
+    def load(self) -> float:
+        return sum(self._loads) / len(self._loads) if self._loads else float("nan")
 
     def _watch(self):
         import psutil
 
         me = psutil.Process()
         while not self._stop.is_set():
+            self._loads.append(os.getloadavg()[0])
             for child in me.children(recursive=True):
                 try:
                     with open(f"/proc/{child.pid}/status") as fh:
                         for line in fh:
                             if line.startswith("VmHWM:"):
                                 self.peak = max(self.peak, int(line.split()[1]) * 1024)
-                except OSError:
+                    t = child.cpu_times()
+                    self._cpu[child.pid] = max(self._cpu.get(child.pid, 0.0),
+                                               t.user + t.system)
+                except (OSError, psutil.Error):
                     pass
             self._stop.wait(0.5)
 
@@ -160,15 +177,16 @@ def execute(md: Path, dest: Path, parameters: dict, times: Path | None = None) -
     out = nbformat.read(dest, as_version=4)
     nbformat.write(_hide_tooling(_clean(out)), dest)
     _record_time(times or BUILD / "chapter_times.json", md.stem, secs, mem.peak,
-                 (parameters or {}).get("profile", "quick"))
+                 (parameters or {}).get("profile", "quick"), cpu=mem.cpu, load=mem.load)
     return secs
 
 
 TIMES = ROOT / "results" / "chapter_times.json"
 
 
-def _record_time(path: Path, chapter: str, secs: float, peak: int, profile: str) -> None:
-    """Merge one chapter's wall time and peak memory into the JSON file ``path``."""
+def _record_time(path: Path, chapter: str, secs: float, peak: int, profile: str,
+                 cpu: float | None = None, load: float | None = None) -> None:
+    """Merge one chapter's wall time, kernel CPU time, load and peak memory into the JSON file ``path``."""
     import json
 
     sys.path.insert(0, str(ROOT))
@@ -178,6 +196,8 @@ def _record_time(path: Path, chapter: str, secs: float, peak: int, profile: str)
     threads = os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count())
     data["chapters"][chapter] = dict(
         seconds=round(secs, 1), peak_bytes=int(peak), profile=profile,
+        cpu_seconds=None if cpu is None else round(cpu, 1),
+        load=None if load is None or load != load else round(load, 2),
         threads=int(threads) if threads.isdigit() else threads,
         cpu=hardware().get("cpu"), cpu_count=os.cpu_count(),
         date=time.strftime("%Y-%m-%d"))

@@ -5,9 +5,12 @@
 
 The table sits between the lines ``<!-- chapter-times: start -->`` and
 ``<!-- chapter-times: end -->``. Each row is a chapter of ``_toc.yml`` with
-the wall time and the kernel's peak resident memory of its last golden run
-(``make golden``, recorded by tools/build_book.py), the torch threads it ran
-with, the machine and the date: measured, never typed.
+the wall time, the kernel's CPU seconds, the machine's mean load average
+and the kernel's peak resident memory of its last golden run (``make
+golden``, recorded by tools/build_book.py), the torch threads it ran with,
+the machine and the date: measured, never typed. On a shared machine the
+wall time grows with the load; a one-thread kernel's CPU seconds are about
+what the chapter takes on an idle one ("–": recorded before they were).
 """
 from __future__ import annotations
 
@@ -42,13 +45,16 @@ def _titles() -> dict[str, str]:
 def table() -> str:
     """The markdown table of the recorded chapter times."""
     data = json.loads(TIMES.read_text())["chapters"] if TIMES.exists() else {}
-    rows = ["| chapter | wall | peak memory | threads | machine, date |",
-            "|---|---|---|---|---|"]
+    rows = ["| chapter | wall | kernel CPU | load | peak memory | threads | machine, date |",
+            "|---|---|---|---|---|---|---|"]
     for stem, title in _titles().items():
         r = data.get(stem)
         if r is None:
             continue
-        rows.append(f"| {title} | {r['seconds']:.0f} s | {r['peak_bytes'] / 1e9:.2f} GB | "
+        cpu = "–" if r.get("cpu_seconds") is None else f"{r['cpu_seconds']:.0f} s"
+        load = "–" if r.get("load") is None else f"{r['load']:.1f}"
+        rows.append(f"| {title} | {r['seconds']:.0f} s | {cpu} | {load} | "
+                    f"{r['peak_bytes'] / 1e9:.2f} GB | "
                     f"{r['threads']} | {r['cpu']} ({r['cpu_count']} cores), {r['date']} |")
     missing = [t for s, t in _titles().items() if s not in data]
     note = ("" if not missing else "\nNot yet recorded (no golden run since timing began): "
