@@ -48,6 +48,7 @@ __all__ = ["WEIGHTS_DIR", "RECIPES", "NAMES", "Pretrained", "available",
            "value_range_of", "to_pixels",
            "load_weights",
            "training_data", "sample", "evaluate_part", "write_manifest",
+           "training_history", "gates_along_training",
            "flow_config"]
 
 from flowjac.models.recipe_kinds import (  # noqa: E402,F401  (re-exported)
@@ -258,3 +259,36 @@ def write_manifest(records: dict, weights_dir=None) -> Path:
         parts[part] = rec
     return save_json(wdir / "manifest.json", {"format": "flowjac-manifest-1",
                                               "parts": parts})
+
+
+def _where(hw: dict) -> str:
+    return hw.get("gpu") or f"{hw.get('cpu', 'a CPU')} CPU ({hw.get('torch_threads', '?')} thread(s))"
+
+
+def training_history(entry: dict) -> str:
+    """How a shipped part was trained, stage by stage, read from its manifest ``entry``; :ref:`sec_attributes`.
+
+    A fine-tuned part (``first_stage`` in its entry, written by
+    ``tools/ship_part.py``) names both stages, their steps and hardware."""
+    first = entry.get("first_stage")
+    rec = entry.get("recipe") or {}
+    if not first:
+        return (f"It was trained for {entry['train_steps']:,} steps on "
+                f"{_where(entry['hardware'])} ({entry['train_seconds'] / 60:.0f} min).")
+    ft = rec.get("finetune") or {}
+    cool = ft.get("lr_cooldown")
+    how = ", ".join(x for x in (
+        f"batch {ft['batch_size']}" if "batch_size" in ft else "",
+        f"learning rate {ft['lr']:g}" if "lr" in ft else "",
+        f"cooled linearly to 0 from step {cool[0]:,}" if cool else "") if x)
+    return (f"It was trained for {first['train_steps']:,} steps on "
+            f"{_where(first['hardware'])} ({first['train_seconds'] / 60:.0f} min), then "
+            f"fine-tuned for {entry['train_steps'] - first['train_steps']:,} steps on "
+            f"{_where(entry['hardware'])}" + (f" ({how})" if how else "")
+            + f": {entry['train_steps']:,} steps in all.")
+
+
+def gates_along_training(entry: dict) -> list:
+    """The gates measured along training, the first stage's first for a fine-tuned part; :ref:`sec_attributes`."""
+    first = (entry.get("first_stage") or {}).get("gates_along_training") or []
+    return list(first) + list(entry.get("gates_along_training") or [])
