@@ -89,3 +89,23 @@ def test_sampler_argument_is_checked():
     for bad in ("rk4", "rk4:0", ":10", "rk4:ten"):
         with pytest.raises(SystemExit, match="--sampler"):
             ship_part._sampler(bad)
+
+
+def test_a_shipped_fine_tune_reads_as_two_stages(tmp_path, weights):
+    record, new, old = _record(tmp_path, weights)
+    rec = json.loads(record.read_text())
+    rec["hardware"] = {"cpu": "AMD EPYC", "torch_threads": 1}
+    rec["gates_along_training"] = [{"step": 3500, "readable": 0.9, "marginal_error": 0.1}]
+    record.write_text(json.dumps(rec))
+    entry = ship_part.ship(record, new, RK4, weights, replace=True)
+    text = pretrained.training_history(entry)
+    first = entry["first_stage"]
+    assert f"trained for {first['train_steps']:,} steps on" in text
+    assert f"fine-tuned for {entry['train_steps'] - first['train_steps']:,} steps" in text
+    assert "AMD EPYC CPU (1 thread(s))" in text
+    along = pretrained.gates_along_training(entry)
+    assert along[:-1] == old["gates_along_training"] and along[-1]["step"] == 3500
+    # a part trained in one stage reads as one
+    one = json.loads((weights / "manifest.json").read_text())["parts"]["mnist-fives"]
+    assert "fine-tuned" not in pretrained.training_history(one)
+    assert pretrained.gates_along_training(one) == one["gates_along_training"]
