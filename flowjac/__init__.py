@@ -28,13 +28,16 @@ chapter; tests/test_layers.py checks it):
 - ``data``: ``images`` (MNIST, CelebA), ``scm_images`` (the SCM renderer),
   ``morpho`` (Morpho-MNIST: measurements, its SCM, dataset, published test set)
 - ``causal``: ``scm`` (the binary SCM, exact by enumeration),
-  ``discovery`` (PC, CPDAG, SHD)
+  ``label_interventions`` (do(), abduction and counterfactuals on its labels,
+  exact), ``discovery`` (PC, CPDAG, SHD)
 - ``estimators``: ``moments``, ``covariance`` (covariances from JVPs, unbiased;
   the design in ``covariance_pairs``, the reduction in ``covariance_reduction``),
   ``intervals`` (bootstrap and heavy-tail-aware intervals), ``spectra``
   (local spectra of the flow map, divergence, log-likelihood, Hutch++)
-- ``pipelines``: ``stored`` (stored GPU runs), ``interventions`` and
-  ``interventions_study`` (seeing, doing, imagining on the SCM images),
+- ``pipelines``: ``stored`` (stored GPU runs), ``image_interventions``
+  (SCM images generated and read under observation, do() and
+  counterfactuals), ``interventions_study`` and ``interventions_tables``
+  (that chapter's studies, and its tables and verdicts),
   ``patch_study`` (the MNIST patch), ``covariance_study`` (the
   exact-covariance studies), ``celeba`` (the CelebA study)
 - ``cli``: the ``flowjac`` command line (``train``, ``sample``, ``probe``;

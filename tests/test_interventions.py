@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowjac.causal import interventions as iv
+from flowjac.causal import label_interventions
 from flowjac.causal.scm import BinarySCM, default_scm
 
 
@@ -47,13 +47,14 @@ def test_do_is_the_truncated_factorisation(make):
         assert np.array_equal(s1, s2) and np.allclose(p1, p2, atol=1e-15)
         assert abs(mut.marginals()[scm.index(name)] - val) < 1e-12
         # non-descendants keep their observational marginals
-        keep = [v for v in scm.nodes if v != name and v not in iv.descendants(scm, name)]
+        below = label_interventions.descendants(scm, name)
+        keep = [v for v in scm.nodes if v != name and v not in below]
         for v in keep:
             assert abs(mut.marginals()[scm.index(v)] - scm.marginals()[scm.index(v)]) < 1e-12
 
 
 def test_exact_tables_of_the_three_structures():
-    tab = iv.structure_table(default_scm())
+    tab = label_interventions.structure_table(default_scm())
     for kind, row in tab.items():
         for val in (0, 1):
             m = {"common cause": "C_warm", "collider": "Z_framed", "chain": "M_marker"}[kind]
@@ -72,12 +73,12 @@ def test_sample_and_propagate_share_the_noise(make):
     scm = make()
     g = torch.Generator().manual_seed(0)
     labels, u = scm.sample(500, g, return_noise=True)
-    assert torch.equal(iv.propagate(scm, u), labels)
-    low, high = iv.noise_posterior(scm, labels)
+    assert torch.equal(label_interventions.propagate(scm, u), labels)
+    low, high = label_interventions.noise_posterior(scm, labels)
     assert bool(((u >= low) & (u < high)).all())
     # abducted noise reproduces the observed labels
-    u2 = iv.abduct_noise(scm, labels, torch.Generator().manual_seed(1))
-    assert torch.equal(iv.propagate(scm, u2), labels)
+    u2 = label_interventions.abduct_noise(scm, labels, torch.Generator().manual_seed(1))
+    assert torch.equal(label_interventions.propagate(scm, u2), labels)
 
 
 @pytest.mark.parametrize("make", [default_scm, held_out_scm])
@@ -91,20 +92,20 @@ def test_counterfactual_matches_the_twin_network(make):
     obs = scm.sample(1, g)[0]
     target = scm.nodes[1]
     new = 1 - int(obs[1])
-    states, prob = iv.counterfactual(scm, obs, **{target: new})
+    states, prob = label_interventions.counterfactual(scm, obs, **{target: new})
     assert abs(prob.sum() - 1) < 1e-12
     n = 400_000 if d <= 5 else 2_000_000
     u = torch.rand(n, d, generator=g, dtype=torch.float64)
-    fact = iv.propagate(scm, u)
+    fact = label_interventions.propagate(scm, u)
     keep = (fact == obs).all(1)
-    cf = iv.propagate(scm, u[keep], **{target: new})
+    cf = label_interventions.propagate(scm, u[keep], **{target: new})
     idx = (cf * (2 ** torch.arange(d - 1, -1, -1))).sum(1)
     mc = np.bincount(idx.numpy(), minlength=2 ** d) / int(keep.sum())
     se = np.sqrt(prob * (1 - prob) / int(keep.sum()))
     assert np.all(np.abs(mc - prob) < 5 * se + 1e-3), int(keep.sum())
     # non-descendants of the target keep their observed value with probability 1
     nd = [j for j, v in enumerate(scm.nodes)
-          if v != target and v not in iv.descendants(scm, target)]
+          if v != target and v not in label_interventions.descendants(scm, target)]
     support = states[prob > 0]
     assert np.all(support[:, nd] == obs.numpy()[nd])
     assert np.all(support[:, 1] == new)
@@ -117,26 +118,26 @@ def test_errors():
     with pytest.raises(ValueError, match="name must be one of"):
         scm.do(nope=1)
     with pytest.raises(ValueError, match="at least one intervention"):
-        iv.do(scm)
+        label_interventions.do(scm)
     with pytest.raises(ValueError, match="labels must have shape"):
-        iv.noise_posterior(scm, torch.zeros(3, 4, dtype=torch.long))
+        label_interventions.noise_posterior(scm, torch.zeros(3, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="labels must be integers 0 or 1"):
-        iv.noise_posterior(scm, torch.full((1, 9), 2))
+        label_interventions.noise_posterior(scm, torch.full((1, 9), 2))
     det = BinarySCM(("a", "b"), {"a": (), "b": ("a",)},
                     {"a": {(): 0.5}, "b": {(0,): 0.0, (1,): 1.0}})
     with pytest.raises(ValueError, match="probability zero"):
-        iv.noise_posterior(det, torch.tensor([[1, 0]]))
+        label_interventions.noise_posterior(det, torch.tensor([[1, 0]]))
 
 
 def test_randomized_experiment_is_do():
     """Rows of draw_labels(randomize=[m]) with m = v follow do(m = v) exactly:
     their empirical joint matches the mutilated SCM's (chi-square-free check
     on correlations and marginals, 20,000 rows)."""
-    from flowjac.pipelines import interventions as pipe
+    from flowjac.pipelines import image_interventions
 
     scm = default_scm()
     g = torch.Generator().manual_seed(5)
-    lab = pipe.draw_labels(scm, 20_000, g, randomize=["C_warm", "M_marker"])
+    lab = image_interventions.draw_labels(scm, 20_000, g, randomize=["C_warm", "M_marker"])
     for m in ("C_warm", "M_marker"):
         im = scm.index(m)
         assert abs(lab[:, im].double().mean() - 0.5) < 0.02
@@ -154,7 +155,7 @@ def test_counterfactual_images_round_trip_and_keep_the_latent():
     counterfactual is rendered from the abducted latent."""
     from flowjac.models.conditional import LabelVelocity
     from flowjac.models.nets import FlowUNet
-    from flowjac.pipelines import interventions as pipe
+    from flowjac.pipelines import image_interventions
 
     torch.manual_seed(0)
     net = FlowUNet(3, 8, (1, 2), 16, 8, 1, 4, num_labels=9).double().eval()
@@ -164,22 +165,22 @@ def test_counterfactual_images_round_trip_and_keep_the_latent():
     labels = scm.sample(4, g)
     x = torch.rand(4, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
     smp = dict(method="rk4", steps=40)
-    out = pipe.counterfactual_images(lv, scm, x, labels, g, sampler=smp, M_marker=1)
+    out = image_interventions.counterfactual_images(lv, scm, x, labels, g, sampler=smp, M_marker=1)
     assert (out["round_trip"] - x).abs().max() < 1e-5
     assert bool((out["labels"][:, scm.index("M_marker")] == 1).all())
-    again, _ = pipe.generate(lv, out["labels"], z=out["z"], **smp)
+    again, _ = image_interventions.generate(lv, out["labels"], z=out["z"], **smp)
     assert torch.allclose(again, out["images"])
 
 
 def test_latent_intervention_reuses_precomputed_gradients():
-    from flowjac.pipelines import interventions as pipe
+    from flowjac.pipelines import image_interventions
 
     torch.manual_seed(0)
     clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
     velocity = lambda x, t: 0.5 * torch.tanh(x) - 0.2 * x   # noqa: E731
     z = torch.randn(5, 3, 2, 2)
     smp = dict(method="midpoint", steps=4)
-    grads = pipe.attribute_gradients(velocity, clf, z, sampler=smp, grad_batch=2)
+    grads = image_interventions.attribute_gradients(velocity, clf, z, sampler=smp, grad_batch=2)
     assert grads.shape == (5, 3, 12)
     # against the gradient of one logit by hand, row by row
     zr = z[:1].clone().requires_grad_(True)
@@ -187,22 +188,23 @@ def test_latent_intervention_reuses_precomputed_gradients():
     (g1,) = torch.autograd.grad(clf(integrate(velocity, zr, 4, "midpoint"))[0, 1], zr)
     torch.testing.assert_close(grads[0, 1], g1.flatten())
     for project in (False, True):
-        a = pipe.latent_intervention(velocity, clf, z, 0, value=1, project=project, sampler=smp)
-        b = pipe.latent_intervention(velocity, clf, z, 0, value=1, project=project, sampler=smp,
-                                     grads=grads)
+        a = image_interventions.latent_intervention(velocity, clf, z, 0, value=1,
+                                                    project=project, sampler=smp)
+        b = image_interventions.latent_intervention(velocity, clf, z, 0, value=1,
+                                                    project=project, sampler=smp, grads=grads)
         for key in ("after", "flipped", "step"):
             assert torch.equal(a[key].nan_to_num(-1), b[key].nan_to_num(-1)), key
     with pytest.raises(ValueError, match="grads must be"):
-        pipe.latent_intervention(velocity, clf, z, 0, value=1, project=True, sampler=smp,
-                                 grads=grads[:3])
+        image_interventions.latent_intervention(velocity, clf, z, 0, value=1, project=True,
+                                                sampler=smp, grads=grads[:3])
 
 
-def _tiny_conditional():
+def _tiny_conditional(seed=0):
     from flowjac.models.classifiers import AttributeNet
     from flowjac.models.conditional import LabelVelocity
     from flowjac.models.nets import FlowUNet
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     net = FlowUNet(3, 8, (1, 2), 16, 8, 1, 4, num_labels=9).eval().requires_grad_(False)
     clf = AttributeNet(n_attr=9, in_channels=3, width=4, stages=2).eval().requires_grad_(False)
     return LabelVelocity(net), clf
@@ -210,38 +212,57 @@ def _tiny_conditional():
 
 def test_studies_are_deterministic_and_their_tables_follow_the_scm():
     """The stored run and the chapter's live check rely on this: same seeds, same numbers."""
-    from flowjac.models.conditional import draw_latents
-    from flowjac.pipelines import interventions as pipe
-    from flowjac.pipelines import interventions_study as study
+    from flowjac.pipelines import interventions_study, interventions_tables
 
     lv, clf = _tiny_conditional()
     scm = default_scm()
     smp = dict(method="midpoint", steps=2, guidance=1.0)
-    a = study.seeing_doing(lv, clf, scm, 6, seed=3, sampler=smp)
-    b = study.seeing_doing(lv, clf, scm, 6, seed=3, sampler=smp)
+    a = interventions_study.seeing_doing(lv, clf, scm, 6, seed=3, sampler=smp)
+    b = interventions_study.seeing_doing(lv, clf, scm, 6, seed=3, sampler=smp)
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    # the chapter regenerates a prefix of the stored images from a prefix of the latents
-    z = draw_latents(lv, 6, 3 + 11)[:2]
-    x, _ = pipe.generate(lv, a["lab_obs"][:2], z=z, **smp)
-    torch.testing.assert_close(pipe.read(clf, x), a["p_obs"][:2], atol=1e-6, rtol=0)
     # the experiment's middle nodes are fair coins, independent of their parents
-    big = study.seeing_doing(lv, clf, scm, 1, seed=3, sampler=smp)
+    big = interventions_study.seeing_doing(lv, clf, scm, 1, seed=3, sampler=smp)
     assert big["lab_exp"].shape == (1, 9)
 
-    cf = study.counterfactuals(lv, clf, scm, 5, seed=3, sampler=smp, size=8, keep=2)
+    cf = interventions_study.counterfactuals(lv, clf, scm, 5, seed=3, sampler=smp, size=8,
+                                             keep=2)
     assert cf["x_real"].shape == (2, 3, 8, 8) and cf["rt_mean"].shape == (5,)
-    table = study.counterfactual_table(cf, scm)
+    table = interventions_tables.counterfactual_table(cf, scm)
     assert (table["non-descendants kept (labels)"] == 1).all()
     idx = {v: i for i, v in enumerate(scm.nodes)}
     for m, r in cf["do"].items():
         assert torch.equal(r["labels"][:, idx[m]], 1 - cf["labels"][:, idx[m]])   # flipped
         assert ((r["p_change"] >= 0) & (r["p_change"] <= 1 + 1e-12)).all()
 
-    lf = study.label_free(lv, clf, scm, 3, seed=3, sampler=smp, latent_shape=(3, 8, 8))
+    lf = interventions_study.label_free(lv, clf, scm, 3, seed=3, sampler=smp,
+                                        latent_shape=(3, 8, 8))
     exact = lf["p_change_exact"]
     assert torch.allclose(exact[:, idx["M_marker"]], torch.ones(3, dtype=torch.float64))
     assert torch.all(exact[:, idx["P_right"]] == 0)          # a parent never changes under do()
-    lt = study.label_free_table(lf, scm)
+    lt = interventions_tables.label_free_table(lf, scm)
     assert lt.loc["exact do (counterfactual)", "P changed (do: 0)"] == 0
     assert set(lt.index) == {"plain gradient", "projected", "exact do (counterfactual)"}
+
+    # a stored run made of these studies is recomputed in part from the same model
+    meta = dict(n_images=6, n_cf=5, n_latent=3, seed=3, sampler=smp, weights_sha256="abc",
+                seconds=dict(seeing_doing=60.0, counterfactuals=30.0, label_free=30.0),
+                hardware=dict(cpu="a CPU", torch_threads=1))
+    stored_run = dict(seeing_doing=a, counterfactuals=cf, label_free=lf, meta=meta)
+    kwargs = dict(sampler=smp, seed=3, weights_sha256="abc", latent_shape=(3, 8, 8))
+    diffs = interventions_study.check_stored_run(stored_run, lv, clf, **kwargs)
+    assert set(diffs) == {"observation readings", "counterfactual images",
+                          "unconditional readings"}
+    assert max(diffs.values()) < 1e-5, diffs
+    text = interventions_study.stored_run_text(meta, diffs)
+    assert "6 images per setting, 5 counterfactual images and 3 latents" in text
+    assert "a CPU (1 thread) in 2 minutes" in text
+    # another model's numbers are not reproduced, and another design is refused
+    other, _ = _tiny_conditional(seed=1)
+    assert max(interventions_study.check_stored_run(stored_run, other, clf,
+                                                    **kwargs).values()) > 1e-3
+    for key, value in (("weights_sha256", "def"), ("seed", 4),
+                       ("sampler", dict(smp, guidance=2.0))):
+        with pytest.raises(ValueError, match=f"the stored run has {key} = "):
+            interventions_study.check_stored_run(stored_run, lv, clf,
+                                                 **dict(kwargs, **{key: value}))

@@ -4,12 +4,12 @@ one clear ValueError naming its source, before further work."""
 import pytest
 import torch
 
-from flowjac.causal import interventions as iv
+from flowjac.causal import label_interventions
 from flowjac.causal.scm import default_scm
 from flowjac.engine import probing
 from flowjac.estimators import intervals, spectra
 from flowjac.models.adapters import from_callable
-from flowjac.pipelines import interventions as pipe
+from flowjac.pipelines import image_interventions
 
 NAN = float("nan")
 
@@ -108,25 +108,25 @@ def test_interventions_refuse_nan_inputs_and_outputs():
     u = torch.rand(5, len(scm.nodes), dtype=torch.float64)
     u[2, 1] = NAN
     with pytest.raises(ValueError, match="noise must be uniform draws in .0, 1.; 1 entries"):
-        iv.propagate(scm, u)
+        label_interventions.propagate(scm, u)
     with pytest.raises(ValueError, match="images must be finite; it has 1 NaN"):
-        pipe.read(torch.nn.Identity(), torch.tensor([[0.0, NAN]]))
+        image_interventions.read(torch.nn.Identity(), torch.tensor([[0.0, NAN]]))
 
     class NanClassifier(torch.nn.Module):
         def forward(self, x):
             return x.flatten(1) * NAN
     with pytest.raises(ValueError, match="the classifier NanClassifier gives NaN or inf "
                                          "probabilities for 2 of 2 rows"):
-        pipe.read(NanClassifier(), torch.zeros(2, 3))
+        image_interventions.read(NanClassifier(), torch.zeros(2, 3))
     z = torch.randn(3, 4)
     sampler = dict(method="euler", steps=2)
     with pytest.raises(ValueError, match="the flow composed with the classifier Linear"):
-        pipe.attribute_gradients(Linear(bad_after=0.0), torch.nn.Linear(4, 2), z,
-                                 sampler=sampler)
+        image_interventions.attribute_gradients(Linear(bad_after=0.0), torch.nn.Linear(4, 2),
+                                                z, sampler=sampler)
     grads = torch.randn(3, 2, 4)
     for kwargs, fragment in [(dict(target=0, value=2), "value must be 0 or 1"),
                              (dict(target=5, value=1), "target must be < 2"),
                              (dict(target=0, value=1, z=z * NAN), "z must be finite")]:
         args = dict(dict(z=z, project=False, sampler=sampler, grads=grads), **kwargs)
         with pytest.raises(ValueError, match=fragment):
-            pipe.latent_intervention(Linear(), torch.nn.Linear(4, 2), **args)
+            image_interventions.latent_intervention(Linear(), torch.nn.Linear(4, 2), **args)

@@ -118,7 +118,7 @@ class BinarySCM:
 
     def do(self, **values) -> "BinarySCM":
         """The mutilated SCM under do(name=value, ...); :ref:`sec_interventions`."""
-        from flowjac.causal.interventions import do
+        from flowjac.causal.label_interventions import do
 
         return do(self, **values)
 

@@ -1,10 +1,12 @@
 """Chapter pipelines: the heavy lifting of chapters, on stored or shipped runs.
 
 - ``stored``: the stored GPU probe runs (load, reproduce live, group spreads)
-- ``interventions``: labels, images and readings for seeing, doing and
-  imagining with the label-conditional flow
+- ``image_interventions``: labels drawn, rendered by the label-conditional
+  flow and read back, for seeing, doing and imagining on images
 - ``interventions_study``: that chapter's three studies as functions, shared
   by the chapter and its stored run (``tools/run_interventions.py``)
+- ``interventions_tables``: that chapter's tables and verdict sentences,
+  read from the studies' tensors
 - ``patch_study``: the 6x6 patch of the MNIST flows (readout, the paper's
   forward differences, one flow's summary for the training-set-size study)
 - ``covariance_study``: the exact-covariance chapter's studies (rho rules,
@@ -27,11 +29,11 @@
   plain samples at equal compute, against the flow's own and the SCM's exact
   value, with the rule of its verdict
 """
-from . import (celeba, covariance_study, hybrid, interventions, interventions_study,
-               likelihood_study, patch_study, stored)
+from . import (celeba, covariance_study, hybrid, image_interventions, interventions_study,
+               interventions_tables, likelihood_study, patch_study, stored)
 
-__all__ = ["celeba", "covariance_study", "hybrid", "interventions", "interventions_study",
-           "likelihood_study", "patch_study", "stored"]
+__all__ = ["celeba", "covariance_study", "hybrid", "image_interventions", "interventions_study",
+           "interventions_tables", "likelihood_study", "patch_study", "stored"]
 
 from . import morpho_counterfactuals, morpho_soft
 

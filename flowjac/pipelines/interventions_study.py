@@ -1,33 +1,36 @@
 """The three studies of :ref:`sec_interventions` as functions: seeing and doing, counterfactual images, a label-free intervention.
 
-Built from the image steps of ``flowjac.pipelines.interventions`` and the
-exact label mathematics of ``flowjac.causal.interventions``.
+Built from the image steps of ``flowjac.pipelines.image_interventions`` and
+the exact label mathematics of ``flowjac.causal.label_interventions``.
 
 The chapter runs them live (``live=True``, the full profile) or loads the
 stored run that ``tools/run_interventions.py`` made with the same
 functions (``results/interventions_run.pt``, the quick profile) and
-recomputes a few of its images live to show that it belongs to the shipped
-model. Each study returns plain tensors (labels, classifier readings,
-per-image measurements), so the tables are computed from them the same way
-in both cases (``counterfactual_table``, ``label_free_table``).
+recomputes a few of its images live (``check_stored_run``) to show that it
+belongs to the shipped model. Each study returns plain tensors (labels,
+classifier readings, per-image measurements), so the tables and verdicts
+are computed from them the same way in both cases
+(``flowjac.pipelines.interventions_tables``).
 
 The seeds follow the chapter's: ``seed + 10`` .. ``seed + 12`` for seeing
-and doing, ``seed + 20`` .. ``seed + 22`` for counterfactuals, ``seed + 30``
-for the label-free intervention.
+and doing (``seed + 13`` for their bootstrap, in the tables), ``seed + 20``
+.. ``seed + 22`` for counterfactuals, ``seed + 30`` for the label-free
+intervention.
 """
 from __future__ import annotations
 
 import torch
 
 from flowjac._checks import check_int
-from flowjac.causal import interventions as iv
+from flowjac.causal import label_interventions
 from flowjac.causal.scm import STRUCTURES, BinarySCM
 from flowjac.engine.ode import integrate
-from flowjac.pipelines.interventions import (abduct_latent, attribute_gradients, draw_labels,
-                                             generate, latent_intervention, read)
+from flowjac.pipelines.image_interventions import (abduct_latent, attribute_gradients,
+                                                   draw_labels, generate,
+                                                   latent_intervention, read)
 
-__all__ = ["COUNTERFACTUAL_NODES", "seeing_doing", "counterfactuals", "counterfactual_table",
-           "label_free", "label_free_table"]
+__all__ = ["COUNTERFACTUAL_NODES", "seeing_doing", "counterfactuals", "label_free",
+           "check_stored_run", "stored_run_text"]
 
 COUNTERFACTUAL_NODES = ("C_warm", "X_large", "M_marker")
 
@@ -84,18 +87,18 @@ def counterfactuals(velocity, classifier, scm: BinarySCM, n: int, *, seed: int,
     out = dict(labels=lab, x_real=x_real[:keep], rt_max=err.max(1).values,
                rt_mean=err.mean(1), do={})
     for m in COUNTERFACTUAL_NODES:
-        u = iv.abduct_noise(scm, lab, g)
+        u = label_interventions.abduct_noise(scm, lab, g)
         new = torch.empty_like(lab)
         flip = 1 - lab[:, idx[m]]
         for val in (0, 1):
             rows = flip == val
             if rows.any():
-                new[rows] = iv.propagate(scm, u[rows], **{m: val})
+                new[rows] = label_interventions.propagate(scm, u[rows], **{m: val})
         x_cf, _ = generate(velocity, new, z=z, device=device, **smp)
-        desc = [idx[v] for v in iv.descendants(scm, m)]
+        desc = [idx[v] for v in label_interventions.descendants(scm, m)]
         p_change = torch.zeros(n, len(desc), dtype=torch.float64)
         for i in range(n):
-            st, pr = iv.counterfactual(scm, lab[i], **{m: int(new[i, idx[m]])})
+            st, pr = label_interventions.counterfactual(scm, lab[i], **{m: int(new[i, idx[m]])})
             for c, j in enumerate(desc):
                 p_change[i, c] = float((pr * (st[:, j] != int(lab[i, j]))).sum())
         same = render(new, size, generator=torch.Generator().manual_seed(jitter)) * 2 - 1
@@ -106,32 +109,6 @@ def counterfactuals(velocity, classifier, scm: BinarySCM, n: int, *, seed: int,
                             mse_other=_mse(x_cf, other), mse_fresh=_mse(fresh, same),
                             images=x_cf[:keep])
     return out
-
-
-def counterfactual_table(result: dict, scm: BinarySCM):
-    """The counterfactual checks per intervened node, as a pandas DataFrame; :ref:`sec_interventions`."""
-    import pandas as pd
-
-    idx = {v: i for i, v in enumerate(scm.nodes)}
-    lab, rows = result["labels"], []
-    for m, r in result["do"].items():
-        desc = iv.descendants(scm, m)
-        nd = [idx[v] for v in scm.nodes if v != m and v not in desc]
-        dd = [idx[v] for v in desc]
-        new = r["labels"]
-        rows.append({
-            "do": m,
-            "non-descendants kept (labels)": float((new[:, nd] == lab[:, nd]).double().mean()),
-            "read back = y' (all 9)": float((r["readback"] == new).all(1).double().mean()),
-            "descendants changed": (float((new[:, dd] != lab[:, dd]).double().mean())
-                                    if dd else float("nan")),
-            "exact P(change)": float(r["p_change"].mean()) if dd else float("nan"),
-            "MSE to same jitter": float(r["mse_same"].mean()),
-            "MSE to other jitter": float(r["mse_other"].mean()),
-            "fresh latent, same jitter": float(r["mse_fresh"].mean()),
-        })
-    return pd.DataFrame(rows).set_index("do")
-
 
 def label_free(velocity, classifier, scm: BinarySCM, n: int, *, seed: int, sampler: dict,
                target: str = "M_marker", latent_shape=(3, 32, 32), device="cpu") -> dict:
@@ -171,36 +148,64 @@ def label_free(velocity, classifier, scm: BinarySCM, n: int, *, seed: int, sampl
             flipped=flipped, after=after)
     p_exact = torch.zeros(n, len(scm.nodes), dtype=torch.float64)
     for i in range(n):
-        st, pr = iv.counterfactual(scm, read0[i], **{target: int(1 - read0[i, it])})
+        st, pr = label_interventions.counterfactual(scm, read0[i], **{target: int(1 - read0[i, it])})
         for j in range(len(scm.nodes)):
             p_exact[i, j] = float((pr * (st[:, j] != int(read0[i, j]))).sum())
     out["p_change_exact"] = p_exact
     out["target"] = target
     return out
 
+def check_stored_run(stored_run: dict, velocity, classifier, *, sampler: dict, seed: int,
+                     weights_sha256: str, latent_shape, device="cpu") -> dict:
+    """Recompute a few images of a stored run from the loaded model and return the largest difference of each kind; :ref:`sec_interventions_images`.
 
-def label_free_table(result: dict, scm: BinarySCM, parent: str = "P_right",
-                     child: str = "Q_low"):
-    """Flip, parent and child change rates of the label-free moves beside exact do(); :ref:`sec_interventions`."""
-    import pandas as pd
+    The run's ``meta`` must record the chapter's design: its ``sampler``,
+    ``seed`` and the ``weights_sha256`` of the conditional flow. It names no
+    module, so the comparison is on these values alone and a renamed module
+    leaves a stored run valid. A value that differs raises one ValueError
+    naming it. Then four observational readings, two counterfactual images
+    under do(C flipped) and two readings of the unconditional mode are
+    recomputed with the studies' seeds; returns ``{what: max |now - stored|}``.
+    """
+    from flowjac.models.conditional import draw_latents
 
-    idx = {v: i for i, v in enumerate(scm.nodes)}
-    it, ip, ic = idx[result["target"]], idx[parent], idx[child]
-    read0 = (result["p_before"] > 0.5).long()
-    others = [j for j in range(len(scm.nodes)) if j != it]
-    res = {}
-    for name, r in result["moved"].items():
-        f, after = r["flipped"], r["after"]
-        res[name] = {
-            f"flipped {result['target'].split('_')[0]}": float(f.double().mean()),
-            "P changed (do: 0)": float((after[f, ip] != read0[f, ip]).double().mean()),
-            "Q changed": float((after[f, ic] != read0[f, ic]).double().mean()),
-            "others changed": float((after[f][:, others] != read0[f][:, others])
-                                    .double().mean()),
-        }
-    res["exact do (counterfactual)"] = {
-        f"flipped {result['target'].split('_')[0]}": 1.0,
-        "P changed (do: 0)": float(result["p_change_exact"][:, ip].mean()),
-        "Q changed": float(result["p_change_exact"][:, ic].mean()),
-        "others changed": float("nan")}
-    return pd.DataFrame(res).T
+    meta = stored_run["meta"]
+    for key, want in (("sampler", dict(sampler)), ("seed", seed),
+                      ("weights_sha256", weights_sha256)):
+        if meta.get(key) != want:
+            raise ValueError(f"the stored run has {key} = {meta.get(key)!r} where the chapter "
+                             f"uses {want!r}; rerun tools/run_interventions.py")
+    sd, cf, lf = (stored_run[k] for k in ("seeing_doing", "counterfactuals", "label_free"))
+    diffs = {}
+    z = draw_latents(velocity, len(sd["lab_obs"]), seed + 11)[:4]
+    x, _ = generate(velocity, sd["lab_obs"][:4], z=z, device=device, **sampler)
+    diffs["observation readings"] = float(
+        (read(classifier, x, device=device) - sd["p_obs"][:4]).abs().max())
+    fine = dict(sampler, steps=2 * sampler["steps"])     # as counterfactuals() abducts
+    node = COUNTERFACTUAL_NODES[0]
+    z = abduct_latent(velocity, cf["x_real"][:2], cf["labels"][:2], device=device, **fine)
+    x, _ = generate(velocity, cf["do"][node]["labels"][:2], z=z, device=device, **fine)
+    diffs["counterfactual images"] = float((x - cf["do"][node]["images"][:2]).abs().max())
+    z0 = torch.randn(len(lf["p_before"]), *latent_shape,
+                     generator=torch.Generator().manual_seed(seed + 30))[:2]
+    with torch.no_grad():
+        x = integrate(velocity.unconditional(), z0.to(device), sampler["steps"],
+                      sampler["method"])
+    diffs["unconditional readings"] = float(
+        (read(classifier, x, device=device) - lf["p_before"][:2]).abs().max())
+    return diffs
+
+
+def stored_run_text(meta: dict, diffs: dict) -> str:
+    """The stored run in words for the page: its sizes, hardware and time from its ``meta``, and ``check_stored_run``'s differences; :ref:`sec_interventions_images`."""
+    from flowjac.base import hardware_text
+
+    return (f"In this build these images, and those of the next two sections, come from a "
+            f"stored run: {meta['n_images']:,} images per setting, {meta['n_cf']} "
+            f"counterfactual images and {meta['n_latent']} latents moved, made on "
+            f"{hardware_text(meta['hardware'])} in {sum(meta['seconds'].values()) / 60:.0f} "
+            "minutes. Its meta records the design it was made with (the sampler, the seed and "
+            "the sha256 of the weights, no module names), which the chapter checks against "
+            "its own; a few of its images, recomputed now from the shipped model, differ from "
+            f"the stored ones by at most {max(diffs.values()):.0e} ("
+            + ", ".join(f"{k} {v:.0e}" for k, v in diffs.items()) + ").")

@@ -1,4 +1,4 @@
-"""Interventions and counterfactuals on a binary SCM, exactly.
+"""Interventions and counterfactuals on the labels of a binary SCM, exactly: no flow, no image.
 
 Every mechanism of a ``BinarySCM`` is X_j = 1[U_j < p_j(pa_j)] with its own
 exogenous noise U_j ~ Uniform(0, 1), independent across j: this is how
@@ -20,7 +20,7 @@ afterthought. Then
   topological order, exact. ``propagate`` runs the mechanisms on given noise
   (for sampling: abduct noise, then propagate under do()).
 
-On labels only, no flow and no image: ``flowjac.pipelines.interventions``
+On labels only, no flow and no image: ``flowjac.pipelines.image_interventions``
 carries these operations to images through a conditional flow, and
 ``flowjac.pipelines.interventions_study`` runs the chapter's studies.
 Explained in :ref:`sec_interventions` (``book/interventions.md``).

@@ -1,4 +1,4 @@
-"""The pipeline of :ref:`sec_interventions`: labels, images and readings.
+"""Interventions on images, :ref:`sec_interventions`: labels drawn, rendered through a conditional flow and read back.
 
 Seeing, doing and imagining on the SCM images with a label-conditional flow
 u(x, t, y): draw labels from the SCM (observation), from a randomized
@@ -8,7 +8,7 @@ back with the shortcut-free attribute classifier. Counterfactual images
 abduct the latent exactly, z = phi^{-1}(x; y), by integrating the ODE
 backwards, then push it forward under the counterfactual labels.
 
-The exact label mathematics it calls is ``flowjac.causal.interventions``;
+The exact label mathematics it calls is ``flowjac.causal.label_interventions``;
 the chapter's three studies, built from these steps, are
 ``flowjac.pipelines.interventions_study``.
 """
@@ -19,7 +19,7 @@ import itertools
 import torch
 
 from flowjac._checks import check_finite, check_int
-from flowjac.causal import interventions as iv
+from flowjac.causal import label_interventions
 from flowjac.causal.scm import BinarySCM
 from flowjac.engine.ode import integrate
 
@@ -38,13 +38,13 @@ def draw_labels(scm: BinarySCM, n: int, generator: torch.Generator,
     n = check_int("n", n, minimum=1)
     _, u = scm.sample(n, generator, return_noise=True)
     if not randomize:
-        return iv.propagate(scm, u)
+        return label_interventions.propagate(scm, u)
     coins = torch.randint(0, 2, (n, len(randomize)), generator=generator)
     out = torch.empty(n, len(scm.nodes), dtype=torch.int64)
     for combo in itertools.product((0, 1), repeat=len(randomize)):
         rows = (coins == torch.tensor(combo)).all(1)
         if rows.any():
-            out[rows] = iv.propagate(scm, u[rows], **dict(zip(randomize, combo)))
+            out[rows] = label_interventions.propagate(scm, u[rows], **dict(zip(randomize, combo)))
     return out
 
 
@@ -113,8 +113,8 @@ def counterfactual_images(velocity, scm: BinarySCM, x: torch.Tensor,
     """
     z = abduct_latent(velocity, x, labels, device=device, **sampler)
     round_trip, _ = generate(velocity, labels, z=z, device=device, **sampler)
-    u = iv.abduct_noise(scm, labels, generator)
-    new = iv.propagate(scm, u, **values)
+    u = label_interventions.abduct_noise(scm, labels, generator)
+    new = label_interventions.propagate(scm, u, **values)
     x_cf, _ = generate(velocity, new, z=z, device=device, **sampler)
     return dict(z=z, round_trip=round_trip, labels=new, images=x_cf)
 
