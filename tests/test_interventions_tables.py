@@ -208,3 +208,21 @@ def test_label_free_verdict_compares_with_do_by_binomial_errors():
                                      readable_ok=True)["parent_kept"]
     assert not tables.label_free_verdict(_lf_table(projected=(0.975, 2 * se_p + 1e-9, 0.4)), 40,
                                          readable_ok=True)["parent_kept"]
+
+
+def test_a_record_from_before_intervals_is_judged_on_its_own_gates_only():
+    """The pixel-range statistic of a training-time record is not a gate of this flow."""
+    old = dict(min_accuracy=0.991, in_range=0.994, passed=True,
+               memorization=dict(nn_ratio=1.28, copy_share=0.0),
+               sampler=dict(method="midpoint", steps=10, guidance=1.0))
+    rows = tables.conditional_gate_rows(old)
+    assert [r["gate"] for r in rows] == ["min_accuracy", "nn_ratio", "copy_share"]
+    assert all(r["status"] == "pass (point)" and r["low"] is None for r in rows)
+    labels = torch.randint(0, 2, (40, 9), generator=torch.Generator().manual_seed(1))
+    v = tables.gate_verdict(old, quality.conditional_gates(labels.clone(), labels))
+    assert v["ok"] and "when it was trained is 0.991 (limit >= 0.95: pass (point))" in v["text"]
+    # a record with a status table keeps exactly its gates
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (400, 9), generator=g)
+    new = dict(_record(labels.clone(), labels), in_range=0.5)
+    assert {r["gate"] for r in tables.conditional_gate_rows(new)} == set(new["status"])

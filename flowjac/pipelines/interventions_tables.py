@@ -19,12 +19,14 @@ from flowjac.causal.scm import STRUCTURES, BinarySCM
 from flowjac.estimators.intervals import bootstrap_ci
 from flowjac.pipelines import stored
 
-__all__ = ["SETTINGS", "structure_frame", "image_table", "counterfactual_table",
+__all__ = ["SETTINGS", "CONDITIONAL_GATES", "conditional_gate_rows", "structure_frame", "image_table", "counterfactual_table",
            "label_free_table", "paper_rule_table", "gate_verdict", "images_verdict",
            "counterfactual_verdict", "paper_rule_verdict", "label_free_verdict"]
 
 # the columns of the exact table, the middle node of each structure written m
 SETTINGS = ("observe", "condition m=1", "condition m=0", "do m=1", "do m=0")
+# the gates of a label-conditional flow: read-back (quality.conditional_gates), memorization
+CONDITIONAL_GATES = ("min_accuracy", "nn_ratio", "copy_share")
 
 
 def counterfactual_table(result: dict, scm: BinarySCM):
@@ -181,12 +183,26 @@ def paper_rule_table(probes: dict, scm: BinarySCM, measured: dict,
     return pd.DataFrame(rows).set_index("structure")
 
 
-def _not_passed(gates: dict) -> list:
+def _not_passed(gates: dict, rows=None) -> list:
     """The gates of a record that do not pass, as "name (status)"."""
     from flowjac.models import quality
 
-    return [f"{r['gate']} ({r['status']})" for r in quality.gate_rows(gates)
+    return [f"{r['gate']} ({r['status']})" for r in (rows or quality.gate_rows(gates))
             if not r["status"].startswith("pass")]
+
+
+def conditional_gate_rows(record: dict) -> list:
+    """``quality.gate_rows`` of a label-conditional flow's record, its own gates only; :ref:`sec_interventions`.
+
+    A record with a ``status`` table lists exactly its gates; one measured
+    before intervals existed holds other statistics as well (``in_range``,
+    the pixel-range gate of the flows of fives, which no conditional flow
+    is judged by), so its rows are kept to ``CONDITIONAL_GATES``.
+    """
+    from flowjac.models import quality
+
+    rows = quality.gate_rows(record)
+    return rows if record.get("status") else [r for r in rows if r["gate"] in CONDITIONAL_GATES]
 
 
 def _provisional(ok: bool, what: str) -> str:
@@ -204,9 +220,8 @@ def gate_verdict(record: dict, live: dict) -> dict:
     ends with what follows for the chapter: its comparisons stand, or are
     provisional.
     """
-    from flowjac.models import quality
-
-    rows = {r["gate"]: r for r in quality.gate_rows(record)}
+    table = conditional_gate_rows(record)
+    rows = {r["gate"]: r for r in table}
     acc = rows["min_accuracy"]
     shown = (f"{acc['value']:.3f}" if acc["low"] is None else
              f"{acc['value']:.3f} [{acc['low']:.3f}, {acc['high']:.3f}]")
@@ -217,7 +232,7 @@ def gate_verdict(record: dict, live: dict) -> dict:
     live_status = live["status"]["min_accuracy"]
     lo, hi = live["intervals"]["min_accuracy"]
     ok = bool(record["passed"]) and live_status != "fail"
-    bad = _not_passed(record) + (["the live read-back (fail)"] if live_status == "fail" else [])
+    bad = _not_passed(record, table) + (["the live read-back (fail)"] if live_status == "fail" else [])
     smp = record["sampler"]
     how = (f"{smp['method']} with {smp['steps']} steps and "
            + ("no guidance" if smp.get("guidance", 1.0) == 1.0 else
