@@ -16,7 +16,9 @@ chapter; tests/test_layers.py checks it):
   ``probing`` (JVPs at scale), ``tangents`` (exact forward-mode rules for
   any network's own code; the value in ``tangents_value``, the pointwise
   derivatives in ``tangents_pointwise``), ``train`` (CFM, EMA),
-  ``checkpoints``
+  ``checkpoints``, ``distributed`` (torchrun), ``small_flows`` (small
+  flows trained with the CFM or the EFM target, the memorisation rule),
+  ``empirical_flow`` (u* integrated: its samples and the hybrid sampler)
 - ``models``: ``nets`` (MLPFlow, FlowUNet; exact tangents by the engine's rules),
   ``conditional`` (label-conditional velocities), ``classifiers``,
   ``adapters`` (torchcfm and flow_matching models as velocities; its rooms
@@ -24,7 +26,8 @@ chapter; tests/test_layers.py checks it):
   and ``adapters_door``, the one door ``open_flow``),
   ``torchcfm_recipe`` (a flow trained with torchcfm's own parts),
   ``quality`` (the gates), ``pretrained`` (shipped, sha256-checked models:
-  ``available()``, ``load()``; its rooms ``recipe_settings`` and ``recipe_kinds``)
+  ``available()``, ``load()``; its rooms ``recipe_settings`` and ``recipe_kinds``),
+  ``morpho_models`` and ``morpho_gates`` (Morpho-MNIST recipes and gates)
 - ``data``: ``images`` (MNIST, CelebA), ``scm_images`` (the SCM renderer),
   ``morpho`` (Morpho-MNIST: measurements, its SCM, dataset, published test set)
 - ``causal``: ``scm`` (the binary SCM, exact by enumeration),
@@ -39,7 +42,11 @@ chapter; tests/test_layers.py checks it):
   counterfactuals), ``interventions_study`` and ``interventions_tables``
   (that chapter's studies, and its tables and verdicts),
   ``patch_study`` (the MNIST patch), ``covariance_study`` (the
-  exact-covariance studies), ``celeba`` (the CelebA study)
+  exact-covariance studies), ``hybrid`` (the hybrid-sampler study),
+  ``likelihood_study`` (bits per dimension with their grid error),
+  ``morpho_counterfactuals`` and ``morpho_soft`` (Morpho-MNIST
+  counterfactuals by the published protocol; soft attributes),
+  ``celeba`` (the CelebA study)
 - ``cli``: the ``flowjac`` command line (``train``, ``sample``, ``probe``;
   the parser in ``cli_parser``, the commands in ``cli_commands``),
   on one process or many under torchrun (``python -m flowjac``)

@@ -98,3 +98,18 @@ def test_the_api_page_documents_every_module():
     missing = sorted({m.__name__ for m in modules()} - documented)
     assert not missing, f"book/api.md has no automodule for {missing}"
     assert "file: book/api" in (ROOT / "_toc.yml").read_text()
+
+
+def test_the_package_map_names_every_module():
+    """flowjac/__init__.py's map and each subpackage's docstring name all their modules."""
+    top = flowjac.__doc__
+    missing = []
+    for mod in modules():
+        parts = mod.__name__.split(".")
+        if len(parts) != 3 or parts[2].startswith("_"):
+            continue
+        sub = importlib.import_module(".".join(parts[:2]))
+        for where, doc in (("flowjac/__init__.py", top), (f"{parts[1]}/__init__.py", sub.__doc__)):
+            if f"``{parts[2]}``" not in (doc or ""):
+                missing.append(f"{mod.__name__} (in {where})")
+    assert not missing, f"modules the package maps do not name: {missing}"
