@@ -213,9 +213,9 @@ def grid_verdict(full: dict, ref_full_limit, ref: dict, ref_fine, steps, design:
     ``full`` is ``grid_study`` on every image; ``ref_full_limit`` its limit
     on the reference images, ``ref`` the ``grid_study`` of the reference
     images' finest triple and ``ref_fine`` their bpd on its finest grid.
-    Returns ``q_err`` (the ``err_quantile`` of |limit - bpd| per grid of
-    ``steps``), ``q_ref`` (of |ref limit - full limit|), ``q_ref_move`` (of
-    |ref limit - ref_fine|), ``trusted``, ``converged`` (grid -> bool),
+    Returns ``q_err`` (the ``err_quantile`` of ``|limit - bpd|`` per grid of
+    ``steps``), ``q_ref`` (of ``|ref limit - full limit|``), ``q_ref_move`` (of
+    ``|ref limit - ref_fine|``), ``trusted``, ``converged`` (grid -> bool),
     ``finest_converged`` (None if none) and ``status``: "converged",
     "extrapolated only" or "not shown convergent".
     """
