@@ -109,6 +109,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def atomic_torch_save(path: str | os.PathLike, obj) -> Path:
+    """``torch.save(obj)`` to ``path`` through :func:`atomic_write_bytes`; :ref:`sec_how_to_run`.
+
+    The whole file appears at once or not at all: a run killed mid-write
+    leaves the previous file (a checkpoint, a stored run) as it was."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 def save_json(path: str | os.PathLike, obj: dict) -> Path:
     """Write ``obj`` as indented JSON, atomically; :ref:`sec_how_to_run`."""
     text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default)

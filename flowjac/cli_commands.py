@@ -228,12 +228,8 @@ def _inputs(args):
 
 
 def _sample(args, ctx):
-    import io
-
-    import torch
-
     from flowjac._checks import check_memory, check_out_file
-    from flowjac.base import atomic_write_bytes, hardware
+    from flowjac.base import atomic_torch_save, hardware
     from flowjac.engine import distributed
     from flowjac.models.pretrained import sample
     from flowjac.plotting import save_image_grid
@@ -266,9 +262,7 @@ def _sample(args, ctx):
         if out.suffix.lower() == ".png":
             save_image_grid(out, flow.to_pixels(x))
         else:
-            buf = io.BytesIO()
-            torch.save({"x": x, "meta": meta}, buf)
-            atomic_write_bytes(out, buf.getvalue())
+            atomic_torch_save(out, {"x": x, "meta": meta})
     distributed.on_main(ctx, write)
     if ctx.is_main:
         print(f"wrote {n} samples to {out} ({seconds:.1f} s)")

@@ -22,6 +22,7 @@ from flowjac.base import (  # noqa: F401  (re-exported)
     _cpu_model,
     _json_default,
     _umask,
+    atomic_torch_save,
     atomic_write_bytes,
     get_device,
     hardware,

@@ -42,7 +42,7 @@ BELOW = {
     "base": set(),
     "_checks": set(),
 }
-GROUND_NAMES = {"DEVICES", "repo_root", "seed_everything", "get_device", "atomic_write_bytes",
+GROUND_NAMES = {"DEVICES", "repo_root", "seed_everything", "get_device", "atomic_write_bytes", "atomic_torch_save",
                 "save_json", "load_results", "hardware", "_TMP_INFIX", "_cpu_model",
                 "_json_default", "_umask"}
 

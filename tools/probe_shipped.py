@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flowjac.engine import probing  # noqa: E402
 from flowjac.models import pretrained
-from flowjac.utils import atomic_write_bytes, hardware  # noqa: E402
+from flowjac.base import atomic_torch_save, hardware  # noqa: E402
 
 PATCH = [r * 28 + c for r in range(6, 12) for c in range(12, 18)]
 
@@ -46,13 +46,6 @@ class Patch(torch.nn.Module):
 
     def forward(self, x):
         return pretrained.to_pixels(x.flatten(1)[:, self.idx], self.value_range)
-
-
-def save(obj, path):
-    import io
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def run(name, readout_of, k, n, n_plain, device, batch, grad_outputs,
@@ -119,7 +112,7 @@ def main(argv=None):
                   args.n * (1 + k), args.device, args.batch,
                   [pre.attr_names.index(a) for a in ("C_warm", "Z_framed", "M_marker")],
                   dtype, wd, args.out, grad_batch=args.grad_batch)
-        save(res, args.out / "attributes_probes.pt")
+        atomic_torch_save(args.out / "attributes_probes.pt", res)
         done(args.out, "scm")
     if args.only in (None, "mnist"):
         k = args.k
@@ -127,7 +120,7 @@ def main(argv=None):
                   2 * args.n * (1 + k), args.device, args.batch, (), dtype, wd,
                   args.out)
         res["plain"] = res["plain"].half()
-        save(res, args.out / "mnist_probes.pt")
+        atomic_torch_save(args.out / "mnist_probes.pt", res)
         done(args.out, "mnist")
     if args.only == "mnist-torchcfm":
         k = args.k
@@ -136,7 +129,7 @@ def main(argv=None):
                   2 * args.n * (1 + k), args.device, args.batch, (), torch.float32, wd,
                   args.out)
         res["plain"] = res["plain"].half()
-        save(res, args.out / "mnist_torchcfm_probes.pt")
+        atomic_torch_save(args.out / "mnist_torchcfm_probes.pt", res)
         done(args.out, "mnist-fives-torchcfm")
 
 

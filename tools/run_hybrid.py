@@ -17,7 +17,6 @@ weights' sha256).
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flowjac.closedform import empirical  # noqa: E402
 from flowjac.models import pretrained  # noqa: E402
 from flowjac.pipelines import hybrid  # noqa: E402
-from flowjac.utils import atomic_write_bytes, hardware  # noqa: E402
+from flowjac.base import atomic_torch_save, hardware  # noqa: E402
 
 DESIGN = hybrid.HYBRID_STUDY
 
@@ -77,9 +76,7 @@ def main(argv=None):
                          seconds=seconds, hardware=hardware(),
                          torch_threads=torch.get_num_threads(),
                          weights_sha256=fives.manifest["mnist-fives"]["sha256"])
-    buf = io.BytesIO()
-    torch.save(study, buf)
-    atomic_write_bytes(args.out, buf.getvalue())
+    atomic_torch_save(args.out, study)
     print("wrote", args.out)
 
 

@@ -13,7 +13,6 @@ chapter's quick profile loads it and recomputes a few images live.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flowjac.causal.scm import default_scm  # noqa: E402
 from flowjac.models import pretrained  # noqa: E402
 from flowjac.pipelines import interventions_study as study  # noqa: E402
-from flowjac.utils import atomic_write_bytes, hardware  # noqa: E402
+from flowjac.base import atomic_torch_save, hardware  # noqa: E402
 
 
 def main(argv=None):
@@ -52,9 +51,7 @@ def main(argv=None):
                        seed=args.seed, sampler=smp, seconds=seconds, hardware=hardware(),
                        torch_threads=torch.get_num_threads(),
                        weights_sha256=cond.manifest["scm-conditional"]["sha256"])
-    buf = io.BytesIO()
-    torch.save(res, buf)
-    atomic_write_bytes(args.out, buf.getvalue())
+    atomic_torch_save(args.out, res)
     print("wrote", args.out)
 
 

@@ -19,7 +19,6 @@ sha256.
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import sys
 import time
@@ -29,17 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flowjac import data  # noqa: E402
-from flowjac.base import atomic_write_bytes, hardware  # noqa: E402
+from flowjac.base import atomic_torch_save, hardware  # noqa: E402
 from flowjac.models import pretrained  # noqa: E402
 from flowjac.pipelines import likelihood_study as ls  # noqa: E402
 
 DESIGN = ls.LIKELIHOOD_STUDY
-
-
-def _save(path: Path, obj: dict) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def _same_design(a: dict, b: dict) -> bool:
@@ -102,7 +95,7 @@ def run(out, design: dict = DESIGN, force: bool = False, device: str = "cpu",
         state["meta"]["batches"].append(dict(lo=lo, hi=hi, seconds=secs,
                                              hardware=hardware(),
                                              torch_threads=torch.get_num_threads()))
-        _save(partial, state)
+        atomic_torch_save(partial, state)
         log(f"images {lo}-{hi - 1}: {secs:.0f} s (total {state['meta']['seconds'] / 60:.1f} "
             f"min, {int(state['done'].sum())} of {n})")
         stopped += 1
@@ -110,7 +103,7 @@ def run(out, design: dict = DESIGN, force: bool = False, device: str = "cpu",
             return None
     state["meta"].update(complete=True, hardware=hardware(),
                          torch_threads=torch.get_num_threads())
-    _save(out, state)
+    atomic_torch_save(out, state)
     partial.unlink()
     log(f"wrote {out} ({state['meta']['seconds'] / 60:.1f} min)")
     return state

@@ -25,7 +25,6 @@ on two cores) and ``--merge`` adds a part's flows to ``--out``.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import time
 from pathlib import Path
@@ -36,15 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flowjac.closedform import empirical  # noqa: E402
 from flowjac.engine import empirical_flow, small_flows  # noqa: E402
 from flowjac.models.nets import MLPFlow  # noqa: E402
-from flowjac.utils import atomic_write_bytes, hardware  # noqa: E402
+from flowjac.base import atomic_torch_save, hardware  # noqa: E402
 
 DESIGN = small_flows.COPY_STUDY
-
-
-def save(out, res):
-    buf = io.BytesIO()
-    torch.save(res, buf)
-    atomic_write_bytes(out, buf.getvalue())
 
 
 def main(argv=None):
@@ -68,7 +61,7 @@ def main(argv=None):
         res["runs"].update(part["runs"])
         res["meta"].update(seconds=sum(r["seconds"] for r in res["runs"].values()),
                            complete=len(res["runs"]) == n_runs)
-        save(args.out, res)
+        atomic_torch_save(args.out, res)
         print(f"merged {len(part['runs'])} flows: {len(res['runs'])} of {n_runs}")
         return
     sizes = (DESIGN["sizes"] if args.sizes is None
@@ -110,7 +103,7 @@ def main(argv=None):
                         torch_threads=torch.get_num_threads(),
                         seconds=sum(r["seconds"] for r in res["runs"].values()),
                         complete=len(res["runs"]) == n_runs)
-                    save(args.out, res)
+                    atomic_torch_save(args.out, res)
                     print(f"{key}: NN ratio {memo['nn_ratio']:.3f}, near share "
                           f"{memo['near_share']:.3f}, copy share {memo['copy_share']:.3f}, "
                           f"{res['runs'][key]['seconds']:.0f} s", flush=True)

@@ -27,7 +27,6 @@ midpoint steps an image, so all 10,000 take about 9.5 hours there.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import time
 from pathlib import Path
@@ -36,16 +35,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from flowjac.base import atomic_write_bytes, hardware  # noqa: E402
+from flowjac.base import atomic_torch_save, hardware  # noqa: E402
 from flowjac.data import morpho  # noqa: E402
 from flowjac.models.recipe_settings import sha256  # noqa: E402
 from flowjac.pipelines import morpho_counterfactuals as mc  # noqa: E402
-
-
-def _save(path: Path, obj: dict) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_flow(path, device="cpu"):
@@ -121,7 +114,7 @@ def run(out, flow, *, n: int | None = None, batch: int = 50, classifier=None,
         state["done"] = hi
         state["meta"]["seconds"] += secs
         state["meta"]["batches"].append(dict(lo=lo, hi=hi, seconds=secs))
-        _save(partial, state)
+        atomic_torch_save(partial, state)
         log(f"images {lo}-{hi - 1}: {secs:.0f} s (total {state['meta']['seconds'] / 60:.1f} "
             f"min, {hi} of {n})")
         stopped += 1
@@ -135,7 +128,7 @@ def run(out, flow, *, n: int | None = None, batch: int = 50, classifier=None,
                            torch_threads=torch.get_num_threads(),
                            weights_sha256={"flow": settings["flow_sha256"],
                                            "classifier": clf_sha})}
-    _save(out, result)
+    atomic_torch_save(out, result)
     partial.unlink()
     log(f"wrote {out} ({state['meta']['seconds'] / 60:.1f} min): "
         f"{summary['verdict']['text']}")

@@ -22,7 +22,6 @@ same arguments continues where it stopped. An existing output is kept
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import time
 from pathlib import Path
@@ -34,13 +33,7 @@ from flowjac.engine import probing  # noqa: E402
 from flowjac.models import pretrained  # noqa: E402
 from flowjac.models.adapters import open_flow  # noqa: E402
 from flowjac.pipelines import patch_study  # noqa: E402
-from flowjac.utils import atomic_write_bytes, hardware, repo_root  # noqa: E402
-
-
-def save(obj, path):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+from flowjac.base import atomic_torch_save, hardware, repo_root  # noqa: E402
 
 
 def stored_run(n):
@@ -126,7 +119,7 @@ def main(argv=None):
                     fd=dict(patch_study.PAPER_FD, dtype="float32"), flow=name,
                     source=source, hardware=hardware())
         res["plain"] = res["plain"].half()
-        save(res, out)
+        atomic_torch_save(out, res)
         for what in ("probe", "plain"):
             (args.out / f".{name}-{what}.partial").unlink(missing_ok=True)
         print(name, {k: meta[k] for k in ("n", "k", "fd_n", "fd_seconds") if k in meta},

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flowjac.models import morpho_models, quality  # noqa: E402
 from flowjac.models.morpho_models import to_grey  # noqa: E402
-from flowjac.base import atomic_write_bytes, save_json  # noqa: E402
+from flowjac.base import atomic_torch_save, save_json  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,15 +68,11 @@ def _refuse(args, outputs, work) -> str | None:
 
 
 def _save_samples(path: Path, gates: dict) -> None:
-    import io
-
     keep = {"samples": torch.from_numpy(to_grey(gates["samples"]))}
     for key in ("t", "i", "digits"):
         if key in gates:
             keep[key] = torch.as_tensor(gates[key])
-    buf = io.BytesIO()
-    torch.save(keep, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_torch_save(path, keep)
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,6 @@ clear error for a missing, empty or directory path. Explained in :ref:`sec_neura
 from __future__ import annotations
 
 import copy
-import io
 import re
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from flowjac._checks import check_int
-from flowjac.base import atomic_write_bytes
+from flowjac.base import atomic_torch_save
 
 __all__ = ["read_checkpoint", "save_checkpoint", "load_checkpoint", "load_or_train",
            "check_finite_weights"]
@@ -73,9 +72,7 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, step: int = 0,
                "config": _plain(dict(config or {}), "config"),
                "optimizer": optimizer.state_dict() if optimizer else None,
                "ema": ema, "extra": extra}
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_torch_save(path, payload)
 
 
 def _reason(text: str) -> str:

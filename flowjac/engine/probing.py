@@ -73,15 +73,11 @@ class _Partial:
     def save(self, done: int, res: dict, secs: dict) -> None:
         if self.path is None:
             return
-        import io
+        from flowjac.base import atomic_torch_save
 
-        from flowjac.base import atomic_write_bytes
-
-        buf = io.BytesIO()
-        torch.save(dict(settings=self.settings, done=done, secs=dict(secs),
-                        res={k: [t.detach().cpu() for t in v] for k, v in res.items()}),
-                   buf)
-        atomic_write_bytes(self.path, buf.getvalue())
+        atomic_torch_save(self.path, dict(
+            settings=self.settings, done=done, secs=dict(secs),
+            res={k: [t.detach().cpu() for t in v] for k, v in res.items()}))
 
 
 class PixelReadout:

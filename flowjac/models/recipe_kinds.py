@@ -473,14 +473,11 @@ class TorchcfmFlowRecipe(FlowRecipe):
 
     def _finish(self, run: _Run) -> dict:
         """The shipped file in torchcfm's checkpoint format, from the work file."""
-        import io
-
+        from flowjac.base import atomic_torch_save
         from flowjac.models.torchcfm_recipe import shipped_payload
-        from flowjac.base import atomic_write_bytes
 
-        buf = io.BytesIO()
-        torch.save(shipped_payload(run.out_dir / f".{self.part}-training.pt"), buf)
-        atomic_write_bytes(run.out_dir / run.recipe["file"], buf.getvalue())
+        atomic_torch_save(run.out_dir / run.recipe["file"],
+                          shipped_payload(run.out_dir / f".{self.part}-training.pt"))
         return run.record
 
 

@@ -28,14 +28,13 @@ Explained in :ref:`sec_byom`.
 """
 from __future__ import annotations
 
-import io
 import time
 from pathlib import Path
 
 import torch
 
 from flowjac._checks import check_int, check_number
-from flowjac.base import atomic_write_bytes
+from flowjac.base import atomic_torch_save
 from flowjac.engine.checkpoints import read_checkpoint
 from flowjac.engine.train import check_cooldown, cooldown_factor
 
@@ -53,12 +52,6 @@ def build_unet(**unet_kwargs):
     kw = dict(unet_kwargs)
     kw["dim"] = tuple(kw["dim"])
     return UNetModelWrapper(**kw)
-
-
-def _save(path, payload) -> None:
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 @torch.no_grad()
@@ -167,7 +160,7 @@ def train_torchcfm(images: torch.Tensor, out_path, *, unet: dict, train_steps: i
         if ema_debias:
             payload["ema_debiased"] = debiased_ema(ema_net.state_dict(), initial,
                                                    ema_decay, step)
-        _save(out_path, payload)
+        atomic_torch_save(out_path, payload)
         if on_chunk is not None:
             view = build_unet(**unet)
             view.load_state_dict(payload.get("ema_debiased", payload["ema_model"]))
