@@ -345,7 +345,12 @@ def test_train_part_finetune_stage_start_from_and_resume(tmp_path, monkeypatch):
     pretrained.train_part("mnist-fives", tmp_path / "res", chunk=2, start_from=first,
                           resume=True, on_chunk=lambda m, s: seen.append(s) or True)
     assert seen == [6]
-    assert (tmp_path / "res" / ".mnist-fives-finetune-training.pt").exists()
+    work = tmp_path / "res" / ".mnist-fives-finetune-training.pt"
+    kept = work.read_bytes()
+    # started again without resume: refused, and the interrupted run's checkpoint kept
+    with pytest.raises(FileExistsError, match="earlier run's training checkpoint.*resume"):
+        pretrained.train_part("mnist-fives", tmp_path / "res", chunk=2, start_from=first)
+    assert work.read_bytes() == kept
     pretrained.train_part("mnist-fives", tmp_path / "res", chunk=2, start_from=first,
                           resume=True, on_chunk=lambda m, s: seen.append(s))
     assert seen == [6, 8, 10]

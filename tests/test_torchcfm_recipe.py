@@ -141,3 +141,21 @@ def test_train_shipped_set_overrides_a_copy_of_the_recipe():
             override(r, bad)
     with pytest.raises(SystemExit):
         main(["mnist-fives-torchcfm", "--out", "unused", "--set", "lr"])
+
+
+def test_train_shipped_refuses_to_discard_an_interrupted_run(tmp_path, monkeypatch):
+    """Without --resume, a work checkpoint in --out stops the run with one
+    message naming --resume; the checkpoint is left as it was."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import train_shipped
+
+    monkeypatch.setattr(train_shipped, "_classifier", lambda *a: None)
+    work = tmp_path / ".mnist-fives-training.pt"
+    work.write_bytes(b"an interrupted run")
+    with pytest.raises(SystemExit, match=r"mnist-fives: .*earlier run's training "
+                                         r"checkpoint.*--resume"):
+        train_shipped.main(["mnist-fives", "--out", str(tmp_path), "--no-along"])
+    assert work.read_bytes() == b"an interrupted run"

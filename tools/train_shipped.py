@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flowjac.engine.checkpoints import load_checkpoint  # noqa: E402
 from flowjac.models import pretrained  # noqa: E402
-from flowjac.utils import save_json  # noqa: E402
+from flowjac.base import atomic_torch_save, save_json  # noqa: E402
 
 CLASSIFIER_OF = {"scm-flow": "scm-classifier", "scm-conditional": "scm-classifier",
                  "mnist-fives": "mnist-digits", "mnist-fives-torchcfm": "mnist-digits"}
@@ -224,11 +224,14 @@ def main(argv=None):
                   flush=True)
             return bool(args.stop_when_passed and g.get("passed"))
 
-        rec = pretrained.train_part(part, args.out, device=args.device,
-                                    train_steps=args.train_steps,
-                                    time_budget=args.time_budget,
-                                    chunk=args.chunk, on_chunk=on_chunk,
-                                    start_from=args.start_from, resume=args.resume)
+        try:
+            rec = pretrained.train_part(part, args.out, device=args.device,
+                                        train_steps=args.train_steps,
+                                        time_budget=args.time_budget,
+                                        chunk=args.chunk, on_chunk=on_chunk,
+                                        start_from=args.start_from, resume=args.resume)
+        except FileExistsError as err:      # an interrupted run's checkpoint: never lost
+            raise SystemExit(f"train_shipped: {part}: {err.args[0]}") from None
         print(part, "trained", rec["train_steps"], "steps in",
               round(rec["train_seconds"], 1), "s", flush=True)
         model = pretrained.load_weights(part, args.out / rec["file"])
@@ -239,7 +242,7 @@ def main(argv=None):
             rec["gates_by_sampler"] = _measure(part, model, clf, args,
                                                _samplers(args.samplers))
             samples = rec["gates_by_sampler"][0]["samples"]
-            torch.save(to_uint8(samples, part), args.out / f"{part}_samples.pt")
+            atomic_torch_save(args.out / f"{part}_samples.pt", to_uint8(samples, part))
             for g in rec["gates_by_sampler"]:
                 g.pop("samples")
                 g.pop("labels", None)

@@ -300,8 +300,11 @@ class FlowRecipe(Recipe):
         done_total, chunk_times, losses = 0, [], []
         for suffix, st, st_steps in stages:
             work = run.out_dir / f".{self.part}{suffix}-training.pt"
-            if not resume:
-                work.unlink(missing_ok=True)
+            if not resume and work.exists():     # hours of training: never discarded silently
+                raise FileExistsError(
+                    f"{str(work)!r} holds an earlier run's training checkpoint; pass "
+                    f"resume=True (train_shipped.py --resume) to continue it, or remove "
+                    f"the file to start over")
             done = 0
             if resume and work.exists():
                 payload = load_checkpoint(work, model)
