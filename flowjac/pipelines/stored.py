@@ -22,7 +22,18 @@ import torch
 from flowjac._checks import check_int
 from flowjac.base import repo_root
 
-__all__ = ["load_probes", "reproduce", "group_spread", "selection_verdict", "label_corr"]
+__all__ = ["load_probes", "reproduce", "group_spread", "selection_verdict", "label_corr",
+           "PAPER_FD_ATTRIBUTES", "fd_changes_verdict"]
+
+#: The paper's own estimator on the attribute latents (issue 32.6), fixed
+#: before its run (``tools/run_paper_fd.py``): float32 forward differences
+#: of the classifier's logits, (c(phi(z + eps v)) - c(phi(z))) / eps, with
+#: the paper's eps for attributes and its Euler solver of 99 steps, along
+#: the first probe v of the first ``n`` latents of
+#: ``results/attributes_probes.pt`` (the size one CPU core computes in
+#: about half an hour); ``batch`` latents per partial write.
+PAPER_FD_ATTRIBUTES = dict(eps=1e-2, steps=99, method="euler", dtype="float32",
+                           n=500, probe=0, batch=25, n_boot=1000, boot_seed=0)
 
 _KEYS = ("out", "jvp", "rho", "out_pair", "jvp_pair", "plain", "meta")
 
@@ -128,6 +139,25 @@ def selection_verdict(unselected: tuple, selected: tuple) -> tuple:
                          f"than every unselected group ({un_lo:+.2f} to {un_hi:+.2f})")
     return "fails", (f"the selected groups ({sel_lo:+.2f} to {sel_hi:+.2f}) do not all lie "
                      f"nearer 0 than the unselected ones ({un_lo:+.2f} to {un_hi:+.2f})")
+
+
+def fd_changes_verdict(exact: tuple, fd: tuple, baseline: float) -> tuple:
+    """Does the paper's forward difference change a verdict that exact JVPs give? :ref:`sec_attributes`.
+
+    ``exact`` and ``fd``: 95% intervals ``(low, high)`` of one error (e.g. an
+    off-diagonal MAE) of the same estimator computed with exact JVPs and
+    with the paper's forward differences on the same latents; ``baseline``:
+    the trivial baseline's error. Each is placed, by a rule fixed before
+    the run, as ``"beats"`` the baseline (interval below it), ``"loses"``
+    (above) or ``"ties"`` (straddles it). Returns ``(changes, exact_place,
+    fd_place)``: ``changes`` is True when the two places differ.
+    """
+    def place(iv):
+        lo, hi = (float(v) for v in iv)
+        return "beats" if hi < baseline else "loses" if lo > baseline else "ties"
+
+    a, b = place(exact), place(fd)
+    return a != b, a, b
 
 
 def label_corr(labels: torch.Tensor, i: int, j: int) -> float:
