@@ -10,7 +10,12 @@ for both networks) and along k probes at once (the primal path computed once
 for all k). Prints, as JSON with the hardware, ``exact_jvp_per_sample`` =
 exact JVP / sample and ``k_probes_per_1_plus_k_samples`` = k probes /
 ((1 + k) samples), beside issue 31's targets (2.2 and 1.0), and which
-tangent path ran. Ratios only: the absolute times of a shared machine mean
+tangent path ran. It also times one sample of the (1 + k) B latents in a
+single batch (``joint sample``): k probes carry (1 + k) B images' worth of
+activations through every layer, as that batch does, so
+``k_probes_per_joint_sample`` is the tangents' own cost and
+``joint_sample_per_1_plus_k_samples`` what the larger working set alone
+costs on this machine's caches. Ratios only: the absolute times of a shared machine mean
 little. Stored as ``results/jvp_cost.json``.
 
     python benchmarks/jvp_cost.py [--batch 32] [--k 4] [--steps 2]
@@ -49,10 +54,12 @@ def measure(name: str, batch: int, k: int, steps: int, method: str,
     z = torch.randn(batch, *shipped.latent_shape, generator=g)
     v1 = random_probes(z, generator=g)
     vk = random_probes(z, k=k, generator=g)
+    zk = z.repeat(1 + k, *([1] * (z.ndim - 1)))     # (1 + k) B latents in one batch
     secs = bench({
         "sample": lambda: integrate(vel, z, steps, method=method),
         "exact JVP": lambda: flow_jvp(vel, z, v1, steps, method=method),
         f"exact JVP, k={k} probes": lambda: flow_jvp(vel, z, vk, steps, method=method),
+        "joint sample": lambda: integrate(vel, zk, steps, method=method),
     }, repeats)
     base = secs["sample"]
     return {
@@ -64,6 +71,12 @@ def measure(name: str, batch: int, k: int, steps: int, method: str,
         "k_probes_per_sample": round(secs[f"exact JVP, k={k} probes"] / base, 2),
         "k_probes_per_1_plus_k_samples": round(
             secs[f"exact JVP, k={k} probes"] / ((1 + k) * base), 2),
+        # the same work in one batch of (1 + k) B latents: how much of the
+        # gap to (1 + k) samples is the larger working set, not the tangents
+        "joint_sample_per_1_plus_k_samples": round(
+            secs["joint sample"] / ((1 + k) * base), 2),
+        "k_probes_per_joint_sample": round(
+            secs[f"exact JVP, k={k} probes"] / secs["joint sample"], 2),
     }
 
 
