@@ -10,6 +10,7 @@ from flowjac.engine import probing
 from flowjac.models import pretrained
 from flowjac.pipelines import patch_study
 from flowjac.pipelines.stored import PAPER_FD_ATTRIBUTES, fd_changes_verdict
+from flowjac.pipelines.stored import fd_comparison as stored_fd_comparison
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import run_paper_fd  # noqa: E402
@@ -51,3 +52,23 @@ def test_run_resumes_exactly_and_keeps_its_output(tmp_path):
                tmp_path / "other.pt.partial")
     with pytest.raises(SystemExit, match="another design"):
         run_paper_fd.run(tmp_path / "other.pt", design)
+
+
+def test_fd_comparison_same_numbers_same_place_and_the_heavy_latents():
+    g = torch.Generator().manual_seed(0)
+    exact = torch.randn(200, 3, generator=g, dtype=torch.float64)
+    exact[:, 1] += exact[:, 0]
+    exact[7] *= 100                      # one latent carries most of the moment
+    truth = torch.eye(3, dtype=torch.float64)
+    res = stored_fd_comparison(exact, exact.clone(), truth, 0.5, n_boot=50)
+    assert torch.equal(res["est"][0], res["est"][1]) and not res["changes"]
+    assert res["place_exact"] == res["place_fd"] and res["heavy"].tolist() == [7]
+    assert float(res["rel"].abs().max()) == 0.0
+    # a forward difference that zeroes the correlation moves below the baseline
+    fd = exact.clone()
+    fd[:, 1] = torch.randn(200, generator=g, dtype=torch.float64)
+    fd[:, 0] = torch.randn(200, generator=g, dtype=torch.float64)
+    res = stored_fd_comparison(exact, fd, truth, 0.2, n_boot=200)
+    assert res["place_fd"] == "beats" and res["place_exact"] == "loses" and res["changes"]
+    with pytest.raises(ValueError, match="one shape"):
+        stored_fd_comparison(exact, fd[:, :2], truth, 0.2)

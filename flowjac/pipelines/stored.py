@@ -23,7 +23,7 @@ from flowjac._checks import check_int
 from flowjac.base import repo_root
 
 __all__ = ["load_probes", "reproduce", "group_spread", "selection_verdict", "label_corr",
-           "PAPER_FD_ATTRIBUTES", "fd_changes_verdict"]
+           "PAPER_FD_ATTRIBUTES", "fd_changes_verdict", "fd_comparison"]
 
 #: The paper's own estimator on the attribute latents (issue 32.6), fixed
 #: before its run (``tools/run_paper_fd.py``): float32 forward differences
@@ -158,6 +158,46 @@ def fd_changes_verdict(exact: tuple, fd: tuple, baseline: float) -> tuple:
 
     a, b = place(exact), place(fd)
     return a != b, a, b
+
+
+def fd_comparison(exact: torch.Tensor, fd: torch.Tensor, truth: torch.Tensor,
+                  baseline: float, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """The paper's normalised E[dd^T] from exact JVPs and from its forward differences on the same latents, against ``truth``; :ref:`sec_attributes`.
+
+    ``exact``, ``fd``: (m, p) JVPs of the same latents along the same
+    probe; ``truth``: the (p, p) correlation both estimate; ``baseline``:
+    the error of the trivial estimate (zeros). Returns ``est``, ``low``,
+    ``high`` (the off-diagonal MAE of each, exact then forward difference,
+    with a 95% percentile bootstrap over latents, the same resamples for
+    both), ``rel`` (each latent's relative error ||fd - exact|| / ||exact||),
+    ``heavy`` (the fewest latents carrying half of the exact second moment)
+    and ``fd_changes_verdict``'s ``changes``, ``place_exact``, ``place_fd``.
+    """
+    from flowjac.estimators import intervals, moments
+    from flowjac.models.quality import offdiag_mae
+
+    exact, fd = exact.double(), fd.double()
+    if exact.shape != fd.shape or exact.ndim != 2:
+        raise ValueError(f"exact and fd must be (m, p) of one shape, got "
+                         f"{tuple(exact.shape)} and {tuple(fd.shape)}")
+    p = exact.shape[1]
+    ref = np.asarray(truth, dtype=float)
+
+    def maes(rows):
+        return torch.tensor([offdiag_mae(moments.moment_to_corr(
+            moments.second_moment(rows[:, j:j + p])).numpy(), ref) for j in (0, p)])
+
+    est, low, high = intervals.bootstrap_ci(
+        maes, torch.cat([exact, fd], 1), n_boot=n_boot,
+        generator=torch.Generator().manual_seed(seed))
+    sq = (exact ** 2).sum(1)
+    order = sq.argsort(descending=True)
+    heavy = order[:int((sq[order].cumsum(0) < 0.5 * sq.sum()).sum()) + 1]
+    changes, place_exact, place_fd = fd_changes_verdict(
+        (low[0], high[0]), (low[1], high[1]), baseline)
+    return dict(est=est, low=low, high=high,
+                rel=(fd - exact).norm(dim=1) / exact.norm(dim=1), heavy=heavy,
+                changes=changes, place_exact=place_exact, place_fd=place_fd)
 
 
 def label_corr(labels: torch.Tensor, i: int, j: int) -> float:
