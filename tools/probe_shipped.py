@@ -29,23 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flowjac.engine import probing  # noqa: E402
-from flowjac.models import pretrained
+from flowjac.models import pretrained  # noqa: E402
+from flowjac.pipelines.patch_study import Patch  # noqa: E402
 from flowjac.base import atomic_torch_save, hardware  # noqa: E402
-
-PATCH = [r * 28 + c for r in range(6, 12) for c in range(12, 18)]
-
-
-class Patch(torch.nn.Module):
-    """The 36 pixels of the MNIST chapter's 6x6 patch, as a readout of a flow
-    whose space maps pixel 0 and 1 to ``value_range`` (lo, hi)."""
-
-    def __init__(self, idx, value_range=(0.0, 1.0)):
-        super().__init__()
-        self.register_buffer("idx", torch.tensor(idx))
-        self.value_range = tuple(value_range)
-
-    def forward(self, x):
-        return pretrained.to_pixels(x.flatten(1)[:, self.idx], self.value_range)
 
 
 def run(name, readout_of, k, n, n_plain, device, batch, grad_outputs,
@@ -116,7 +102,7 @@ def main(argv=None):
         done(args.out, "scm")
     if args.only in (None, "mnist"):
         k = args.k
-        res = run("mnist", lambda: Patch(PATCH), k, args.n,
+        res = run("mnist", lambda: Patch(), k, args.n,
                   2 * args.n * (1 + k), args.device, args.batch, (), dtype, wd,
                   args.out)
         res["plain"] = res["plain"].half()
@@ -125,7 +111,7 @@ def main(argv=None):
     if args.only == "mnist-torchcfm":
         k = args.k
         vr = pretrained.value_range_of("mnist-fives-torchcfm")    # [-1, 1]: pixels (x + 1) / 2
-        res = run("mnist-fives-torchcfm", lambda: Patch(PATCH, vr), k, args.n,
+        res = run("mnist-fives-torchcfm", lambda: Patch(vr), k, args.n,
                   2 * args.n * (1 + k), args.device, args.batch, (), torch.float32, wd,
                   args.out)
         res["plain"] = res["plain"].half()
