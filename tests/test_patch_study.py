@@ -121,3 +121,13 @@ def test_against_own_correlation_at_equal_compute():
     probes["plain"] = probes["plain"][:100]
     with pytest.raises(ValueError, match="plain"):
         ps.against_own_correlation(probes, data)
+
+
+def test_size_study_steps_cap_the_passes_over_the_data():
+    from flowjac.pipelines.patch_study import SIZE_STUDY, size_study_steps
+
+    assert [size_study_steps(n) for n in (100, 200, 400, 4000)] == [1000, 2000, 4000, 4000]
+    assert all(size_study_steps(n) * SIZE_STUDY["batch_size"] / n <= SIZE_STUDY["max_epochs"]
+               for n in (50, 100, 137, 200, 400, 4000))
+    with pytest.raises(ValueError, match="n_train"):
+        size_study_steps(0)
