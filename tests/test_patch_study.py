@@ -131,3 +131,21 @@ def test_size_study_steps_cap_the_passes_over_the_data():
                for n in (50, 100, 137, 200, 400, 4000))
     with pytest.raises(ValueError, match="n_train"):
         size_study_steps(0)
+
+
+def test_size_study_cut_of_the_stored_run_owns_its_storage():
+    """The stored flow's cut keeps n pairs and 6n plain samples and saves only them
+    (a slice would carry the whole run's storage); meta keeps the run's n for redraw."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import size_study
+
+    r = size_study.stored_run(10)
+    per = r["meta"]["plain_cut_from"] // r["meta"]["cut_from"]
+    assert r["jvp"].shape[0] == 10 and r["plain"].shape[0] == per * 10
+    assert r["meta"]["plain_n"] == per * 10 and r["meta"]["n"] == r["meta"]["cut_from"]
+    for key in ("out", "jvp", "jvp_pair", "plain"):
+        t = r[key]
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), key

@@ -44,9 +44,12 @@ def stored_run(n):
     if n > meta["n"]:
         raise SystemExit(f"--n {n} is more than the stored run's {meta['n']} pairs")
     per_pair = meta["plain_n"] // meta["n"]
-    res = {k: v[:n] for k, v in p.items() if torch.is_tensor(v) and k != "plain"}
-    res["plain"] = p["plain"][:per_pair * n]
-    meta.update(cut_to=n, cut_from=meta["n"])
+    # clones: a slice saved as it is would carry the whole stored run's storage
+    res = {k: v[:n].clone() for k, v in p.items() if torch.is_tensor(v) and k != "plain"}
+    res["plain"] = p["plain"][:per_pair * n].clone()
+    # n stays the run's own: probing.redraw draws the latents from it
+    meta.update(cut_to=n, cut_from=meta["n"], plain_n=per_pair * n,
+                plain_cut_from=meta["plain_n"])
     res["meta"] = meta
     return res
 
