@@ -151,3 +151,34 @@ def test_bad_classifier_inputs():
         classifiers.train_classifier(net, torch.rand(4, 3, 8, 8), torch.zeros(4, 2), steps=0)
     with pytest.raises(ValueError, match="images"):
         classifiers.predict_logits(net, torch.rand(3, 8, 8))
+
+
+def test_train_classifier_resumes_exactly_and_refuses_other_settings(tmp_path):
+    """Interrupted after 4 of 6 steps (checkpoints every 2) and resumed: the weights
+    and losses of one uninterrupted run; a checkpoint of another lr is refused."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(40, 3, 8, 8, generator=g), torch.randint(0, 2, (40, 2), generator=g)
+
+    def net():
+        torch.manual_seed(3)
+        return classifiers.AttributeNet(n_attr=2, width=8, stages=2)
+
+    whole = net()
+    h_whole = classifiers.train_classifier(whole, x, y, steps=6, batch_size=8, lr=1e-2)
+    ck = tmp_path / "ck.pt"
+    part = net()
+    classifiers.train_classifier(part, x, y, steps=4, batch_size=8, lr=1e-2,
+                                 checkpoint_path=ck, checkpoint_every=2)
+    resumed = net()
+    torch.manual_seed(99)                  # the checkpoint restores torch's RNG too
+    h = classifiers.train_classifier(resumed, x, y, steps=6, batch_size=8, lr=1e-2,
+                                     checkpoint_path=ck, checkpoint_every=2)
+    assert h["resumed_from"] == 4 and h["loss"] == h_whole["loss"]
+    for k, v in whole.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    with pytest.raises(ValueError, match="other settings"):
+        classifiers.train_classifier(net(), x, y, steps=6, batch_size=8, lr=2e-2,
+                                     checkpoint_path=ck)
+    with pytest.raises(ValueError, match="past the 3 steps"):
+        classifiers.train_classifier(net(), x, y, steps=3, batch_size=8, lr=1e-2,
+                                     checkpoint_path=ck)

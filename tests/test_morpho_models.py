@@ -203,6 +203,19 @@ def test_regressor_trains_on_standardised_labels_and_predicts_scm_units(tiny, tm
     assert pred["t"].shape == (6,) and np.isfinite(pred["i"]).all()
     with pytest.raises(ValueError, match=r"^images "):
         mm.predict_attributes(model, tiny.images[:6].astype(np.float32))
+    # with resume both stages' checkpoints are kept, and a second call trains
+    # nothing and ends with the same weights
+    first, _ = rec.train(tmp_path / "res", chunk=2, resume=True)
+    assert (tmp_path / "res" / ".morpho-regressor-training.pt").exists()
+    assert (tmp_path / "res" / ".morpho-regressor-finetune-training.pt").exists()
+    again, rec2 = rec.train(tmp_path / "res", chunk=2, resume=True)
+    assert rec2["train_steps"] == 8
+    for k, v in first.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+    for k, v in model.state_dict().items():            # chunks do not change the run
+        assert torch.equal(v, first.state_dict()[k]), k
+    with pytest.raises(FileExistsError, match="earlier run's training checkpoint"):
+        rec.train(tmp_path / "res", chunk=2)
 
 
 def test_mse_regression_in_train_classifier():

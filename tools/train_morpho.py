@@ -7,11 +7,13 @@ Writes ``DIR/<part>.pt`` (a flowjac checkpoint of the trained network, the
 recipe as its config) and ``DIR/<part>.json`` (the recipe, the hardware,
 training seconds and s/step, the gates with intervals, limits and status);
 flows also write ``DIR/<part>_samples.pt`` (the gate samples as uint8 grey
-levels, with their conditioning values). Flows train in chunks through
-``train_flow``'s exact resume: the work file ``DIR/.<part>-training.pt`` is
-written every chunk and kept, so after an interruption the same command with
-``--resume`` continues where it stopped (and, once training is finished, only
-measures the gates). The regressor trains in one go (minutes).
+levels, with their conditioning values). Every part trains in chunks with
+exact resume (flows through ``train_flow``, the regressor through
+``train_classifier``): the work file ``DIR/.<part>-training.pt`` (and
+``DIR/.<part>-finetune-training.pt`` for a second stage) is written every
+chunk and kept, so after an interruption the same command with ``--resume``
+continues where it stopped (and, once training is finished, only measures
+the gates).
 
 Nothing is overwritten silently: an existing output, or a work file without
 ``--resume``, stops the command unless ``--force`` is given. Gates that decide
@@ -88,7 +90,8 @@ def main(argv=None) -> int:
         print(f"train_morpho: {why}", file=sys.stderr)
         return 2
     if args.force and not args.resume:
-        work.unlink(missing_ok=True)
+        for w in (work, out / f".{part}-finetune-training.pt"):
+            w.unlink(missing_ok=True)
     t0 = time.perf_counter()
 
     def report(model, step):        # one line a chunk, for the log of a long run

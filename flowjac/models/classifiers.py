@@ -145,7 +145,8 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
                      *, steps: int, batch_size: int = CELEBA_BATCH_SIZE,
                      lr: float = CELEBA_LR, weight_decay: float = 0.0,
                      seed: int = 0, device="cpu", progress: bool = False,
-                     loss: str = "bce", shift: int = 0) -> dict:
+                     loss: str = "bce", shift: int = 0, checkpoint_path=None,
+                     checkpoint_every: int = 1000) -> dict:
     """Train a classifier with Adam: multi-label BCE or multi-class cross-entropy (or a regressor, MSE); :ref:`sec_attributes`.
 
     Minibatches are drawn with replacement from ``images`` (N, C, H, W) and
@@ -155,7 +156,15 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     target: a regressor, e.g. the Morpho-MNIST attributes).
     ``shift`` > 0 translates each training image by a random whole number
     of pixels in [-shift, shift] along each axis (zero fill), the usual
-    augmentation for digits. Returns ``{"loss": [...]}`` per step.
+    augmentation for digits. Returns ``{"loss": [...]}`` per step and
+    ``resumed_from`` (the step a checkpoint gave, else 0).
+
+    ``checkpoint_path``: every ``checkpoint_every`` steps and at the end the
+    model, the optimizer, the minibatch generator, torch's global RNG and the
+    losses are written there atomically; a call that finds the file resumes
+    from it and ends with the weights of an uninterrupted run. A checkpoint
+    of other settings (batch size, lr, weight decay, seed, loss, shift) or of
+    more steps than asked is refused.
     """
     if loss not in ("bce", "ce", "mse"):
         raise ValueError(f"loss must be 'bce', 'ce' or 'mse', got {loss!r}")
@@ -173,16 +182,42 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     batch_size = check_int("batch_size", batch_size, minimum=1)
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
+    checkpoint_every = check_int("checkpoint_every", checkpoint_every, minimum=1)
     device = torch.device(device)
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
-    losses = []
-    it = range(steps)
+    losses, start = [], 0
+    settings = dict(batch_size=batch_size, lr=float(lr), weight_decay=float(weight_decay),
+                    seed=int(seed), loss=loss, shift=shift)
+    if checkpoint_path is not None and Path(checkpoint_path).exists():
+        ck = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        if ck.get("settings") != settings:
+            raise ValueError(f"checkpoint {str(checkpoint_path)!r} was made with other "
+                             f"settings: {ck.get('settings')} there, {settings} now")
+        if ck["step"] > steps:
+            raise ValueError(f"checkpoint {str(checkpoint_path)!r} is at step {ck['step']}, "
+                             f"past the {steps} steps asked")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        g.set_state(ck["generator"])
+        torch.set_rng_state(ck["rng"])
+        losses, start = list(ck["loss"]), int(ck["step"])
+
+    def save(step):
+        from flowjac.base import atomic_torch_save
+
+        atomic_torch_save(checkpoint_path, dict(
+            settings=settings, step=step, model=model.state_dict(),
+            optimizer=opt.state_dict(), generator=g.get_state(),
+            rng=torch.get_rng_state(), loss=list(losses)))
+
+    it = range(start, steps)
     if progress:
         from tqdm import tqdm
-        it = tqdm(it, mininterval=5, disable=None, desc="classifier")
-    for _ in it:
+        it = tqdm(it, mininterval=5, disable=None, desc="classifier", initial=start,
+                  total=steps)
+    for step in it:
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=g)
         x = images[idx]
         if shift:
@@ -199,8 +234,11 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         value.backward()
         opt.step()
         losses.append(value.item())
+        if checkpoint_path is not None and ((step + 1) % checkpoint_every == 0
+                                            or step + 1 == steps):
+            save(step + 1)
     model.eval()
-    return {"loss": losses}
+    return {"loss": losses, "resumed_from": start}
 
 
 def random_shift(images: torch.Tensor, shift: int,

@@ -402,17 +402,12 @@ class MorphoRegressorRecipe(_MorphoPart, ClassifierRecipe):
                                           (data.i - mean_i) / sd_i], 1)).float()
 
     def _fit(self, run) -> None:
-        """``ClassifierRecipe``'s training, then the ``finetune`` stage at its lower lr (a fresh Adam)."""
-        from flowjac.models.classifiers import train_classifier
-
+        """``ClassifierRecipe``'s training, then the ``finetune`` stage at its lower lr (a fresh Adam); each resumes exactly."""
         super()._fit(run)
-        r, ft = run.recipe, run.recipe.get("finetune")
+        ft = run.recipe.get("finetune")
         if ft is None:
             return
-        hist = train_classifier(run.model, run.images, run.labels, steps=ft["steps"],
-                                batch_size=r["batch_size"], lr=ft["lr"], seed=ft["seed"],
-                                device=run.device, progress=run.progress, loss=self.loss,
-                                shift=r.get("shift", 0))
+        hist = self._stage(run, "-finetune", ft["steps"], ft["lr"], ft["seed"])
         run.record.update(train_steps=run.steps + ft["steps"],
                           loss_tail=float(np.mean(hist["loss"][-50:])))
 

@@ -143,15 +143,30 @@ class ClassifierRecipe(Recipe):
         return tuple(str(d) for d in range(self.settings["net"]["n_attr"]))
 
     def _fit(self, run: _Run) -> None:
+        r = run.recipe
+        hist = self._stage(run, "", run.steps, r["lr"], r["seed"])
+        run.record.update(train_steps=run.steps, loss_tail=float(
+            sum(hist["loss"][-50:]) / 50))
+
+    def _stage(self, run: _Run, suffix: str, steps: int, lr: float, seed: int) -> dict:
+        """One ``train_classifier`` stage with exact resume from ``DIR/.<part><suffix>-training.pt``
+        (checkpointed every ``chunk`` steps; kept with ``resume``, else removed at the end)."""
         from flowjac.models.classifiers import train_classifier
 
         r = run.recipe
-        hist = train_classifier(run.model, run.images, run.labels, steps=run.steps,
-                                batch_size=r["batch_size"], lr=r["lr"],
-                                seed=r["seed"], device=run.device, progress=run.progress,
-                                loss=self.loss, shift=r.get("shift", 0))
-        run.record.update(train_steps=run.steps, loss_tail=float(
-            sum(hist["loss"][-50:]) / 50))
+        work = run.out_dir / f".{self.part}{suffix}-training.pt"
+        if not run.resume and work.exists():     # hours of training: never discarded silently
+            raise FileExistsError(
+                f"{str(work)!r} holds an earlier run's training checkpoint; pass "
+                f"resume=True (--resume) to continue it, or remove the file to start over")
+        hist = train_classifier(run.model, run.images, run.labels, steps=steps,
+                                batch_size=r["batch_size"], lr=lr, seed=seed,
+                                device=run.device, progress=run.progress, loss=self.loss,
+                                shift=r.get("shift", 0), checkpoint_path=work,
+                                checkpoint_every=run.chunk)
+        if not run.resume:
+            work.unlink(missing_ok=True)
+        return hist
 
     def gates(self, model, *, device="cpu", n: int = 2000, classifier=None,
               sampler: dict | None = None, seed: int = 1) -> dict:
