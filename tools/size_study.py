@@ -14,8 +14,10 @@ latents along their first probe. ``fives-400=stored`` takes the shipped
 flow of fives' stored run (``results/mnist_probes.pt``, N = 10,000 drawn
 with the same seed and batches): its first N pairs and 6N plain samples,
 and computes the forward differences at the same latents.
-Every probe batch goes to ``DIR/.<NAME>-probe.partial`` (and plain samples
-to ``.<NAME>-plain.partial``): an interrupted run started again with the
+Every probe batch goes to ``DIR/.<NAME>-<SHA>-probe.partial`` (and plain
+samples to ``.<NAME>-<SHA>-plain.partial``; SHA the first 12 hex digits of the
+checkpoint's sha256, so that another checkpoint under the same name never
+resumes them): an interrupted run started again with the
 same arguments continues where it stopped. An existing output is kept
 (the flow is skipped) unless ``--force``.
 """
@@ -110,9 +112,10 @@ def main(argv=None):
                           sha256=pretrained.manifest()["mnist-fives"]["sha256"])
         else:
             flow = open_flow(src)
-            res = probe_flow(name, flow, args.n, args.k, args.batch, args.out)
-            source = dict(kind="checkpoint", file=Path(src).name,
-                          sha256=pretrained.sha256(src))
+            sha = pretrained.sha256(src)
+            res = probe_flow(f"{name}-{sha[:12]}", flow, args.n, args.k, args.batch,
+                             args.out)
+            source = dict(kind="checkpoint", file=Path(src).name, sha256=sha)
         meta = res["meta"]
         z, v, _ = probing.redraw(meta, flow.latent_shape, range(args.n_fd))
         t0 = time.perf_counter()
@@ -124,7 +127,8 @@ def main(argv=None):
         res["plain"] = res["plain"].half()
         atomic_torch_save(out, res)
         for what in ("probe", "plain"):
-            (args.out / f".{name}-{what}.partial").unlink(missing_ok=True)
+            (args.out / f".{name}-{source['sha256'][:12]}-{what}.partial").unlink(
+                missing_ok=True)
         print(name, {k: meta[k] for k in ("n", "k", "fd_n", "fd_seconds") if k in meta},
               flush=True)
 
