@@ -161,7 +161,7 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
 
     ``checkpoint_path``: every ``checkpoint_every`` steps and at the end the
     model, the optimizer, the minibatch generator, torch's global RNG and the
-    losses are written there atomically; a call that finds the file resumes
+    losses are written there (``save_checkpoint``); a call that finds the file resumes
     from it and ends with the weights of an uninterrupted run. A checkpoint
     of other settings (batch size, lr, weight decay, seed, loss, shift) or of
     more steps than asked is refused.
@@ -183,6 +183,8 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     checkpoint_every = check_int("checkpoint_every", checkpoint_every, minimum=1)
+    from flowjac.engine.checkpoints import load_checkpoint, save_checkpoint
+
     device = torch.device(device)
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -191,26 +193,21 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     settings = dict(batch_size=batch_size, lr=float(lr), weight_decay=float(weight_decay),
                     seed=int(seed), loss=loss, shift=shift)
     if checkpoint_path is not None and Path(checkpoint_path).exists():
-        ck = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        if ck.get("settings") != settings:
+        ck = load_checkpoint(checkpoint_path, model, opt)     # model and optimizer
+        if ck["config"] != settings:
             raise ValueError(f"checkpoint {str(checkpoint_path)!r} was made with other "
-                             f"settings: {ck.get('settings')} there, {settings} now")
+                             f"settings: {ck['config']} there, {settings} now")
         if ck["step"] > steps:
             raise ValueError(f"checkpoint {str(checkpoint_path)!r} is at step {ck['step']}, "
                              f"past the {steps} steps asked")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        g.set_state(ck["generator"])
-        torch.set_rng_state(ck["rng"])
-        losses, start = list(ck["loss"]), int(ck["step"])
+        g.set_state(ck["extra"]["generator"])
+        torch.set_rng_state(ck["extra"]["rng"])
+        losses, start = list(ck["extra"]["loss"]), int(ck["step"])
 
     def save(step):
-        from flowjac.base import atomic_torch_save
-
-        atomic_torch_save(checkpoint_path, dict(
-            settings=settings, step=step, model=model.state_dict(),
-            optimizer=opt.state_dict(), generator=g.get_state(),
-            rng=torch.get_rng_state(), loss=list(losses)))
+        save_checkpoint(checkpoint_path, model, opt, step, settings,
+                        generator=g.get_state(), rng=torch.get_rng_state(),
+                        loss=list(losses))
 
     it = range(start, steps)
     if progress:

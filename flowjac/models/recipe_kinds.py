@@ -121,6 +121,14 @@ class _Run:
     record: dict = field(default_factory=dict)
 
 
+def _keep_earlier_work(work: Path, resume: bool) -> None:
+    """Refuse to start afresh over an earlier run's work checkpoint: hours of training are never discarded silently."""
+    if not resume and work.exists():
+        raise FileExistsError(
+            f"{str(work)!r} holds an earlier run's training checkpoint; pass "
+            f"resume=True (--resume) to continue it, or remove the file to start over")
+
+
 class ClassifierRecipe(Recipe):
     """A digit classifier (``AttributeNet`` with one logit per class); :ref:`sec_attributes`."""
 
@@ -155,10 +163,7 @@ class ClassifierRecipe(Recipe):
 
         r = run.recipe
         work = run.out_dir / f".{self.part}{suffix}-training.pt"
-        if not run.resume and work.exists():     # hours of training: never discarded silently
-            raise FileExistsError(
-                f"{str(work)!r} holds an earlier run's training checkpoint; pass "
-                f"resume=True (--resume) to continue it, or remove the file to start over")
+        _keep_earlier_work(work, run.resume)
         hist = train_classifier(run.model, run.images, run.labels, steps=steps,
                                 batch_size=r["batch_size"], lr=lr, seed=seed,
                                 device=run.device, progress=run.progress, loss=self.loss,
@@ -315,11 +320,7 @@ class FlowRecipe(Recipe):
         done_total, chunk_times, losses = 0, [], []
         for suffix, st, st_steps in stages:
             work = run.out_dir / f".{self.part}{suffix}-training.pt"
-            if not resume and work.exists():     # hours of training: never discarded silently
-                raise FileExistsError(
-                    f"{str(work)!r} holds an earlier run's training checkpoint; pass "
-                    f"resume=True (train_shipped.py --resume) to continue it, or remove "
-                    f"the file to start over")
+            _keep_earlier_work(work, resume)
             done = 0
             if resume and work.exists():
                 payload = load_checkpoint(work, model)
