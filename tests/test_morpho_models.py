@@ -26,6 +26,9 @@ def _tiny_recipes() -> dict:
         "morpho-conditional": dict(r["morpho-conditional"], data=DATA, heldout=HELDOUT, **STEPS,
                                    net=dict(TINY_NET, num_labels=12),
                                    sampler=dict(method="euler", steps=2, guidance=1.0)),
+        "morpho-conditional-ot": dict(r["morpho-conditional-ot"], data=DATA, heldout=HELDOUT,
+                                      **STEPS, net=dict(TINY_NET, num_labels=12),
+                                      sampler=dict(method="euler", steps=2, guidance=1.0)),
         "morpho-flow": dict(r["morpho-flow"], data=DATA, heldout=HELDOUT, **STEPS,
                             net=dict(TINY_NET), sampler=dict(method="euler", steps=2)),
         "morpho-regressor": dict(r["morpho-regressor"], data=DATA, train_steps=5, batch_size=8,
@@ -62,6 +65,13 @@ def test_the_shipped_recipes_are_fixed_and_consistent():
         assert r[part]["train_steps"] == 12_000 and r[part]["lr_cooldown"] == [8_000, 12_000]
         assert r[part]["data"] == dict(draws_per_digit=5, seed=0, split="train")
     assert r["morpho-conditional"]["sampler"]["guidance"] == 1.0
+    # the coupling study's flows: the conditional recipe with one thing changed
+    base = r["morpho-conditional"]
+    for part, changed in (("morpho-conditional-ot", {"coupling": "ot"}),
+                          ("morpho-conditional-seed1", {"seed": 1})):
+        other = {k: v for k, v in r[part].items() if k != "file"}
+        assert other == dict({k: v for k, v in base.items() if k != "file"}, **changed), part
+        assert isinstance(mm.recipe(part), mm.MorphoConditionalRecipe)
     assert mm.recipe("morpho-regressor").loss == "mse"
     assert isinstance(mm.recipe("morpho-conditional"), mm.MorphoConditionalRecipe)
 
@@ -292,3 +302,18 @@ def test_the_training_command_writes_its_outputs_and_never_overwrites(tiny, tmp_
     assert tool.main(args + ["--resume"]) == 0
     assert tool.main(args + ["--force", "--train-steps", "0"]) == 2
     assert "--train-steps must be >= 1" in capsys.readouterr().err
+
+
+def test_the_ot_recipe_trains_on_optimal_transport_pairs(tiny, tmp_path):
+    from flowjac.engine import train as tr
+
+    batches = []
+    real = tr.ot_pairing
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tr, "ot_pairing", lambda x0, x1: batches.append(len(x0)) or real(x0, x1))
+        _, record = mm.recipe("morpho-conditional-ot").train(tmp_path / "ot", chunk=2)
+        assert batches == [STEPS["batch_size"]] * STEPS["train_steps"]
+        batches.clear()
+        mm.recipe("morpho-conditional").train(tmp_path / "independent", chunk=2)
+        assert batches == []
+    assert record["finished"]

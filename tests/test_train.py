@@ -304,3 +304,68 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_good_checkpoint(
     with pytest.raises(ValueError, match=r"at step \d+; nothing was saved"):
         train_flow(new_model(), sample, steps=40,
                    **dict(good, lr=1e30, checkpoint_path=None))
+
+
+def test_ot_pairing_is_the_optimal_assignment():
+    import itertools
+
+    from flowjac.engine.train import ot_pairing
+
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g) + 1.0
+    perm = ot_pairing(x0, x1)
+    assert sorted(perm.tolist()) == list(range(6))
+
+    def cost(p):
+        return float(((x1 - x0[list(p)]) ** 2).sum())
+    best = min(cost(p) for p in itertools.permutations(range(6)))
+    assert abs(cost(perm.tolist()) - best) < 1e-9
+    # in one dimension the optimal pairing is the monotone one: sorted with sorted
+    a, b = torch.randn(50, 1, generator=g), 3 * torch.randn(50, 1, generator=g)
+    p1 = ot_pairing(a, b)
+    order = torch.argsort(b[:, 0])
+    assert torch.equal(a[p1][order, 0], torch.sort(a[:, 0]).values)
+
+
+def test_ot_pairing_matches_pot_exact_transport_cost():
+    ot = pytest.importorskip("ot")
+    from flowjac.engine.train import ot_pairing
+
+    g = torch.Generator().manual_seed(1)
+    x0, x1 = torch.randn(64, 1, 4, 4, generator=g), torch.rand(64, 1, 4, 4, generator=g)
+    perm = ot_pairing(x0, x1)
+    ours = float(((x1.double() - x0[perm].double()) ** 2).flatten(1).sum(1).mean())
+    M = (torch.cdist(x0.flatten(1).double(), x1.flatten(1).double()) ** 2).numpy()
+    w = torch.full((64,), 1 / 64, dtype=F64).numpy()
+    assert abs(ours - float(ot.emd2(w, w, M))) < 1e-9
+
+
+def test_ot_coupling_trains_reproducibly_and_is_part_of_the_resume_check(tmp_path):
+    from flowjac.engine import train as tr
+
+    calls = []
+    real = tr.ot_pairing
+
+    def spy(x0, x1):
+        calls.append(len(x0))
+        return real(x0, x1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tr, "ot_pairing", spy)
+        a, b = new_model(), new_model()
+        ha = train_flow(a, sample, steps=5, batch_size=16, lr=1e-2, seed=2,
+                        progress=False, coupling="ot")
+        hb = train_flow(b, sample, steps=5, batch_size=16, lr=1e-2, seed=2,
+                        progress=False, coupling="ot")
+    assert calls == [16] * 10 and ha["loss"] == hb["loss"] and ha["coupling"] == "ot"
+    hi = train_flow(new_model(), sample, steps=5, batch_size=16, lr=1e-2, seed=2,
+                    progress=False)
+    assert hi["loss"] != ha["loss"] and "coupling" not in hi    # independent: as before
+    ck = tmp_path / "ck.pt"
+    train_flow(new_model(), sample, steps=2, batch_size=8, lr=1e-3, progress=False,
+               checkpoint_path=ck)
+    with pytest.raises(ValueError, match="coupling None there, 'ot' now"):
+        train_flow(new_model(), sample, steps=4, batch_size=8, lr=1e-3, progress=False,
+                   checkpoint_path=ck, coupling="ot")
+    with pytest.raises(ValueError, match="^coupling "):
+        train_flow(new_model(), sample, steps=4, batch_size=8, lr=1e-3, progress=False,
+                   coupling="sinkhorn")

@@ -32,6 +32,10 @@ and sets the measurement floor.
   ``train_flow`` takes 0/1 labels only, so each training image's row index is
   given to it in bits and a wrapper (``_RowCoded``) looks the row's 12 values
   up; dropped rows (all zero) get the zero code.
+* ``morpho-conditional-seed1`` and ``morpho-conditional-ot``: the same
+  recipe with seed 1, and with minibatch optimal-transport pairs of noise and
+  image (``train_flow(coupling="ot")``): the same conditional law, for
+  ``pipelines.morpho_coupling`` (training noise against another coupling).
 * ``morpho-flow``: the same ``FlowUNet``, unconditional.
 * ``morpho-regressor``: an ``AttributeNet`` with two linear outputs,
   standardised (t, i), trained with MSE on the renders' sampled (t, i), so
@@ -132,6 +136,19 @@ MORPHO_RECIPES = {
         data=_DATA, heldout=_HELDOUT, net=dict(_UNET, num_labels=N_CONDITIONS),
         label_dropout=0.1, **_FLOW_TRAINING,
         sampler=dict(method="midpoint", steps=10, guidance=1.0)),
+    # the same conditional law, another coupling of noise and image (issue 33.5):
+    # minibatch optimal-transport pairs instead of independent ones
+    "morpho-conditional-ot": dict(
+        file="morpho-conditional-ot.pt", kind="morpho-conditional", value_range=[0.0, 1.0],
+        data=_DATA, heldout=_HELDOUT, net=dict(_UNET, num_labels=N_CONDITIONS),
+        label_dropout=0.1, coupling="ot", **_FLOW_TRAINING,
+        sampler=dict(method="midpoint", steps=10, guidance=1.0)),
+    # the same recipe with another seed: what training noise alone does to counterfactuals
+    "morpho-conditional-seed1": dict(
+        file="morpho-conditional-seed1.pt", kind="morpho-conditional",
+        value_range=[0.0, 1.0], data=_DATA, heldout=_HELDOUT,
+        net=dict(_UNET, num_labels=N_CONDITIONS), label_dropout=0.1,
+        **dict(_FLOW_TRAINING, seed=1), sampler=dict(method="midpoint", steps=10, guidance=1.0)),
     "morpho-flow": dict(
         file="morpho-flow.pt", kind="morpho-flow", value_range=[0.0, 1.0],
         data=_DATA, heldout=_HELDOUT, net=dict(_UNET), **_FLOW_TRAINING,

@@ -306,6 +306,8 @@ class FlowRecipe(Recipe):
         r, model, record, chunk = run.recipe, run.model, run.record, run.chunk
         resume, on_chunk, time_budget = run.resume, run.on_chunk, run.time_budget
         cond = self._conditioning(run)
+        if r.get("coupling", "independent") != "independent":   # e.g. "ot": train_flow's
+            cond["coupling"] = r["coupling"]
         stages = [("", r, run.steps)]
         if "finetune" in r:
             stages.append(("-finetune", r["finetune"], r["finetune"]["steps"]))

@@ -28,6 +28,9 @@
   the regressor: the paper's normalised E[JJ^T], the covariance identity and
   plain samples at equal compute, against the flow's own and the SCM's exact
   value, with the rule of its verdict
+- ``morpho_coupling``: counterfactuals of conditional flows of one law that
+  couple noise and image differently (another seed, optimal-transport pairs):
+  the gaps between them against the intervention's effect, and their rule
 """
 from . import (celeba, covariance_study, hybrid, image_interventions, interventions_study,
                interventions_tables, likelihood_study, patch_study, stored)
@@ -35,6 +38,6 @@ from . import (celeba, covariance_study, hybrid, image_interventions, interventi
 __all__ = ["celeba", "covariance_study", "hybrid", "image_interventions", "interventions_study",
            "interventions_tables", "likelihood_study", "patch_study", "stored"]
 
-from . import morpho_counterfactuals, morpho_soft
+from . import morpho_counterfactuals, morpho_coupling, morpho_soft
 
-__all__ += ["morpho_counterfactuals", "morpho_soft"]
+__all__ += ["morpho_counterfactuals", "morpho_coupling", "morpho_soft"]
