@@ -126,7 +126,9 @@ def test_against_own_correlation_at_equal_compute():
 def test_size_study_steps_cap_the_passes_over_the_data():
     from flowjac.pipelines.patch_study import SIZE_STUDY, size_study_steps
 
-    assert [size_study_steps(n) for n in (100, 200, 400, 4000)] == [1000, 2000, 4000, 4000]
+    assert [size_study_steps(n) for n in (100, 200, 300, 400, 4000)] == [1000, 2000, 3000, 4000,
+                                                                       4000]
+    assert SIZE_STUDY["sizes"] == (100, 200, 300, 400)
     assert all(size_study_steps(n) * SIZE_STUDY["batch_size"] / n <= SIZE_STUDY["max_epochs"]
                for n in (50, 100, 137, 200, 400, 4000))
     with pytest.raises(ValueError, match="n_train"):

@@ -159,3 +159,86 @@ def test_train_shipped_refuses_to_discard_an_interrupted_run(tmp_path, monkeypat
                                          r"checkpoint.*--resume"):
         train_shipped.main(["mnist-fives", "--out", str(tmp_path), "--no-along"])
     assert work.read_bytes() == b"an interrupted run"
+
+
+def _gates(step, copying=False):
+    status = dict(share="pass", in_range="pass" if step >= 750 else "fail",
+                  nn_ratio="fail" if copying else "pass",
+                  copy_share="fail" if copying else "pass")
+    return dict(status=status, passed=all(v == "pass" for v in status.values()),
+                samples=torch.zeros(1, 1, 28, 28))
+
+
+def _fake_training(monkeypatch, train_shipped, steps, interrupt_after=None, copying_from=None):
+    """train_shipped.main around a fake trainer that reports chunks at ``steps`` (and is
+    interrupted after ``interrupt_after`` of them) and fake gates (copying from a step)."""
+    seen = []
+
+    def train_part(part, out, *, on_chunk, resume, **kw):
+        for k, step in enumerate(steps):
+            if interrupt_after is not None and k == interrupt_after:
+                raise KeyboardInterrupt
+            seen.append(step)
+            if on_chunk(None, step):
+                break
+        return dict(part=part, file="mnist_fives.pt", train_steps=seen[-1],
+                    train_seconds=1.0)
+
+    def evaluate_part(part, model, *, seed, **kw):
+        assert seed == 1                      # the gates along training: the rule's seed
+        step = steps[len(calls)]
+        calls.append(step)
+        return _gates(step, copying_from is not None and step >= copying_from)
+    calls = []
+    monkeypatch.setattr(train_shipped, "_classifier", lambda *a: object())
+    monkeypatch.setattr(train_shipped.pretrained, "train_part", train_part)
+    monkeypatch.setattr(train_shipped.pretrained, "evaluate_part", evaluate_part)
+    monkeypatch.setattr(train_shipped.pretrained, "load_weights",
+                        lambda part, path: torch.nn.Identity())
+    monkeypatch.setattr(train_shipped, "_measure", lambda *a: [
+        dict(_gates(10_000), sampler=dict(method="midpoint", steps=10))])
+    monkeypatch.setattr(train_shipped, "to_uint8", lambda samples, part: samples)
+    return seen
+
+
+def test_train_shipped_keeps_the_gates_along_training_across_a_resume(tmp_path, monkeypatch):
+    """An interrupted run's gates along training are kept beside its checkpoint and the
+    resumed run continues the list; the finished record holds all of them."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import train_shipped
+
+    args = ["mnist-fives", "--out", str(tmp_path), "--stop-when-passed", "--resume"]
+    _fake_training(monkeypatch, train_shipped, [250, 500, 750], interrupt_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        train_shipped.main(args)
+    kept = json.loads((tmp_path / ".mnist-fives-along.json").read_text())
+    assert [g["step"] for g in kept] == [250, 500]
+    _fake_training(monkeypatch, train_shipped, [750, 1000])
+    train_shipped.main(args)
+    rec = json.loads((tmp_path / "mnist-fives.json").read_text())
+    assert [g["step"] for g in rec["gates_along_training"]] == [250, 500, 750]
+    assert rec["train_steps"] == 750 and not (tmp_path / ".mnist-fives-along.json").exists()
+
+
+def test_train_shipped_stops_where_both_memorization_gates_fail(tmp_path, monkeypatch):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import train_shipped
+
+    seen = _fake_training(monkeypatch, train_shipped, [250, 500, 750, 1000], copying_from=500)
+    train_shipped.main(["mnist-fives", "--out", str(tmp_path / "a"), "--stop-when-passed",
+                        "--stop-on-memorization"])
+    assert seen == [250, 500]
+    rec = json.loads((tmp_path / "a" / "mnist-fives.json").read_text())
+    assert rec["gates_along_training"][-1]["status"]["copy_share"] == "fail"
+    # without the flag the run goes on to the first chunk whose gates pass (none here)
+    seen = _fake_training(monkeypatch, train_shipped, [250, 500, 750, 1000], copying_from=500)
+    train_shipped.main(["mnist-fives", "--out", str(tmp_path / "b"), "--stop-when-passed"])
+    assert seen == [250, 500, 750, 1000]

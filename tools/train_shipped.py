@@ -154,6 +154,11 @@ def main(argv=None):
                     help="stop training at the first chunk whose gates pass "
                          "(torchcfm recipes; their schedule does not depend "
                          "on train_steps, so this equals a run of that length)")
+    ap.add_argument("--stop-on-memorization", action="store_true",
+                    help="stop training at the first chunk whose memorization "
+                         "gates (nearest-neighbour ratio and copy share) both "
+                         "fail: more passes do not undo copying (the size "
+                         "study's rule, patch_study.SIZE_STUDY)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="override a recipe setting for this run, e.g. "
                          "lr_cooldown=[5000,5500] or unet.dropout=0.1 (recorded "
@@ -201,9 +206,13 @@ def main(argv=None):
         rec_path = args.out / f"{part}.json"
         clf = (_classifier(part, args.classifier_dir or args.out, args.device)
                if part in CLASSIFIER_OF else None)
-        along = []
+        # the gates along training, kept beside the checkpoint after every chunk
+        # so that a resumed run continues the list instead of losing it
+        along_path = args.out / f".{part}-along.json"
+        along = (json.loads(along_path.read_text())
+                 if args.resume and along_path.exists() else [])
 
-        def on_chunk(model, step, part=part, clf=clf):
+        def on_chunk(model, step, part=part, clf=clf, along_path=along_path):
             if clf is None or args.no_along or step < args.along_from:
                 return None
             t0 = time.perf_counter()
@@ -214,7 +223,8 @@ def main(argv=None):
             g.pop("labels", None)
             g["step"] = step
             g["eval_seconds"] = time.perf_counter() - t0
-            along.append(g)
+            along[:] = [a for a in along if a["step"] < step] + [g]
+            save_json(along_path, along)
             print(json.dumps({k: v for k, v in g.items()
                               if k in ("step", "readable", "marginal_error",
                                        "corr_mae", "share", "in_range",
@@ -222,6 +232,12 @@ def main(argv=None):
                                        "min_accuracy", "all_attributes",
                                        "status")}),
                   flush=True)
+            copying = all(g.get("status", {}).get(k) == "fail"
+                          for k in ("nn_ratio", "copy_share"))
+            if args.stop_on_memorization and copying:
+                print(f"{part}: both memorization gates fail at step {step}: stopped",
+                      flush=True)
+                return True
             return bool(args.stop_when_passed and g.get("passed"))
 
         try:
@@ -249,6 +265,7 @@ def main(argv=None):
             rec["gates"] = rec["gates_by_sampler"][0]
             rec["sampler"] = rec["gates"]["sampler"]
             rec["gates_along_training"] = along
+            along_path.unlink(missing_ok=True)
         print(part, json.dumps({k: v for k, v in rec["gates"].items()
                                 if not isinstance(v, (list, dict))}), flush=True)
         save_json(rec_path, rec)
