@@ -121,6 +121,33 @@ def atomic_torch_save(path: str | os.PathLike, obj) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def resume_state(out: str | os.PathLike, settings: dict, fresh: dict, *,
+                 force: bool = False, log=None) -> tuple[Path, dict]:
+    """The ``OUT.partial`` companion of a stored run and the state to go on from; :ref:`sec_how_to_run`.
+
+    A finished ``out`` is never replaced without ``force`` (``SystemExit``
+    naming ``--force``). A partial file is resumed only if its
+    ``state["meta"]["settings"]`` equal ``settings`` (another run's partial
+    is refused, not overwritten); otherwise ``fresh`` (whose
+    ``meta["settings"]`` should be ``settings``) is the state. Returns
+    ``(partial_path, state)``; write the state there with
+    :func:`atomic_torch_save` after every batch and remove it at the end.
+    """
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    if out.exists() and not force:
+        raise SystemExit(f"{out} exists; pass --force to replace it")
+    if not partial.exists():
+        return partial, fresh
+    state = torch.load(partial, map_location="cpu", weights_only=True)
+    if state["meta"]["settings"] != settings:
+        raise SystemExit(f"{partial} holds a run of other settings or weights; move it "
+                         "away to start afresh")
+    if log is not None:
+        log(f"resuming from {partial}: {state['done']} done")
+    return partial, state
+
+
 def save_json(path: str | os.PathLike, obj: dict) -> Path:
     """Write ``obj`` as indented JSON, atomically; :ref:`sec_how_to_run`."""
     text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default)

@@ -43,6 +43,7 @@ BELOW = {
     "_checks": set(),
 }
 GROUND_NAMES = {"DEVICES", "repo_root", "seed_everything", "get_device", "atomic_write_bytes", "atomic_torch_save",
+                "resume_state",
                 "save_json", "load_results", "hardware", "_TMP_INFIX", "_cpu_model",
                 "_json_default", "_umask"}
 

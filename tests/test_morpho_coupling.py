@@ -84,3 +84,48 @@ def test_the_summary_has_intervals_and_shares_and_a_missing_flow_is_undecided():
     assert s["n"] == 40 and lo < 5 < hi
     assert abs(s["gap"]["morpho-conditional-seed1"]["share_of_effect"] - 0.04) < 1e-12
     assert cs.gap_verdict({"i": s})["i"]["status"] == "undecided"
+
+
+def test_the_runner_resumes_and_refuses_to_overwrite(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from flowjac.engine.checkpoints import save_checkpoint
+    from flowjac.models.nets import FlowUNet
+    from test_morpho_counterfactuals import write_published
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import run_morpho_coupling as runner
+
+    root = tmp_path / "published"
+    write_published(root)
+    flows = {}
+    for k, name in enumerate(cs.COUPLING_STUDY["flows"]):
+        torch.manual_seed(k)
+        net = FlowUNet(base_channels=4, channel_mult=(1,), time_dim=8, norm_groups=2,
+                       num_labels=12).eval()
+        flows[name] = save_checkpoint(tmp_path / f"{name}.pt", net)
+    kw = dict(n=4, batch=2, root=root, log=lambda msg: None)
+    whole = runner.run(tmp_path / "whole.pt", flows, **kw)
+    out = tmp_path / "run.pt"
+    assert runner.run(out, flows, stop_after=1, **kw) is None
+    assert not out.exists() and (tmp_path / "run.pt.partial").exists()
+    resumed = runner.run(out, flows, **kw)
+    assert not (tmp_path / "run.pt.partial").exists()
+    for name, r in whole["rows"].items():
+        assert torch.equal(r["effect"], resumed["rows"][name]["effect"]), name
+        for m, g in r["gap"].items():
+            assert len(g) == 4 and torch.equal(g, resumed["rows"][name]["gap"][m]), (name, m)
+    back = torch.load(out, weights_only=True)
+    assert set(back["verdict"]) == {"t", "i", "digit"}
+    assert back["meta"]["settings"]["weights_sha256"]["morpho-conditional-ot"] == \
+        runner.sha256(flows["morpho-conditional-ot"])
+    with pytest.raises(SystemExit, match="--force"):
+        runner.run(out, flows, **kw)
+    assert runner.run(tmp_path / "b.pt", flows, stop_after=1, **kw) is None
+    with pytest.raises(SystemExit, match="other settings"):
+        runner.run(tmp_path / "b.pt", flows, **dict(kw, batch=1))
+    with pytest.raises(SystemExit, match="missing"):
+        runner._flows([f"morpho-conditional={flows['morpho-conditional']}"])
+    with pytest.raises(SystemExit, match="NAME=PATH"):
+        runner._flows(["nope=x"])

@@ -54,6 +54,25 @@ def test_save_json_atomic(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]
 
 
+def test_resume_state_resumes_its_own_partial_and_refuses_others(tmp_path):
+    from flowjac.base import atomic_torch_save, resume_state
+
+    out = tmp_path / "run.pt"
+    fresh = {"done": 0, "meta": {"settings": {"n": 4}}}
+    partial, state = resume_state(out, {"n": 4}, fresh)
+    assert partial == tmp_path / "run.pt.partial" and state is fresh
+    atomic_torch_save(partial, {"done": 2, "meta": {"settings": {"n": 4}}})
+    assert resume_state(out, {"n": 4}, fresh)[1]["done"] == 2
+    with pytest.raises(SystemExit, match="other settings"):
+        resume_state(out, {"n": 5}, fresh)
+    assert torch.load(partial, weights_only=True)["done"] == 2      # kept as it was
+    out.write_bytes(b"a finished run")
+    with pytest.raises(SystemExit, match="--force"):
+        resume_state(out, {"n": 4}, fresh)
+    assert resume_state(out, {"n": 4}, fresh, force=True)[1]["done"] == 2
+    assert out.read_bytes() == b"a finished run"
+
+
 def test_value_range_of_numbers_and_tensors():
     from flowjac._checks import value_range
     assert value_range(0.25, "t") == (0.25, 0.25)

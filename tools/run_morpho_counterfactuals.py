@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from flowjac.base import atomic_torch_save, hardware  # noqa: E402
+from flowjac.base import atomic_torch_save, hardware, resume_state  # noqa: E402
 from flowjac.data import morpho  # noqa: E402
 from flowjac.models.recipe_settings import sha256  # noqa: E402
 from flowjac.pipelines import morpho_counterfactuals as mc  # noqa: E402
@@ -81,8 +81,7 @@ def run(out, flow, *, n: int | None = None, batch: int = 50, classifier=None,
     """Run (or resume) the protocol into ``out``; ``stop_after`` batches then stop (tests). Returns the finished dict, or None when stopped."""
     log = log or (lambda msg: print(msg, flush=True))
     out = Path(out)
-    partial = out.with_name(out.name + ".partial")
-    if out.exists() and not force:
+    if out.exists() and not force:      # refused before any weights are read
         raise SystemExit(f"{out} exists; pass --force to replace it")
     model = load_flow(flow, device)
     clf, clf_sha = load_digit_classifier(classifier, device)
@@ -91,16 +90,8 @@ def run(out, flow, *, n: int | None = None, batch: int = 50, classifier=None,
     if n < 2 or batch < 1:
         raise SystemExit("--n must be >= 2 and --batch >= 1")
     settings = _settings(n, batch, sha256(flow), clf_sha)
-    state = None
-    if partial.exists():
-        state = torch.load(partial, map_location="cpu", weights_only=True)
-        if state["meta"]["settings"] != settings:
-            raise SystemExit(f"{partial} holds a run of other settings or weights; move it "
-                             "away to start afresh")
-        log(f"resuming from {partial}: {state['done']} of {n} images done")
-    if state is None:
-        state = {"rows": {}, "done": 0,
-                 "meta": dict(settings=settings, seconds=0.0, batches=[], complete=False)}
+    partial, state = resume_state(out, settings, {"rows": {}, "done": 0, "meta": dict(
+        settings=settings, seconds=0.0, batches=[], complete=False)}, force=force, log=log)
     stopped = 0
     for lo in range(state["done"], n, batch):
         hi = min(lo + batch, n)
