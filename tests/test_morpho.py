@@ -78,6 +78,28 @@ def test_slant_sign_convention():
     assert morpho.slant(img[:, ::-1].copy()) < -0.3
 
 
+def test_the_torch_intensity_is_the_measurement_and_its_jvp_the_median_pixels(digits):
+    from torch.func import jvp
+
+    x, _ = digits
+    imgs = x[:40]                                   # real digits: many tied grey levels
+    got = morpho.intensity_torch(torch.from_numpy(imgs).double().unsqueeze(1) / 255)
+    np.testing.assert_allclose(got.numpy(), morpho.intensity(imgs), rtol=0, atol=1e-9)
+    # continuous images (a flow's outputs have no ties): forward-mode AD agrees with
+    # central differences, and the tangent is the median pixels' own
+    g = torch.Generator().manual_seed(0)
+    cont = (torch.from_numpy(imgs[:8]).double() / 255 * 0.9
+            + 0.05 * torch.rand(8, 28, 28, generator=g, dtype=torch.float64))
+    v = torch.randn(cont.shape, generator=g, dtype=torch.float64)
+    val, tan = jvp(morpho.intensity_torch, (cont,), (v,))
+    eps = 1e-7
+    fd = (morpho.intensity_torch(cont + eps * v) - morpho.intensity_torch(cont - eps * v)) / (2 * eps)
+    torch.testing.assert_close(tan, fd, rtol=1e-5, atol=1e-5)
+    assert (tan != 0).all() and torch.equal(val, morpho.intensity_torch(cont))
+    with pytest.raises(ValueError, match="^pixels "):
+        morpho.intensity_torch(torch.zeros(2, 3, 28, 28))
+
+
 # -------------------------------------------------------------- operations
 def test_set_thickness_reaches_its_targets(digits):
     x, _ = digits

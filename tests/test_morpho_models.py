@@ -317,3 +317,29 @@ def test_the_ot_recipe_trains_on_optimal_transport_pairs(tiny, tmp_path):
         mm.recipe("morpho-conditional").train(tmp_path / "independent", chunk=2)
         assert batches == []
     assert record["finished"]
+
+
+def test_the_readout_measures_intensity_and_keeps_the_regressors_thickness(tmp_path):
+    from flowjac.models.classifiers import AttributeNet
+
+    torch.manual_seed(0)
+    reg = AttributeNet(n_attr=2, in_channels=1, width=4, stages=2).eval()
+    x = torch.rand(5, 1, 28, 28, dtype=torch.float64)
+    reg = reg.double()
+    both = mm.MorphoReadout(reg, intensity="regressor")
+    hybrid = mm.MorphoReadout(reg)
+    with torch.no_grad():
+        z, h = both(x), hybrid(x)
+    _, _, mean_i, sd_i = mm._scale()
+    assert torch.equal(z, reg(x)) and torch.equal(h[:, 0], z[:, 0])
+    torch.testing.assert_close(h[:, 1] * sd_i + mean_i, morpho.intensity_torch(x))
+    with pytest.raises(ValueError, match="^intensity "):
+        mm.MorphoReadout(reg, intensity="median")
+    try:
+        morpho.load_published()
+    except FileNotFoundError:
+        return
+    # on the published set the measured intensity is the floor's own measurement
+    g = mm.readout_gates(mm.MorphoReadout(reg.float()), n=200)
+    data = morpho.load_published()
+    assert abs(g["i_mae"] - np.abs(morpho.intensity(data.images[:200]) - data.i[:200]).mean()) < 1e-4

@@ -59,7 +59,7 @@ from skimage import morphology, transform
 
 from flowjac._checks import check_choice, check_int
 
-__all__ = ["MorphoData", "thickness", "intensity", "slant", "measure",
+__all__ = ["MorphoData", "thickness", "intensity", "intensity_torch", "slant", "measure",
            "set_thickness", "set_intensity", "sample_scm", "intensity_mechanism",
            "abduct", "counterfactual", "log_prob_t", "log_prob_i_given_t",
            "log_prob", "scm_moments", "build_dataset", "load_published",
@@ -313,6 +313,31 @@ def thickness(image, progress=None):
 def intensity(image, progress=None):
     """Intensity: the median grey level of the pixels above half the image's grey range; :ref:`sec_mnist`."""
     return _per_image(_intensity_one, image, progress, "intensity")
+
+
+def intensity_torch(pixels: torch.Tensor) -> torch.Tensor:
+    """``intensity`` in torch, differentiable almost everywhere: pixels (B, 1, H, W) or (B, H, W) in [0, 1] to (B,) grey levels; :ref:`sec_interventions`.
+
+    The same measurement as ``intensity`` (the median of the pixels above
+    half the image's range, numpy's median: the mean of the two middle
+    values of an even count), on the pixels as they are (no rounding to
+    grey levels), so that forward-mode AD carries tangents through it: its
+    derivative is that of the median pixel(s). The threshold moves the mask
+    only where a pixel crosses it, a set of measure zero for continuous
+    images (a flow's outputs), where the derivative ignores it.
+    """
+    if not torch.is_tensor(pixels) or pixels.ndim not in (3, 4) or (
+            pixels.ndim == 4 and pixels.shape[1] != 1):
+        raise ValueError(f"pixels must be a (B, 1, H, W) or (B, H, W) tensor, got "
+                         f"{getattr(pixels, 'shape', type(pixels).__name__)}")
+    out = []
+    for img in pixels.flatten(1):
+        thr = 0.5 * (img.min() + img.max())
+        bright = img[img > thr]
+        if bright.numel() == 0:          # a constant image: numpy's median of nothing
+            bright = img[:1] * float("nan")
+        out.append(torch.quantile(bright, 0.5))
+    return torch.stack(out) * 255.0
 
 
 def slant(image, progress=None):

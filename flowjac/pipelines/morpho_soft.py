@@ -84,9 +84,10 @@ def run_soft_study(velocity, readout, latent_shape, *, n: int | None = None,
                    partial_dir=None) -> dict:
     """The raw tensors of the study: ``probing.probe`` with pairs, plain samples at equal compute and the reference plain samples; :ref:`sec_attributes`.
 
-    ``readout`` maps flow outputs (B, 1, 28, 28) to (B, 2): the regressor
-    (``MorphoRegressorRecipe``'s ``AttributeNet``), unclamped so that its
-    JVPs exist everywhere; ``velocity`` and ``readout`` on ``device`` in
+    ``readout`` maps flow outputs (B, 1, 28, 28) to (B, 2): the
+    ``MorphoReadout`` (the regressor's thickness, unclamped so that its JVPs
+    exist everywhere, and the measured intensity, ``morpho.intensity_torch``,
+    since the regressor's intensity failed its gate); ``velocity`` and ``readout`` on ``device`` in
     ``dtype``. Sizes and seeds default to ``SOFT_STUDY``. ``partial_dir``:
     a folder where each part writes its batches and resumes from them.
     """
