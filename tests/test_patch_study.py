@@ -151,3 +151,27 @@ def test_size_study_cut_of_the_stored_run_owns_its_storage():
     for key in ("out", "jvp", "jvp_pair", "plain"):
         t = r[key]
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), key
+
+
+def test_resampled_moments_are_the_resamples_own():
+    """The bootstrap from counts equals resampling the rows: the covariance (torch.cov)
+    and the mean of per-unit outer products, replicate by replicate."""
+    from flowjac.pipelines import patch_study as ps
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 4, generator=g, dtype=torch.float64)
+    u = torch.randn(50, 3, 4, generator=g, dtype=torch.float64)
+    cov = ps._resampled(ps._outer(x[:, None]), 7, torch.Generator().manual_seed(1), x=x,
+                        chunk=3)
+    sec = ps._resampled(ps._outer(u), 7, torch.Generator().manual_seed(1), chunk=3)
+    g1 = torch.Generator().manual_seed(1)
+    for b in range(7):
+        idx = torch.randint(0, 50, (50,), generator=g1)
+        torch.testing.assert_close(cov[b], torch.cov(x[idx].T), rtol=1e-12, atol=1e-12)
+    g1 = torch.Generator().manual_seed(1)
+    for b in range(7):
+        idx = torch.randint(0, 50, (50,), generator=g1)
+        torch.testing.assert_close(sec[b], ps._second(u[idx]), rtol=1e-12, atol=1e-12)
+    C = ps.corr_of(cov)
+    assert C.shape == (7, 4, 4) and torch.allclose(C[2], ps.corr_of(cov[2]))
+    assert ps._offdiag_maes(C, C[0])[0] == 0.0

@@ -82,10 +82,10 @@ def paper_fd(velocity, readout, z: torch.Tensor, v: torch.Tensor, *,
 
 
 def corr_of(M: torch.Tensor) -> torch.Tensor:
-    """Correlation of a covariance or second-moment matrix (nan where a diagonal entry is not positive); :ref:`sec_mnist`."""
-    d = M.diagonal()
+    """Correlation of a covariance or second-moment matrix, or of a batch of them (..., p, p) (nan where a diagonal entry is not positive); :ref:`sec_mnist`."""
+    d = M.diagonal(dim1=-2, dim2=-1)
     s = torch.where(d > 0, d, torch.full_like(d, float("nan"))).sqrt()
-    return M / (s[:, None] * s[None, :])
+    return M / (s[..., :, None] * s[..., None, :])
 
 
 def offdiag_mae(C: torch.Tensor, ref: torch.Tensor) -> float:
@@ -139,6 +139,45 @@ def against_own_correlation(probes: dict, data: torch.Tensor, n_pairs: int | Non
                 n_pairs=n_pairs, n_plain=n_plain)
 
 
+def _offdiag_maes(Cs: torch.Tensor, ref: torch.Tensor) -> list:
+    """``offdiag_mae`` of each matrix of a batch (B, p, p) against ``ref``."""
+    iu = torch.triu_indices(ref.shape[0], ref.shape[0], 1)
+    d = (Cs[:, iu[0], iu[1]] - ref[iu[0], iu[1]]).abs()
+    ok = torch.isfinite(d)
+    return (torch.where(ok, d, torch.zeros_like(d)).sum(1) / ok.sum(1)).tolist()
+
+
+def _resampled(per_unit: torch.Tensor, n_boot: int, gen: torch.Generator,
+               x: torch.Tensor | None = None, chunk: int = 250) -> torch.Tensor:
+    """Bootstrap replicates (n_boot, p, p) of the mean of per-unit matrices (n, p, p).
+
+    Each replicate draws n units with replacement (``torch.randint`` from
+    ``gen``, as ``_boot``) and is computed from the draw's counts as one
+    matrix product, not by copying the resampled units. With ``x`` (n, p),
+    the replicate is the unbiased covariance of the resampled rows instead
+    (``per_unit`` their outer products): the same numbers as ``torch.cov``
+    of the resample, to rounding.
+    """
+    n = per_unit.shape[0]
+    flat = per_unit.reshape(n, -1)
+    out = []
+    for lo in range(0, n_boot, chunk):
+        w = torch.stack([torch.bincount(torch.randint(0, n, (n,), generator=gen),
+                                        minlength=n)
+                         for _ in range(min(chunk, n_boot - lo))]).to(flat.dtype)
+        m = (w @ flat).reshape(len(w), *per_unit.shape[1:]) / n
+        if x is not None:
+            mu = w @ x / n
+            m = (m - mu[:, :, None] * mu[:, None, :]) * (n / (n - 1))
+        out.append(m)
+    return torch.cat(out)
+
+
+def _outer(units: torch.Tensor) -> torch.Tensor:
+    """Per-unit mean outer product of each unit's rows: units (n, m, p) -> (n, p, p)."""
+    return torch.einsum("nki,nkj->nij", units, units) / units.shape[1]
+
+
 def _second(units: torch.Tensor) -> torch.Tensor:
     """The mean over units of the mean outer product of their rows: units (n, m, p)."""
     u = units.flatten(0, 1)
@@ -185,17 +224,20 @@ def tail_summary(terms: torch.Tensor, *, n_boot: int = 500, seed: int = 0) -> di
                 top1_share=intervals.tail_share(terms, 0.01))
 
 
-def _estimate(name, stat, units, ref, ref_flow, n_boot, gen) -> dict:
+def _estimate(name, stat, per_unit, units, ref, ref_flow, n_boot, gen) -> dict:
+    """One estimator's row: ``stat(units)`` and bootstrap replicates over units of
+    its correlation, from the per-unit matrices ``per_unit(units)`` (``_cov``:
+    the units' outer products, centred per replicate)."""
     i, j = pair_index()
     C = corr_of(stat(units))
-    boots = [corr_of(stat(u)) for u in
-             (units[torch.randint(0, units.shape[0], (units.shape[0],), generator=gen)]
-              for _ in range(n_boot))]
+    if stat is _cov:
+        boots = corr_of(_resampled(_outer(units[:, None]), n_boot, gen, x=units))
+    else:
+        boots = corr_of(_resampled(per_unit(units), n_boot, gen))
     return dict(name=name, n_units=int(units.shape[0]),
-                pair=float(C[i, j]), pair_interval=_pct([b[i, j] for b in boots]),
+                pair=float(C[i, j]), pair_interval=_pct(boots[:, i, j].tolist()),
                 mae_data=offdiag_mae(C, ref),
-                mae_data_interval=_shifted([offdiag_mae(b, ref) for b in boots],
-                                           offdiag_mae(C, ref)),
+                mae_data_interval=_shifted(_offdiag_maes(boots, ref), offdiag_mae(C, ref)),
                 mae_flow=offdiag_mae(C, ref_flow) if ref_flow is not None else float("nan"))
 
 
@@ -228,29 +270,33 @@ def summarize(probes: dict, data: torch.Tensor, *, fd: torch.Tensor | None = Non
     ref = corr_of(_cov(data))
     C_flow = corr_of(_cov(plain))
     i, j = pair_index()
-    data_boot = [corr_of(_cov(u)) for u in _boot(lambda u: u, data, n_boot, gen)]
+    data_boot = corr_of(_resampled(_outer(data[:, None]), n_boot, gen, x=data))
     est = covariance_from_pairs(A, B, probes["rho"])
     # per-pair terms of the identity: the mean over probes of sym(J(z)v (J(z_rho)v)^T)
     cross = torch.cat([A, B], 2)                 # (N, k, 72): the identity's units
 
-    def ident(units):
+    def ident_units(units):          # per pair: the mean over probes of sym(a b^T)
         a, b = units[..., :len(PATCH)], units[..., len(PATCH):]
-        m = torch.einsum("nki,nkj->ij", a, b) / (a.shape[0] * a.shape[1])
-        return (m + m.T) / 2
+        m = torch.einsum("nki,nkj->nij", a, b) / a.shape[1]
+        return (m + m.transpose(1, 2)) / 2
+
+    def ident(units):
+        return ident_units(units).mean(0)
 
     rows = [
-        _estimate("plain samples (equal compute)", _cov, plain, ref, C_flow, n_boot, gen),
-        _estimate("covariance identity", ident, cross, ref, C_flow, n_boot, gen),
-        _estimate("normalised E[JJ^T], exact JVPs", _second, torch.cat([A, B], 1),
+        _estimate("plain samples (equal compute)", _cov, None, plain, ref, C_flow, n_boot,
+                  gen),
+        _estimate("covariance identity", ident, ident_units, cross, ref, C_flow, n_boot, gen),
+        _estimate("normalised E[JJ^T], exact JVPs", _second, _outer, torch.cat([A, B], 1),
                   ref, C_flow, n_boot, gen),
     ]
     if fd is not None:
         fd = torch.as_tensor(fd, dtype=torch.float64)
         exact = A[:fd.shape[0], 0]
         rows.append(_estimate("normalised E[JJ^T], paper's forward differences", _second,
-                              fd[:, None], ref, C_flow, n_boot, gen))
+                              _outer, fd[:, None], ref, C_flow, n_boot, gen))
         rows.append(_estimate("normalised E[JJ^T], exact JVPs at the same latents",
-                              _second, exact[:, None], ref, C_flow, n_boot, gen))
+                              _second, _outer, exact[:, None], ref, C_flow, n_boot, gen))
         rel = ((fd - exact).norm(dim=1) / exact.norm(dim=1).clamp_min(1e-300))
         fd_error = dict(median_relative_error=float(rel.median()), n=int(fd.shape[0]))
     else:
@@ -264,8 +310,8 @@ def summarize(probes: dict, data: torch.Tensor, *, fd: torch.Tensor | None = Non
     norm2 = torch.cat([(A ** 2).sum(2), (B ** 2).sum(2)], 1).mean(1)    # per pair
     return dict(n=int(A.shape[0]), k=int(A.shape[1]), tails=tail_summary(norm2, seed=seed),
                 data_n=int(data.shape[0]), data_pair=float(ref[i, j]),
-                data_pair_interval=_pct([b[i, j] for b in data_boot]),
-                data_floor=_pct([offdiag_mae(b, ref) for b in data_boot]),
+                data_pair_interval=_pct(data_boot[:, i, j].tolist()),
+                data_floor=_pct(_offdiag_maes(data_boot, ref)),
                 flow_pair=float(C_flow[i, j]), estimates=rows, fd=fd_error)
 
 
