@@ -143,7 +143,9 @@ def test_the_parser_finds_the_numbers_and_skips_names():
     assert is_printed("1.2", "1.2e-03") is False
 
 
-@pytest.mark.parametrize("old, new", [("0.816", "0.817"), ("11.9 times", "12.9 times")])
+# the new values must appear nowhere in the cited chapter's outputs (0.817 now does: a gate
+# along training in the size study)
+@pytest.mark.parametrize("old, new", [("0.816", "0.811"), ("11.9 times", "12.9 times")])
 def test_a_stale_number_is_caught_with_its_chapter_and_sentence(old, new):
     index_md = (ROOT / "book" / "index.md").read_text()
     section = thesis_section(index_md)

@@ -16,6 +16,10 @@ bar of a five). This module holds what every reading of that patch needs:
   patch correlations of each estimator against the data's, with intervals
   and the trivial baseline; the training-set-size study is one such summary
   per flow.
+
+Longer than 400 lines because the size study's design (``SIZE_STUDY``, whose
+comment records which rule came after which result), its verdict and the
+summary it reads must stay together with the patch they are about.
 """
 from __future__ import annotations
 
