@@ -122,8 +122,8 @@ __all__ = ["MORPHO_RECIPES", "MORPHO_GATES", "FLOOR", "N_CONDITIONS", "CACHE_DIR
            "heldout_data", "to_grey", "measure_samples", "read_digits",
            "measurement_floor", "judge_interval", "conditional_gates",
            "unconditional_gates", "regressor_gates", "gate_table",
-           "predict_attributes", "MorphoReadout", "readout_gates", "MorphoFlowRecipe", "MorphoConditionalRecipe",
-           "MorphoRegressorRecipe", "recipe"]
+           "predict_attributes", "MorphoReadout", "readout_gates", "MorphoFlowRecipe",
+           "MorphoConditionalRecipe", "MorphoRegressorRecipe", "recipe"]
 
 _DATA = dict(draws_per_digit=5, seed=0, split="train")
 _HELDOUT = dict(draws_per_digit=1, seed=1, split="test")
@@ -133,25 +133,21 @@ _FLOW_TRAINING = dict(train_steps=12_000, batch_size=64, lr=4e-4, lr_cooldown=[8
                       ema_decay=0.999, grad_clip=1.0, seed=0)
 N_CONDITIONS = 12        # standardised t, standardised i, ten digit codes
 
+# the conditional flow's recipe; the coupling study's two other flows change one thing each
+_CONDITIONAL = dict(
+    kind="morpho-conditional", value_range=[0.0, 1.0], data=_DATA, heldout=_HELDOUT,
+    net=dict(_UNET, num_labels=N_CONDITIONS), label_dropout=0.1, **_FLOW_TRAINING,
+    sampler=dict(method="midpoint", steps=10, guidance=1.0))
+
 MORPHO_RECIPES = {
-    "morpho-conditional": dict(
-        file="morpho-conditional.pt", kind="morpho-conditional", value_range=[0.0, 1.0],
-        data=_DATA, heldout=_HELDOUT, net=dict(_UNET, num_labels=N_CONDITIONS),
-        label_dropout=0.1, **_FLOW_TRAINING,
-        sampler=dict(method="midpoint", steps=10, guidance=1.0)),
+    "morpho-conditional": dict(_CONDITIONAL, file="morpho-conditional.pt"),
     # the same conditional law, another coupling of noise and image (issue 33.5):
     # minibatch optimal-transport pairs instead of independent ones
-    "morpho-conditional-ot": dict(
-        file="morpho-conditional-ot.pt", kind="morpho-conditional", value_range=[0.0, 1.0],
-        data=_DATA, heldout=_HELDOUT, net=dict(_UNET, num_labels=N_CONDITIONS),
-        label_dropout=0.1, coupling="ot", **_FLOW_TRAINING,
-        sampler=dict(method="midpoint", steps=10, guidance=1.0)),
+    "morpho-conditional-ot": dict(_CONDITIONAL, file="morpho-conditional-ot.pt",
+                                  coupling="ot"),
     # the same recipe with another seed: what training noise alone does to counterfactuals
-    "morpho-conditional-seed1": dict(
-        file="morpho-conditional-seed1.pt", kind="morpho-conditional",
-        value_range=[0.0, 1.0], data=_DATA, heldout=_HELDOUT,
-        net=dict(_UNET, num_labels=N_CONDITIONS), label_dropout=0.1,
-        **dict(_FLOW_TRAINING, seed=1), sampler=dict(method="midpoint", steps=10, guidance=1.0)),
+    "morpho-conditional-seed1": dict(_CONDITIONAL, file="morpho-conditional-seed1.pt",
+                                     seed=1),
     "morpho-flow": dict(
         file="morpho-flow.pt", kind="morpho-flow", value_range=[0.0, 1.0],
         data=_DATA, heldout=_HELDOUT, net=dict(_UNET), **_FLOW_TRAINING,
@@ -325,17 +321,13 @@ class MorphoReadout(nn.Module):
         return torch.stack([z[:, 0], i.to(z.dtype)], 1)
 
 
-def readout_gates(readout: MorphoReadout, root=None, n: int | None = None,
+def readout_gates(readout: nn.Module, root=None, n: int | None = None,
                   floor=None) -> dict:
-    """``regressor_gates`` of a ``MorphoReadout`` on the published test set (its first n digits); :ref:`sec_interventions`."""
+    """``regressor_gates`` of a (t, i) readout (the regressor or a ``MorphoReadout``) on the published test set (its first n digits; all by default); :ref:`sec_interventions`."""
     data = morpho.load_published(root)
     k = len(data) if n is None else min(check_int("n", n, minimum=2), len(data))
-    x = data.float_images()[:k]
-    with torch.no_grad():
-        z = torch.cat([readout(x[j:j + 500]) for j in range(0, k, 500)]).double().numpy()
-    mean_t, sd_t, mean_i, sd_i = _scale()
-    return regressor_gates(z[:, 0] * sd_t + mean_t, z[:, 1] * sd_i + mean_i, data.t[:k],
-                           data.i[:k], floor)
+    pred = predict_attributes(readout, data.images[:k])
+    return regressor_gates(pred["t"], pred["i"], data.t[:k], data.i[:k], floor)
 
 
 # ------------------------------------------------------------------ recipes
@@ -475,11 +467,8 @@ class MorphoRegressorRecipe(_MorphoPart, ClassifierRecipe):
 
     def gates(self, model, *, device="cpu", n: int | None = None, classifier=None,
               sampler=None, seed: int = 1, floor=None, root=None) -> dict:
-        """``regressor_gates`` on the published test set (its first n digits; all by default)."""
-        data = morpho.load_published(root)
-        k = len(data) if n is None else min(check_int("n", n, minimum=2), len(data))
-        pred = predict_attributes(model.to(device), data.images[:k])
-        return regressor_gates(pred["t"], pred["i"], data.t[:k], data.i[:k], floor)
+        """``readout_gates`` of the regressor on the published test set (its first n digits; all by default)."""
+        return readout_gates(model.to(device), root, n, floor)
 
 
 def _classifier(classifier):

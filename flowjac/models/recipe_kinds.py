@@ -306,8 +306,6 @@ class FlowRecipe(Recipe):
         r, model, record, chunk = run.recipe, run.model, run.record, run.chunk
         resume, on_chunk, time_budget = run.resume, run.on_chunk, run.time_budget
         cond = self._conditioning(run)
-        if r.get("coupling", "independent") != "independent":   # e.g. "ot": train_flow's
-            cond["coupling"] = r["coupling"]
         stages = [("", r, run.steps)]
         if "finetune" in r:
             stages.append(("-finetune", r["finetune"], r["finetune"]["steps"]))
@@ -340,7 +338,7 @@ class FlowRecipe(Recipe):
                                   seed=st["seed"], device=run.device, checkpoint_path=work,
                                   checkpoint_every=chunk, progress=run.progress,
                                   log_every=50, lr_cooldown=st.get("lr_cooldown"),
-                                  **cond)
+                                  coupling=r.get("coupling", "independent"), **cond)
                 losses = hist["loss"]
                 if hist["resumed_from"] < target:
                     chunk_times.append((time.perf_counter() - t0)

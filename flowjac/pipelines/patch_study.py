@@ -151,6 +151,17 @@ def _offdiag_maes(Cs: torch.Tensor, ref: torch.Tensor) -> list:
     return (torch.where(ok, d, torch.zeros_like(d)).sum(1) / ok.sum(1)).tolist()
 
 
+def _moments(flat: torch.Tensor, w: torch.Tensor, shape, x=None) -> torch.Tensor:
+    """Weighted means (len(w), *shape) of per-unit matrices ``flat`` (n, p*p), each row of
+    ``w`` (counts) one resample; with ``x`` (n, p), the unbiased covariance of the rows."""
+    n = flat.shape[0]
+    m = (w @ flat).reshape(len(w), *shape) / n
+    if x is not None:
+        mu = w @ x / n
+        m = (m - mu[:, :, None] * mu[:, None, :]) * (n / (n - 1))
+    return m
+
+
 def _resampled(per_unit: torch.Tensor, n_boot: int, gen: torch.Generator,
                x: torch.Tensor | None = None, chunk: int = 250) -> torch.Tensor:
     """Bootstrap replicates (n_boot, p, p) of the mean of per-unit matrices (n, p, p).
@@ -169,11 +180,7 @@ def _resampled(per_unit: torch.Tensor, n_boot: int, gen: torch.Generator,
         w = torch.stack([torch.bincount(torch.randint(0, n, (n,), generator=gen),
                                         minlength=n)
                          for _ in range(min(chunk, n_boot - lo))]).to(flat.dtype)
-        m = (w @ flat).reshape(len(w), *per_unit.shape[1:]) / n
-        if x is not None:
-            mu = w @ x / n
-            m = (m - mu[:, :, None] * mu[:, None, :]) * (n / (n - 1))
-        out.append(m)
+        out.append(_moments(flat, w, per_unit.shape[1:], x))
     return torch.cat(out)
 
 
@@ -228,17 +235,16 @@ def tail_summary(terms: torch.Tensor, *, n_boot: int = 500, seed: int = 0) -> di
                 top1_share=intervals.tail_share(terms, 0.01))
 
 
-def _estimate(name, stat, per_unit, units, ref, ref_flow, n_boot, gen) -> dict:
-    """One estimator's row: ``stat(units)`` and bootstrap replicates over units of
-    its correlation, from the per-unit matrices ``per_unit(units)`` (``_cov``:
-    the units' outer products, centred per replicate)."""
+def _estimate(name, per_unit, ref, ref_flow, n_boot, gen, x=None) -> dict:
+    """One estimator's row from its per-unit matrices (n, p, p): the correlation of
+    their mean (with ``x`` (n, p), of the rows' covariance, ``per_unit`` their outer
+    products) and its bootstrap replicates over units."""
     i, j = pair_index()
-    C = corr_of(stat(units))
-    if stat is _cov:
-        boots = corr_of(_resampled(_outer(units[:, None]), n_boot, gen, x=units))
-    else:
-        boots = corr_of(_resampled(per_unit(units), n_boot, gen))
-    return dict(name=name, n_units=int(units.shape[0]),
+    n = per_unit.shape[0]
+    whole = torch.ones(1, n, dtype=per_unit.dtype)
+    C = corr_of(_moments(per_unit.reshape(n, -1), whole, per_unit.shape[1:], x)[0])
+    boots = corr_of(_resampled(per_unit, n_boot, gen, x=x))
+    return dict(name=name, n_units=int(n),
                 pair=float(C[i, j]), pair_interval=_pct(boots[:, i, j].tolist()),
                 mae_data=offdiag_mae(C, ref),
                 mae_data_interval=_shifted(_offdiag_maes(boots, ref), offdiag_mae(C, ref)),
@@ -277,30 +283,23 @@ def summarize(probes: dict, data: torch.Tensor, *, fd: torch.Tensor | None = Non
     data_boot = corr_of(_resampled(_outer(data[:, None]), n_boot, gen, x=data))
     est = covariance_from_pairs(A, B, probes["rho"])
     # per-pair terms of the identity: the mean over probes of sym(J(z)v (J(z_rho)v)^T)
-    cross = torch.cat([A, B], 2)                 # (N, k, 72): the identity's units
-
-    def ident_units(units):          # per pair: the mean over probes of sym(a b^T)
-        a, b = units[..., :len(PATCH)], units[..., len(PATCH):]
-        m = torch.einsum("nki,nkj->nij", a, b) / a.shape[1]
-        return (m + m.transpose(1, 2)) / 2
-
-    def ident(units):
-        return ident_units(units).mean(0)
+    ident = torch.einsum("nki,nkj->nij", A, B) / A.shape[1]
+    ident = (ident + ident.transpose(1, 2)) / 2
 
     rows = [
-        _estimate("plain samples (equal compute)", _cov, None, plain, ref, C_flow, n_boot,
-                  gen),
-        _estimate("covariance identity", ident, ident_units, cross, ref, C_flow, n_boot, gen),
-        _estimate("normalised E[JJ^T], exact JVPs", _second, _outer, torch.cat([A, B], 1),
+        _estimate("plain samples (equal compute)", _outer(plain[:, None]), ref, C_flow,
+                  n_boot, gen, x=plain),
+        _estimate("covariance identity", ident, ref, C_flow, n_boot, gen),
+        _estimate("normalised E[JJ^T], exact JVPs", _outer(torch.cat([A, B], 1)),
                   ref, C_flow, n_boot, gen),
     ]
     if fd is not None:
         fd = torch.as_tensor(fd, dtype=torch.float64)
         exact = A[:fd.shape[0], 0]
-        rows.append(_estimate("normalised E[JJ^T], paper's forward differences", _second,
-                              _outer, fd[:, None], ref, C_flow, n_boot, gen))
+        rows.append(_estimate("normalised E[JJ^T], paper's forward differences",
+                              _outer(fd[:, None]), ref, C_flow, n_boot, gen))
         rows.append(_estimate("normalised E[JJ^T], exact JVPs at the same latents",
-                              _second, _outer, exact[:, None], ref, C_flow, n_boot, gen))
+                              _outer(exact[:, None]), ref, C_flow, n_boot, gen))
         rel = ((fd - exact).norm(dim=1) / exact.norm(dim=1).clamp_min(1e-300))
         fd_error = dict(median_relative_error=float(rel.median()), n=int(fd.shape[0]))
     else:
@@ -310,7 +309,7 @@ def summarize(probes: dict, data: torch.Tensor, *, fd: torch.Tensor | None = Non
                      mae_data=offdiag_mae(eye, ref), mae_data_interval=[
                          offdiag_mae(eye, ref)] * 2, mae_flow=offdiag_mae(eye, C_flow)))
     assert torch.allclose(_second(torch.cat([A, B], 1)), est.upper, rtol=1e-9, atol=1e-12)
-    assert torch.allclose(ident(cross), est.cov, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(ident.mean(0), est.cov, rtol=1e-9, atol=1e-12)
     norm2 = torch.cat([(A ** 2).sum(2), (B ** 2).sum(2)], 1).mean(1)    # per pair
     return dict(n=int(A.shape[0]), k=int(A.shape[1]), tails=tail_summary(norm2, seed=seed),
                 data_n=int(data.shape[0]), data_pair=float(ref[i, j]),
