@@ -299,7 +299,13 @@ def test_the_training_command_writes_its_outputs_and_never_overwrites(tiny, tmp_
     (tmp_path / "morpho-flow.json").unlink()
     (tmp_path / "morpho-flow_samples.pt").unlink()
     assert tool.main(args) == 2 and "--resume" in capsys.readouterr().err
+    clock = json.loads((tmp_path / ".morpho-flow-clock.json").read_text())
+    assert clock["step"] == 4
+    # a resumed run counts the earlier runs' training time from the clock
+    (tmp_path / ".morpho-flow-clock.json").write_text(json.dumps(dict(clock, seconds=1000.0)))
     assert tool.main(args + ["--resume"]) == 0
+    record = json.loads((tmp_path / "morpho-flow.json").read_text())
+    assert record["train_seconds"] == 1000.0 + record["train_seconds_this_run"]
     assert tool.main(args + ["--force", "--train-steps", "0"]) == 2
     assert "--train-steps must be >= 1" in capsys.readouterr().err
 
@@ -343,3 +349,4 @@ def test_the_readout_measures_intensity_and_keeps_the_regressors_thickness(tmp_p
     g = mm.readout_gates(mm.MorphoReadout(reg.float()), n=200)
     data = morpho.load_published()
     assert abs(g["i_mae"] - np.abs(morpho.intensity(data.images[:200]) - data.i[:200]).mean()) < 1e-4
+

@@ -80,7 +80,7 @@ def test_refuses_a_sampler_without_gates_and_a_recipe_not_the_packages(tmp_path,
     rec = json.loads(record.read_text())
     rec["recipe"]["lr"] = 1.0
     record.write_text(json.dumps(rec))
-    with pytest.raises(SystemExit, match="RECIPES"):
+    with pytest.raises(SystemExit, match="not the package's recipe"):
         ship_part.ship(record, new, RK4, weights, replace=True)
 
 
@@ -109,3 +109,44 @@ def test_a_shipped_fine_tune_reads_as_two_stages(tmp_path, weights):
     one = json.loads((weights / "manifest.json").read_text())["parts"]["mnist-fives"]
     assert "fine-tuned" not in pretrained.training_history(one)
     assert pretrained.gates_along_training(one) == one["gates_along_training"]
+
+
+def _readout_record(tmp_path, **gate_changes):
+    from flowjac.models import morpho_models
+
+    gates = {"n": 10000, "heldout": "the published set", "passed": True,
+             "status": {"t_mae": "pass", "i_mae": "pass"}}
+    gates.update(gate_changes)
+    record = {"part": "morpho-regressor", "file": "morpho-regressor.pt", "train_steps": 16000,
+              "recipe": json.loads(json.dumps(morpho_models.MORPHO_RECIPES["morpho-regressor"])),
+              "hardware": {"cpu": "test"}, "train_seconds": 1.0, "gates": gates}
+    path = tmp_path / "morpho-regressor.json"
+    path.write_text(json.dumps(record))
+    new = tmp_path / "regressor.pt"
+    new.write_bytes(b"a readout")
+    return path, new
+
+
+def test_a_readout_ships_without_a_sampler_and_only_on_held_out_passing_gates(tmp_path, weights):
+    before = json.loads((weights / "manifest.json").read_text())["parts"]
+    record, new = _readout_record(tmp_path)
+    with pytest.raises(SystemExit, match="has no sampler; omit it"):
+        ship_part.ship(record, new, RK4, weights)
+    for change, why in (({"n": 3999}, "n=3999"), ({"heldout": None}, "held out: None"),
+                        ({"status": {"t_mae": "pass", "i_mae": "fail"}}, "i_mae")):
+        bad, _ = _readout_record(tmp_path, **change)
+        with pytest.raises(SystemExit, match=why):
+            ship_part.ship(bad, new, None, weights, replace=True)
+    record, new = _readout_record(tmp_path)
+    if (weights / "morpho-regressor.pt").exists():
+        with pytest.raises(SystemExit, match="--replace"):
+            ship_part.ship(record, new, None, weights)
+    entry = ship_part.ship(record, new, None, weights, replace=True)
+    assert "sampler" not in entry and entry["sha256"] == pretrained.sha256(new)
+    after = json.loads((weights / "manifest.json").read_text())["parts"]
+    assert {p: e for p, e in after.items() if p != "morpho-regressor"} == \
+        {p: e for p, e in before.items() if p != "morpho-regressor"}
+    # a flow still needs its sampler named
+    flow, new_flow, _ = _record(tmp_path, weights)
+    with pytest.raises(SystemExit, match="is a flow; name the sampler"):
+        ship_part.ship(flow, new_flow, None, weights)

@@ -1,6 +1,6 @@
 """Ship one trained part: copy its file into the weights folder and rewrite its manifest entry.
 
-    python tools/ship_part.py RECORD.json --weights FILE --sampler rk4:10 \
+    python tools/ship_part.py RECORD.json --weights FILE [--sampler rk4:10] \
         [--out flowjac/weights] [--replace] [--note TEXT]
 
 ``RECORD.json`` is the record ``tools/train_shipped.py`` wrote beside the
@@ -10,7 +10,10 @@ sampler named by ``--sampler``; the part is refused unless those gates were
 measured on at least ``quality.GATE_MIN_N`` samples of a seed other than
 the gates-along-training seed (1) and pass every limit (no failure, no
 borderline), and unless the record's recipe is the package's
-``RECIPES[part]``. A record whose flow was fine-tuned from a file (its
+``RECIPES[part]`` (or, for a Morpho-MNIST part from ``tools/train_morpho.py``,
+``morpho_models.MORPHO_RECIPES[part]``). A part without a sampler (the
+Morpho readout) ships its one set of gates, which must pass on at least
+``quality.GATE_MIN_N`` items of held-out data it names. A record whose flow was fine-tuned from a file (its
 ``started_from``) keeps the first stage's history when the manifest's
 current entry is that file: its gates along training, hardware, seconds
 and sha256 go under ``first_stage``.
@@ -41,9 +44,20 @@ def _sampler(text: str) -> dict:
     return {"method": method, "steps": int(steps)}
 
 
-def chosen_gates(record: dict, sampler: dict) -> dict:
-    """The record's gates measured under ``sampler``, checked to be shippable."""
+def chosen_gates(record: dict, sampler: dict | None) -> dict:
+    """The record's gates measured under ``sampler`` (None for a part without one), checked to be shippable."""
     part = record.get("part")
+    has_sampler = "sampler" in pretrained.recipe_of(part)
+    if (sampler is None) == has_sampler:
+        raise SystemExit(f"--sampler: {part} " + ("is a flow; name the sampler whose gates ship"
+                                                  if has_sampler else "has no sampler; omit it"))
+    if sampler is None:         # a readout, judged on held-out data no training saw
+        gates = record.get("gates") or {}
+        if gates.get("n", 0) < quality.GATE_MIN_N or not gates.get("heldout"):
+            raise SystemExit(f"{part}: its gates were measured on n={gates.get('n', 0)} "
+                             f"(held out: {gates.get('heldout')}); shipping needs n >= "
+                             f"{quality.GATE_MIN_N} on named held-out data")
+        return _all_pass(part, gates, "its gates")
     found = [g for g in record.get("gates_by_sampler") or [record.get("gates") or {}]
              if g.get("sampler") == sampler]
     if not found:
@@ -56,22 +70,27 @@ def chosen_gates(record: dict, sampler: dict) -> dict:
         raise SystemExit(f"{part}: the gates with {sampler} were measured on n={n} "
                          f"samples of seed {seed}; shipping needs n >= "
                          f"{quality.GATE_MIN_N} on a seed other than {ALONG_SEED}")
+    return _all_pass(part, gates, f"the gates with {sampler}")
+
+
+def _all_pass(part: str, gates: dict, which: str) -> dict:
     bad = {k: v for k, v in (gates.get("status") or {}).items() if v != "pass"}
     if not gates.get("passed") or bad:
-        raise SystemExit(f"{part}: the gates with {sampler} do not all pass ({bad or 'passed is false'})")
+        raise SystemExit(f"{part}: {which} do not all pass ({bad or 'passed is false'})")
     return gates
 
 
 def entry_for(record: dict, sampler: dict, current: dict | None, note: str | None) -> dict:
     """The manifest entry: the record, its chosen gates and sampler, the first stage's history."""
     part = record["part"]
-    recipe = json.loads(json.dumps(pretrained.RECIPES[part]))
+    recipe = json.loads(json.dumps(pretrained.recipe_of(part)))
     if record.get("recipe") != recipe:
-        raise SystemExit(f"{part}: the record's recipe is not RECIPES[{part!r}]; "
-                         "update flowjac/models/recipe_settings.py first (or retrain)")
+        raise SystemExit(f"{part}: the record's recipe is not the package's recipe of "
+                         f"{part!r}; update its settings first (or retrain)")
     entry = {k: v for k, v in record.items() if k not in ("sha256",)}
     entry["gates"] = chosen_gates(record, sampler)
-    entry["sampler"] = sampler
+    if sampler is not None:
+        entry["sampler"] = sampler
     entry.setdefault("gates_hardware", record.get("hardware"))
     start = record.get("started_from")
     if start and current and current.get("sha256") == start.get("sha256"):
@@ -87,8 +106,8 @@ def ship(record_path, weights, sampler: dict, out, replace=False, note=None) -> 
     """Copy ``weights`` into ``out`` and rewrite ``out/manifest.json``'s entry; returns the entry."""
     record = json.loads(Path(record_path).read_text())
     part = record.get("part")
-    if part not in pretrained.RECIPES:
-        raise SystemExit(f"RECORD: part {part!r} is not one of {sorted(pretrained.RECIPES)}")
+    if part not in pretrained.shippable_parts():
+        raise SystemExit(f"RECORD: part {part!r} is not one of {sorted(pretrained.shippable_parts())}")
     weights, out = Path(weights), Path(out)
     if not weights.is_file():
         raise SystemExit(f"--weights: no file {weights}")
@@ -118,8 +137,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("record", type=Path, help="the part's record (PART.json) from train_shipped.py")
     ap.add_argument("--weights", type=Path, required=True, help="the trained file to ship")
-    ap.add_argument("--sampler", required=True, type=_sampler,
-                    help="METHOD:STEPS, the sampler whose gates ship (and the chapters use)")
+    ap.add_argument("--sampler", type=_sampler, default=None,
+                    help="METHOD:STEPS, the sampler whose gates ship (and the chapters use); "
+                         "flows only")
     ap.add_argument("--out", type=Path, default=pretrained.WEIGHTS_DIR,
                     help="the weights folder (default: the package's)")
     ap.add_argument("--replace", action="store_true",
@@ -128,8 +148,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     entry = ship(args.record, args.weights, args.sampler, args.out, args.replace, args.note)
     g = entry["gates"]
+    where = f"of seed {g['seed']}" if "sampler" in entry else f"of {g['heldout']}"
     print(f"shipped {entry['part']} ({entry['file']}, sha256 {entry['sha256'][:12]}...), "
-          f"sampler {entry['sampler']}, gates on n={g['n']} of seed {g['seed']}: "
+          f"sampler {entry.get('sampler')}, gates on n={g['n']} {where}: "
           + ", ".join(f"{k} {v}" for k, v in g["status"].items()))
 
 

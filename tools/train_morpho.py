@@ -13,7 +13,9 @@ exact resume (flows through ``train_flow``, the regressor through
 ``DIR/.<part>-finetune-training.pt`` for a second stage) is written every
 chunk and kept, so after an interruption the same command with ``--resume``
 continues where it stopped (and, once training is finished, only measures
-the gates).
+the gates). ``DIR/.<part>-clock.json`` keeps the training seconds up to the
+last checkpoint, so the record's ``train_seconds`` counts every run that
+made the network (``train_seconds_this_run`` this one's).
 
 Nothing is overwritten silently: an existing output, or a work file without
 ``--resume``, stops the command unless ``--force`` is given. Gates that decide
@@ -69,6 +71,14 @@ def _refuse(args, outputs, work) -> str | None:
     return None
 
 
+def _earlier_seconds(clock: Path, args) -> float:
+    """Training seconds of earlier runs of this work file (its clock, written at every
+    checkpoint), so that a training spread over several runs reports its whole time."""
+    if not (args.resume and clock.is_file()):
+        return 0.0
+    return float(json.loads(clock.read_text())["seconds"])
+
+
 def _save_samples(path: Path, gates: dict) -> None:
     keep = {"samples": torch.from_numpy(to_grey(gates["samples"]))}
     for key in ("t", "i", "digits"):
@@ -90,17 +100,26 @@ def main(argv=None) -> int:
         print(f"train_morpho: {why}", file=sys.stderr)
         return 2
     if args.force and not args.resume:
-        for w in (work, out / f".{part}-finetune-training.pt"):
+        for w in (work, out / f".{part}-finetune-training.pt", out / f".{part}-clock.json"):
             w.unlink(missing_ok=True)
+    clock = out / f".{part}-clock.json"
+    before = _earlier_seconds(clock, args)
     t0 = time.perf_counter()
 
     def report(model, step):        # one line a chunk, for the log of a long run
-        print(f"{part}: step {step} checkpointed, {time.perf_counter() - t0:.0f} s this run",
-              flush=True)
+        spent = time.perf_counter() - t0
+        save_json(clock, {"step": step, "seconds": before + spent})
+        print(f"{part}: step {step} checkpointed, {spent:.0f} s this run, "
+              f"{before + spent:.0f} s in all", flush=True)
 
     model, record = rec.train(out, device=args.device, chunk=args.chunk,
                               progress=args.progress, resume=True,
                               train_steps=args.train_steps, on_chunk=report)
+    # the training time of every run that made this network, not only this one's
+    record["train_seconds_this_run"] = record["train_seconds"]
+    record["train_seconds"] = before + record["train_seconds"]
+    record["seconds_per_step"] = record["train_seconds"] / max(1, record["train_steps"])
+    save_json(clock, {"step": record["train_steps"], "seconds": record["train_seconds"]})
     print(part, json.dumps({k: record[k] for k in ("train_steps", "train_seconds",
                                                     "seconds_per_step", "loss_tail")}),
           flush=True)

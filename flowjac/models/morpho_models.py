@@ -88,7 +88,11 @@ since ``quality.judge`` reads only ``quality.GATES``):
   with the floor and the predict-the-mean baseline beside. Its thickness
   passed and its intensity failed (2.27 grey levels against 1.03), so the
   soft study reads intensity by the measurement itself, in torch
-  (``MorphoReadout``, gated by ``readout_gates``).
+  (``MorphoReadout``, gated by ``readout_gates``). The regressor's recipe
+  gates that readout (its own gates are kept under ``regressor_alone``);
+  it ships for that readout (``tools/ship_part.py``, no sampler):
+  ``load_readout()`` returns it, ``load(part)`` any shipped Morpho part,
+  each file's sha256 checked against the manifest.
 
 The digit classifier reads each image scaled to a maximum grey level of 1:
 it was trained on MNIST, whose strokes are near 255, and the SCM's
@@ -123,7 +127,8 @@ __all__ = ["MORPHO_RECIPES", "MORPHO_GATES", "FLOOR", "N_CONDITIONS", "CACHE_DIR
            "measurement_floor", "judge_interval", "conditional_gates",
            "unconditional_gates", "regressor_gates", "gate_table",
            "predict_attributes", "MorphoReadout", "readout_gates", "MorphoFlowRecipe",
-           "MorphoConditionalRecipe", "MorphoRegressorRecipe", "recipe"]
+           "MorphoConditionalRecipe", "MorphoRegressorRecipe", "recipe", "load",
+           "load_readout"]
 
 _DATA = dict(draws_per_digit=5, seed=0, split="train")
 _HELDOUT = dict(draws_per_digit=1, seed=1, split="test")
@@ -467,8 +472,29 @@ class MorphoRegressorRecipe(_MorphoPart, ClassifierRecipe):
 
     def gates(self, model, *, device="cpu", n: int | None = None, classifier=None,
               sampler=None, seed: int = 1, floor=None, root=None) -> dict:
-        """``readout_gates`` of the regressor on the published test set (its first n digits; all by default)."""
-        return readout_gates(model.to(device), root, n, floor)
+        """``readout_gates`` on the published test set (its first n digits; all by default) of the readout the book uses, ``MorphoReadout(model)`` (the regressor's thickness, the measured intensity); the regressor's own gates, intensity included, under ``"regressor_alone"``."""
+        model = model.to(device)
+        gates = readout_gates(MorphoReadout(model), root, n, floor)
+        alone = readout_gates(model, root, n, floor)
+        gates["readout"] = "MorphoReadout: the regressor's thickness, the measured intensity"
+        gates["heldout"] = "the published DSCM Morpho-MNIST test set (MNIST test digits)"
+        gates["regressor_alone"] = {k: alone[k] for k in (
+            "t_mae", "i_mae", "slope_min", "slope_max", "intervals", "status", "passed")}
+        return gates
+
+
+def load(part: str, device="cpu", weights_dir=None) -> nn.Module:
+    """A shipped Morpho-MNIST part's network, its file's sha256 checked against the manifest, loaded ``weights_only``; :ref:`sec_interventions`."""
+    from flowjac.models.pretrained import verified_file
+
+    check_choice("part", part, tuple(MORPHO_RECIPES))
+    path, _ = verified_file(part, weights_dir)
+    return recipe(part).load_file(path).to(device).eval().requires_grad_(False)
+
+
+def load_readout(device="cpu", weights_dir=None) -> MorphoReadout:
+    """The shipped readout: ``MorphoReadout`` of the shipped ``morpho-regressor`` (thickness by the network, intensity measured); :ref:`sec_interventions`."""
+    return MorphoReadout(load("morpho-regressor", device, weights_dir)).eval()
 
 
 def _classifier(classifier):

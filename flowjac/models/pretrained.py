@@ -44,7 +44,7 @@ from flowjac._checks import check_choice, check_int
 __all__ = ["WEIGHTS_DIR", "RECIPES", "NAMES", "Pretrained", "available",
            "Recipe", "ClassifierRecipe", "AttributeClassifierRecipe", "FlowRecipe", "ConditionalFlowRecipe",
            "TorchcfmFlowRecipe", "recipe",
-           "load", "manifest", "sha256", "build", "train_part", "velocity_of",
+           "load", "manifest", "verified_file", "shippable_parts", "recipe_of", "sha256", "build", "train_part", "velocity_of",
            "value_range_of", "to_pixels",
            "load_weights",
            "training_data", "sample", "evaluate_part", "write_manifest",
@@ -122,28 +122,10 @@ def load(name: str, device="cpu", weights_dir=None) -> Pretrained:
     if not isinstance(name, str) or name not in NAMES:
         raise ValueError(f"name must be one of {available()}, got {name!r}")
     wdir = Path(weights_dir or WEIGHTS_DIR)
-    if not (wdir / "manifest.json").is_file():
-        raise FileNotFoundError(f"no manifest.json in {wdir}: the shipped "
-                                "models are missing; retrain them with "
-                                "tools/train_shipped.py")
-    entries = manifest(wdir)
     out = Pretrained(name=name)
     for part in NAMES[name]:
-        entry = entries.get(part)
-        if entry is None:
-            raise FileNotFoundError(f"manifest.json in {wdir} has no entry "
-                                    f"for {part!r}")
-        path = wdir / entry["file"]
-        if not path.is_file():
-            raise FileNotFoundError(f"shipped model file {path} is missing; "
-                                    "restore it from the repository or "
-                                    "retrain it with tools/train_shipped.py")
-        digest = sha256(path)
-        if digest != entry["sha256"]:
-            raise ValueError(f"shipped model file {path} has sha256 {digest}, "
-                             f"but the manifest says {entry['sha256']}: the "
-                             "file was altered or truncated; restore it or "
-                             "retrain it")
+        path, entry = verified_file(part, wdir)
+        digest = entry["sha256"]
         out.manifest[part] = entry
         rec = recipe(part)
         if isinstance(rec, ClassifierRecipe):
@@ -157,6 +139,50 @@ def load(name: str, device="cpu", weights_dir=None) -> Pretrained:
         out.flow, out.velocity, out.latent_shape = flow.model, flow.velocity, flow.latent_shape
         out.sampler, out.value_range = dict(flow.sampler), flow.value_range
     return out
+
+
+def verified_file(part: str, weights_dir=None) -> tuple:
+    """``(path, entry)`` of a shipped part whose file's sha256 matches its manifest entry; :ref:`sec_attributes`.
+
+    Raises FileNotFoundError for a missing manifest, entry or file and
+    ValueError for a file whose sha256 differs (altered or truncated).
+    """
+    wdir = Path(weights_dir or WEIGHTS_DIR)
+    if not (wdir / "manifest.json").is_file():
+        raise FileNotFoundError(f"no manifest.json in {wdir}: the shipped "
+                                "models are missing; retrain them with "
+                                "tools/train_shipped.py")
+    entry = manifest(wdir).get(part)
+    if entry is None:
+        raise FileNotFoundError(f"manifest.json in {wdir} has no entry "
+                                f"for {part!r}")
+    path = wdir / entry["file"]
+    if not path.is_file():
+        raise FileNotFoundError(f"shipped model file {path} is missing; "
+                                "restore it from the repository or "
+                                "retrain it with tools/train_shipped.py")
+    digest = sha256(path)
+    if digest != entry["sha256"]:
+        raise ValueError(f"shipped model file {path} has sha256 {digest}, "
+                         f"but the manifest says {entry['sha256']}: the "
+                         "file was altered or truncated; restore it or "
+                         "retrain it")
+    return path, entry
+
+
+def shippable_parts() -> tuple:
+    """Every part a manifest may hold: ``RECIPES`` and the Morpho-MNIST parts (``morpho_models.MORPHO_RECIPES``); :ref:`sec_attributes`."""
+    from flowjac.models.morpho_models import MORPHO_RECIPES
+
+    return tuple(RECIPES) + tuple(MORPHO_RECIPES)
+
+
+def recipe_of(part: str) -> dict:
+    """The recipe settings of any shippable part; :ref:`sec_attributes`."""
+    from flowjac.models.morpho_models import MORPHO_RECIPES
+
+    check_choice("part", part, shippable_parts())
+    return RECIPES[part] if part in RECIPES else MORPHO_RECIPES[part]
 
 
 # the recipe each ``flowjac train --data`` starts from, its native size, and
@@ -253,7 +279,7 @@ def write_manifest(records: dict, weights_dir=None) -> Path:
     wdir = Path(weights_dir or WEIGHTS_DIR)
     parts = {}
     for part, rec in records.items():
-        check_choice("part", part, tuple(RECIPES))
+        check_choice("part", part, shippable_parts())
         rec = dict(rec)
         rec["sha256"] = sha256(wdir / rec["file"])
         parts[part] = rec
