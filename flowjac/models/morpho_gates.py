@@ -1,4 +1,4 @@
-"""The gates of the Morpho-MNIST models: measured attributes of samples against their conditions, the measured law of an unconditional flow, a regressor against the published labels; :ref:`sec_interventions`.
+"""The gates of the Morpho-MNIST models: measured attributes of samples against their conditions, the measured law of an unconditional flow, a regressor against the published labels; :ref:`sec_morpho`.
 
 Limits in ``MORPHO_GATES``; the measurement floor ``FLOOR`` (the
 measurement's error on the published test set against its labels). Each
@@ -74,13 +74,13 @@ def _samples(samples) -> torch.Tensor:
 
 
 def to_grey(samples) -> np.ndarray:
-    """Pixels in [0, 1] (n, 1, H, W) as uint8 grey levels (n, H, W), clipped and rounded like the data; :ref:`sec_interventions`."""
+    """Pixels in [0, 1] (n, 1, H, W) as uint8 grey levels (n, H, W), clipped and rounded like the data; :ref:`sec_morpho`."""
     x = _samples(samples).clamp(0, 1)[:, 0].numpy()
     return np.rint(x * 255).astype(np.uint8)
 
 
 def measure_samples(samples) -> dict:
-    """Thickness and intensity of samples (pixels in [0, 1]) by ``morpho.measure``; a blank image measures 0 and its grey level; :ref:`sec_interventions`."""
+    """Thickness and intensity of samples (pixels in [0, 1]) by ``morpho.measure``; a blank image measures 0 and its grey level; :ref:`sec_morpho`."""
     grey = to_grey(samples)
     flat = grey.reshape(len(grey), -1)
     blank = flat.max(1) == flat.min(1)
@@ -92,7 +92,7 @@ def measure_samples(samples) -> dict:
 
 
 def read_digits(classifier: nn.Module, samples) -> torch.Tensor:
-    """The digit classifier's logits (n, 10) on samples clipped to [0, 1] and scaled to a maximum of 1; :ref:`sec_interventions`."""
+    """The digit classifier's logits (n, 10) on samples clipped to [0, 1] and scaled to a maximum of 1; :ref:`sec_morpho`."""
     from flowjac.models.classifiers import predict_logits
 
     x = _samples(samples).clamp(0, 1).float()
@@ -102,7 +102,7 @@ def read_digits(classifier: nn.Module, samples) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=4)
 def measurement_floor(root=None, n: int | None = None) -> dict:
-    """The measurement's MAE (t, i) on the published test set against its labels (``FLOOR`` if the set is absent); :ref:`sec_interventions`.
+    """The measurement's MAE (t, i) on the published test set against its labels (``FLOOR`` if the set is absent); :ref:`sec_morpho`.
 
     ``n``: the first n digits only (all 10,000: about 35 s on one thread).
     """
@@ -119,7 +119,7 @@ def measurement_floor(root=None, n: int | None = None) -> dict:
 
 # -------------------------------------------------------------------- gates
 def judge_interval(interval, limit: float, side: str) -> str:
-    """``quality.judge``'s rule with the limit given: pass when the whole interval is on the good side; :ref:`sec_interventions`."""
+    """``quality.judge``'s rule with the limit given: pass when the whole interval is on the good side; :ref:`sec_morpho`."""
     check_choice("side", side, ("min", "max"))
     lo, hi = (float(v) for v in interval)
     if not lo <= hi:
@@ -154,7 +154,7 @@ def _floor(floor) -> dict:
 
 
 def conditional_gates(samples, t, i, digits, logits, floor=None) -> dict:
-    """Gates of conditional samples: measured t and i against their conditioning values, the digit read back; :ref:`sec_interventions`.
+    """Gates of conditional samples: measured t and i against their conditioning values, the digit read back; :ref:`sec_morpho`.
 
     ``samples`` (n, 1, H, W) pixels in [0, 1] drawn at ``t``, ``i``,
     ``digits``; ``logits`` (n, 10) from ``read_digits``; ``floor`` the
@@ -192,7 +192,7 @@ def _moments(t, i) -> list:
 
 
 def unconditional_gates(samples, logits, reference: dict, class_shares) -> dict:
-    """Gates of unconditional samples: their measured (t, i) law against the real renders' and the SCM's, the class balance; :ref:`sec_interventions`.
+    """Gates of unconditional samples: their measured (t, i) law against the real renders' and the SCM's, the class balance; :ref:`sec_morpho`.
 
     ``reference``: ``{"t": ..., "i": ...}`` measured on the real renders
     (``MorphoData.t_measured``, ``.i_measured``). Gates: means within 0.1
@@ -244,7 +244,7 @@ def unconditional_gates(samples, logits, reference: dict, class_shares) -> dict:
 
 
 def regressor_gates(pred_t, pred_i, t, i, floor=None) -> dict:
-    """Gates of the (t, i) regressor on labelled images: MAE within 2 x the floor, slopes in [0.9, 1.1], baseline beside; :ref:`sec_interventions`.
+    """Gates of the (t, i) regressor on labelled images: MAE within 2 x the floor, slopes in [0.9, 1.1], baseline beside; :ref:`sec_morpho`.
 
     The slope is the least-squares slope of prediction on label per
     attribute (a saturating readout flattens it); ``slope_min`` and
@@ -283,7 +283,7 @@ def regressor_gates(pred_t, pred_i, t, i, floor=None) -> dict:
 
 
 def gate_table(gates: dict) -> list[dict]:
-    """One row per gate of a record: value, 95% interval, limit and status; :ref:`sec_interventions`."""
+    """One row per gate of a record: value, 95% interval, limit and status; :ref:`sec_morpho`."""
     rows = []
     for name, status in gates["status"].items():
         value = gates.get(name, gates.get("memorization", {}).get(name))

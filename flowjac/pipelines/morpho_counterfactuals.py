@@ -35,7 +35,7 @@ same conditioning), is part of the table. Every number carries a 95%
 interval over images (``intervals.mean_interval``, studentized; a paired
 percentile bootstrap for the Frechet distance).
 
-Explained in :ref:`sec_interventions`.
+Explained in :ref:`sec_morpho`.
 """
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def _code(t, i, digits) -> torch.Tensor:
 
 def abduct(model, images, t, i, digits, *, method: str = "midpoint", steps: int = 10,
            guidance: float = 1.0, dtype=None) -> torch.Tensor:
-    """The latents z of images: the conditional flow's ODE integrated backwards from t = 1 to 0 under their parents; :ref:`sec_interventions`.
+    """The latents z of images: the conditional flow's ODE integrated backwards from t = 1 to 0 under their parents; :ref:`sec_morpho`.
 
     ``model`` is the conditional ``FlowUNet`` (12 conditions) or any object
     with ``given(code, guidance)`` returning a velocity (x, t). With
@@ -163,7 +163,7 @@ def abduct(model, images, t, i, digits, *, method: str = "midpoint", steps: int 
 
 def decode(model, z, t, i, digits, *, method: str = "midpoint", steps: int = 10,
            guidance: float = 1.0, dtype=None) -> torch.Tensor:
-    """Images from latents z under parents (t, i, digit): the flow integrated forwards from t = 0 to 1; :ref:`sec_interventions`."""
+    """Images from latents z under parents (t, i, digit): the flow integrated forwards from t = 0 to 1; :ref:`sec_morpho`."""
     code = _code(t, i, digits)
     if not torch.is_tensor(z) or len(z) != len(code):
         raise ValueError(f"z must be a tensor with one latent per row of t ({len(code)})")
@@ -177,7 +177,7 @@ def _l1(a, b, grey=255.0) -> np.ndarray:
 
 
 def round_trip_error(model, images, t, i, digits, **solver) -> np.ndarray:
-    """The abduction's own error per image: backwards to z, forwards again, mean L1 in grey levels [0, 255]; :ref:`sec_interventions`."""
+    """The abduction's own error per image: backwards to z, forwards again, mean L1 in grey levels [0, 255]; :ref:`sec_morpho`."""
     x = _pixels(images)
     z = abduct(model, x, t, i, digits, **solver)
     return _l1(decode(model, z, t, i, digits, **solver), x)
@@ -202,7 +202,7 @@ def _intervention(do, n):
 def counterfactual_images(model, images, t, i, digits, do=None, *, method: str = "midpoint",
                           steps: int = 10, guidance: float = 1.0, clip: bool = True,
                           dtype=None) -> dict:
-    """Counterfactual images: abduct z (the flow) and eps_i (the SCM), act by ``do``, predict (t*, i*, digit*) by the SCM, decode; :ref:`sec_interventions`.
+    """Counterfactual images: abduct z (the flow) and eps_i (the SCM), act by ``do``, predict (t*, i*, digit*) by the SCM, decode; :ref:`sec_morpho`.
 
     ``do``: None (the null intervention: the parents unchanged) or one of
     ``{"t": ...}``, ``{"i": ...}``, ``{"digit": ...}`` (a value or one per
@@ -227,7 +227,7 @@ def counterfactual_images(model, images, t, i, digits, do=None, *, method: str =
 
 
 def intervention_targets(rows, seed: int | None = None, total: int | None = None) -> dict:
-    """The do() values of the given rows of the published set, drawn once for all its rows (``PROTOCOL["targets"]``); :ref:`sec_interventions`."""
+    """The do() values of the given rows of the published set, drawn once for all its rows (``PROTOCOL["targets"]``); :ref:`sec_morpho`."""
     seed = PROTOCOL["target_seed"] if seed is None else check_int("seed", seed, minimum=0)
     total = PROTOCOL["target_rows"] if total is None else check_int("total", total, minimum=1)
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -242,7 +242,7 @@ def intervention_targets(rows, seed: int | None = None, total: int | None = None
 
 # ------------------------------------------------------------- readouts
 def classifier_features(classifier, images) -> torch.Tensor:
-    """The digit classifier's penultimate features (an ``AttributeNet``'s pooled activations; logits otherwise) of images read as ``read_digits`` reads them; :ref:`sec_interventions`."""
+    """The digit classifier's penultimate features (an ``AttributeNet``'s pooled activations; logits otherwise) of images read as ``read_digits`` reads them; :ref:`sec_morpho`."""
     import torch.nn.functional as F
 
     x = _pixels(images).detach().cpu().double().clamp(0, 1).float()
@@ -263,7 +263,7 @@ def classifier_features(classifier, images) -> torch.Tensor:
 
 
 def frechet_distance(a, b) -> float:
-    """The Frechet distance between Gaussians fitted to two feature sets (n, f): ``|mu_a - mu_b|^2 + tr(Sa + Sb - 2 (Sa^1/2 Sb Sa^1/2)^1/2)``; :ref:`sec_interventions`."""
+    """The Frechet distance between Gaussians fitted to two feature sets (n, f): ``|mu_a - mu_b|^2 + tr(Sa + Sb - 2 (Sa^1/2 Sb Sa^1/2)^1/2)``; :ref:`sec_morpho`."""
     a = torch.as_tensor(a, dtype=torch.float64)
     b = torch.as_tensor(b, dtype=torch.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
@@ -289,7 +289,7 @@ def evaluate_batch(model, images, t, i, digits, targets: dict, classifier, *,
                    cycles: int | None = None, method: str | None = None,
                    steps: int | None = None, guidance: float | None = None,
                    clip: bool | None = None, dtype=None) -> dict:
-    """Every per-image number of the protocol for one batch: round trip, composition at each cycle, and per intervention its target, readings and reversibility; :ref:`sec_interventions`.
+    """Every per-image number of the protocol for one batch: round trip, composition at each cycle, and per intervention its target, readings and reversibility; :ref:`sec_morpho`.
 
     ``targets``: ``{"t": ..., "i": ..., "digit": ...}`` one do() value per
     image (``intervention_targets``). Solver settings default to
@@ -362,7 +362,7 @@ def _realism(features, real, seed) -> dict:
 
 
 def summarize(rows: dict) -> dict:
-    """The protocol's table from per-image rows (``evaluate_batch``, batches joined): means with 95% intervals, floors, null baselines and the verdict; :ref:`sec_interventions`.
+    """The protocol's table from per-image rows (``evaluate_batch``, batches joined): means with 95% intervals, floors, null baselines and the verdict; :ref:`sec_morpho`.
 
     Composition, reversibility and the round trip in grey levels over
     28 x 28 (``value``) and over the published 32 x 32 padding
@@ -416,7 +416,7 @@ def summarize(rows: dict) -> dict:
 
 
 def composition_verdict(summary: dict) -> dict:
-    """``PROTOCOL["rule"]`` on a summary: composition after 10 null cycles within about one grey level, with the round trip beside; :ref:`sec_interventions`.
+    """``PROTOCOL["rule"]`` on a summary: composition after 10 null cycles within about one grey level, with the round trip beside; :ref:`sec_morpho`.
 
     Returns ``status`` (pass, borderline, fail, or undecided when the
     summary has no 10-cycle composition) and a sentence naming the share
@@ -437,7 +437,7 @@ def composition_verdict(summary: dict) -> dict:
 
 
 def counterfactual_table(summary: dict) -> list[dict]:
-    """One row per metric of a summary (value, interval, floor, null baseline, padded value), in the published tables' order; :ref:`sec_interventions`."""
+    """One row per metric of a summary (value, interval, floor, null baseline, padded value), in the published tables' order; :ref:`sec_morpho`."""
     rows = [dict(metric="round trip (abduction)", do="-", **_row(summary["round_trip"]))]
     for m, s in summary["composition"].items():
         rows.append(dict(metric=f"composition ({m} cycle{'s' if m > 1 else ''})", do="null",
@@ -460,7 +460,7 @@ def _row(s):
 
 def composition_diagnosis(model, images, t, i, digits, *, cycles: int | None = None,
                           settings=None) -> list[dict]:
-    """Composition after ``cycles`` null cycles and the round trip under each setting of ``PROTOCOL["diagnosis"]`` (more steps, RK4, float64, no clipping, guidance), one change at a time; :ref:`sec_interventions`.
+    """Composition after ``cycles`` null cycles and the round trip under each setting of ``PROTOCOL["diagnosis"]`` (more steps, RK4, float64, no clipping, guidance), one change at a time; :ref:`sec_morpho`.
 
     The setting whose change removes most of the error names its cause:
     the solver's discretisation (steps, method), the precision, the

@@ -24,7 +24,7 @@ flows), and records per image, in grey levels over 28 x 28:
 ``gap_summary`` gives means with 95% studentized intervals over images
 and the gaps as shares of the effect; ``gap_verdict`` applies
 ``COUPLING_STUDY["rule"]``, fixed before any of these flows was trained.
-Explained in :ref:`sec_interventions`.
+Explained in :ref:`sec_morpho`.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ COUPLING_STUDY = {
 
 def gap_rows(models: dict, images, t, i, digits, targets: dict, *,
              reference: str | None = None, **solver) -> dict:
-    """Per-image effects and gaps of counterfactuals between flows of one conditional law; :ref:`sec_interventions`.
+    """Per-image effects and gaps of counterfactuals between flows of one conditional law; :ref:`sec_morpho`.
 
     ``models`` maps a name to a conditional flow (what
     ``morpho_counterfactuals.counterfactual_images`` takes); ``targets``
@@ -83,7 +83,7 @@ def gap_rows(models: dict, images, t, i, digits, targets: dict, *,
 
 
 def gap_summary(rows: dict, seed: int = 0) -> dict:
-    """Means with 95% intervals over images of each intervention's effect and gaps, and the gaps as shares of the mean effect; :ref:`sec_interventions`."""
+    """Means with 95% intervals over images of each intervention's effect and gaps, and the gaps as shares of the mean effect; :ref:`sec_morpho`."""
     out = {}
     for name, r in rows.items():
         effect = mc._stat(r["effect"], seed)
@@ -97,7 +97,7 @@ def gap_summary(rows: dict, seed: int = 0) -> dict:
 
 def gap_verdict(summary: dict, *, noise: str | None = None,
                 other: str | None = None) -> dict:
-    """``COUPLING_STUDY["rule"]`` per intervention: does the other coupling move counterfactuals beyond training noise, and is the move material; :ref:`sec_interventions`."""
+    """``COUPLING_STUDY["rule"]`` per intervention: does the other coupling move counterfactuals beyond training noise, and is the move material; :ref:`sec_morpho`."""
     noise = COUPLING_STUDY["training_noise"] if noise is None else noise
     other = COUPLING_STUDY["other_coupling"] if other is None else other
     out = {}
