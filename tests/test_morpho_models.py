@@ -151,6 +151,9 @@ def test_unconditional_flow_trains_and_its_gates_have_intervals(tiny, tmp_path, 
         assert name in gates["limits"]
     assert gates["passed"] is False         # four steps do not make digits
     assert set(gates["scm"]) == set(gates["reference_moments"])
+    # every gate the recipe judges, memorization included, was planned with its limit
+    assert gates["limits"] == mm.planned_limits("unconditional")
+    assert list(gates["limits"]) == list(mm.planned_limits("unconditional"))
 
 
 def test_conditional_gates_fail_on_noise_and_pass_on_real_renders(tiny, digits_classifier):
@@ -160,6 +163,10 @@ def test_conditional_gates_fail_on_noise_and_pass_on_real_renders(tiny, digits_c
                                  mm.read_digits(digits_classifier, real), floor=mm.FLOOR)
     assert gates["status"]["t_mae"] == "pass" and gates["status"]["i_mae"] == "pass"
     assert gates["t_mae"] < 2 * mm.FLOOR["t"] and gates["digit_readback"] >= 0.9
+    # the limits the chapter prints before any flow is trained are the ones judged
+    planned = mm.planned_limits("conditional", mm.FLOOR)
+    assert {k: v for k, v in planned.items() if k in gates["limits"]} == gates["limits"]
+    assert list(planned)[:3] == list(gates["limits"])
     noise = torch.rand(len(data), 1, 28, 28, generator=torch.Generator().manual_seed(0))
     bad = mm.conditional_gates(noise, data.t, data.i, data.digits,
                                mm.read_digits(digits_classifier, noise), floor=mm.FLOOR)
@@ -177,6 +184,11 @@ def test_unconditional_gates_pass_the_data_against_itself_and_fail_noise(tiny, d
     ok = mm.unconditional_gates(real, mm.read_digits(digits_classifier, real), ref, shares)
     for name in ("mean_t_error", "mean_i_error", "sd_t_error", "sd_i_error", "corr_ti_error"):
         assert ok[name] < 1e-6 and ok["status"][name] != "fail", name
+    planned = mm.planned_limits("unconditional")
+    assert {k: v for k, v in planned.items() if k in ok["limits"]} == ok["limits"]
+    assert list(planned)[:len(ok["limits"])] == list(ok["limits"])
+    with pytest.raises(ValueError, match="^kind "):
+        mm.planned_limits("regressor")
     noise = torch.rand(len(data), 1, 28, 28, generator=torch.Generator().manual_seed(1))
     bad = mm.unconditional_gates(noise, mm.read_digits(digits_classifier, noise), ref, shares)
     assert bad["status"]["mean_t_error"] == "fail" and bad["status"]["sd_i_error"] == "fail"

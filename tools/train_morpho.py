@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=500, help="steps between checkpoints")
     p.add_argument("--n-gate", type=int, default=quality.GATE_MIN_N,
                    help="gate samples (flows; the regressor reads the whole published set)")
-    p.add_argument("--gate-seed", type=int, default=2)
+    p.add_argument("--gate-seed", type=int, default=morpho_models.GATE_SEED)
     p.add_argument("--device", default="cpu")
     p.add_argument("--progress", action="store_true", help="show training bars")
     p.add_argument("--train-steps", type=int, default=None,

@@ -282,6 +282,34 @@ def regressor_gates(pred_t, pred_i, t, i, floor=None) -> dict:
                          "slope_max": ("max", g["slope_max"])}, lo, hi)
 
 
+def planned_limits(kind: str, floor=None) -> dict:
+    """The limits a Morpho flow's gates will be judged by, ``{gate: [side, limit]}`` in the order its gates report them, before any sample is drawn; :ref:`sec_morpho`.
+
+    ``kind`` is ``"conditional"`` (``conditional_gates``) or
+    ``"unconditional"`` (``unconditional_gates``); both end with the
+    memorization gates every flow passes (``quality.GATES``). ``floor`` as
+    in ``conditional_gates``.
+    """
+    check_choice("kind", kind, ("conditional", "unconditional"))
+    g, q = MORPHO_GATES, quality.GATES
+    if kind == "conditional":
+        floor = _floor(floor)
+        out = {"t_mae": ["max", g["mae_floor_factor"] * floor["t"]],
+               "i_mae": ["max", g["mae_floor_factor"] * floor["i"]],
+               "digit_readback": ["min", g["digit_min_readback"]]}
+    else:
+        out = {f"{k}_error": ["max", g[limit]] for k, limit in (
+            ("mean_t", "mean_max_error"), ("mean_i", "mean_max_error"),
+            ("sd_t", "sd_max_error"), ("sd_i", "sd_max_error"), ("corr_ti", "corr_max_error"))}
+        for name in ("share", "in_range", "class_error"):
+            key, side = quality.GATE_SIDES[name]
+            out[name] = [side, q[key]]
+    for name in ("nn_ratio", "copy_share"):
+        key, side = quality.GATE_SIDES[name]
+        out[name] = [side, q[key]]
+    return {k: [side, float(limit)] for k, (side, limit) in out.items()}
+
+
 def gate_table(gates: dict) -> list[dict]:
     """One row per gate of a record: value, 95% interval, limit and status; :ref:`sec_morpho`."""
     rows = []

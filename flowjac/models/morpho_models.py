@@ -117,15 +117,15 @@ from flowjac.data import morpho
 from flowjac.models import quality
 from flowjac.models.morpho_gates import (  # noqa: F401  (re-exported)
     FLOOR, MORPHO_GATES, _column, _digits, _judged, _samples, _scale, conditional_gates, gate_table, judge_interval,
-    measure_samples, measurement_floor, read_digits, regressor_gates, to_grey,
+    measure_samples, measurement_floor, planned_limits, read_digits, regressor_gates, to_grey,
     unconditional_gates)
 from flowjac.models.recipe_kinds import ClassifierRecipe, FlowRecipe, _Run
 
-__all__ = ["MORPHO_RECIPES", "MORPHO_GATES", "FLOOR", "N_CONDITIONS", "CACHE_DIR",
+__all__ = ["MORPHO_RECIPES", "MORPHO_GATES", "FLOOR", "N_CONDITIONS", "GATE_SEED", "CACHE_DIR",
            "conditioning", "MorphoVelocity", "sample_conditional", "training_data",
            "heldout_data", "to_grey", "measure_samples", "read_digits",
            "measurement_floor", "judge_interval", "conditional_gates",
-           "unconditional_gates", "regressor_gates", "gate_table",
+           "unconditional_gates", "regressor_gates", "gate_table", "planned_limits",
            "predict_attributes", "MorphoReadout", "readout_gates", "MorphoFlowRecipe",
            "MorphoConditionalRecipe", "MorphoRegressorRecipe", "recipe", "load",
            "load_readout"]
@@ -137,6 +137,7 @@ _UNET = dict(in_channels=1, base_channels=32, channel_mult=[1, 2, 2], time_dim=1
 _FLOW_TRAINING = dict(train_steps=12_000, batch_size=64, lr=4e-4, lr_cooldown=[8_000, 12_000],
                       ema_decay=0.999, grad_clip=1.0, seed=0)
 N_CONDITIONS = 12        # standardised t, standardised i, ten digit codes
+GATE_SEED = 2            # the seed of the gates that decide shipping (no stopping rule sees it)
 
 # the conditional flow's recipe; the coupling study's two other flows change one thing each
 _CONDITIONAL = dict(
