@@ -129,6 +129,10 @@ def test_size_study_steps_cap_the_passes_over_the_data():
     assert [size_study_steps(n) for n in (100, 200, 300, 400, 4000)] == [1000, 2000, 3000, 4000,
                                                                        4000]
     assert SIZE_STUDY["sizes"] == (100, 200, 300, 400)
+    # the all-digit flow's continuation: a final seed no earlier measurement saw
+    cont = SIZE_STUDY["all_digits"]
+    assert cont["final_seed"] not in (SIZE_STUDY["check_seed"], 2)
+    assert cont["max_steps"] * SIZE_STUDY["batch_size"] / 4000 <= SIZE_STUDY["max_epochs"]
     assert all(size_study_steps(n) * SIZE_STUDY["batch_size"] / n <= SIZE_STUDY["max_epochs"]
                for n in (50, 100, 137, 200, 400, 4000))
     with pytest.raises(ValueError, match="n_train"):
