@@ -120,6 +120,16 @@ def _weights(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def test_conditional_recipe_judges_the_planned_limits_memorization_included(tiny, tmp_path,
+                                                                          digits_classifier):
+    rec = mm.recipe("morpho-conditional")
+    model, _ = rec.train(tmp_path, chunk=4)
+    gates = rec.gates(model, n=8, seed=2, classifier=digits_classifier, floor=mm.FLOOR)
+    planned = mm.planned_limits("conditional", mm.FLOOR)
+    assert gates["limits"] == planned and list(gates["limits"]) == list(planned)
+    assert set(gates["status"]) == set(planned)
+
+
 def test_conditional_flow_trains_checkpoints_and_resumes_bit_identically(tiny, tmp_path):
     rec = mm.recipe("morpho-conditional")
     whole, record = rec.train(tmp_path / "whole", chunk=2)
@@ -317,7 +327,17 @@ def test_the_training_command_writes_its_outputs_and_never_overwrites(tiny, tmp_
     (tmp_path / ".morpho-flow-clock.json").write_text(json.dumps(dict(clock, seconds=1000.0)))
     assert tool.main(args + ["--resume"]) == 0
     record = json.loads((tmp_path / "morpho-flow.json").read_text())
-    assert record["train_seconds"] == 1000.0 + record["train_seconds_this_run"]
+    # this run found the training finished: it measured the gates and added no time
+    assert record["train_seconds"] == 1000.0 and record["train_seconds_this_run"] == 0.0
+    from flowjac.models.recipe_settings import sha256
+    assert record["sha256"] == sha256(tmp_path / "morpho-flow.pt")
+    # a clock without its work file is stale: ignored
+    (tmp_path / ".morpho-flow-training.pt").unlink()
+    for f in ("morpho-flow.pt", "morpho-flow.json", "morpho-flow_samples.pt"):
+        (tmp_path / f).unlink()
+    assert tool.main(args + ["--resume"]) == 0
+    record = json.loads((tmp_path / "morpho-flow.json").read_text())
+    assert 0 < record["train_seconds"] == record["train_seconds_this_run"] < 1000.0
     assert tool.main(args + ["--force", "--train-steps", "0"]) == 2
     assert "--train-steps must be >= 1" in capsys.readouterr().err
 
@@ -364,9 +384,11 @@ def test_the_readout_measures_intensity_and_keeps_the_regressors_thickness(tmp_p
 
 
 
-def test_the_build_command_records_its_time_and_never_overwrites(tiny, tmp_path):
+def test_the_build_command_records_its_time_and_never_overwrites(tiny, tmp_path, monkeypatch):
     import importlib.util
     from pathlib import Path
+
+    monkeypatch.setattr(mm, "CACHE_DIR", tmp_path / "fresh-cache")     # nothing cached yet
 
     spec = importlib.util.spec_from_file_location(
         "build_morpho_data", Path(__file__).resolve().parent.parent / "tools" / "build_morpho_data.py")
@@ -379,3 +401,7 @@ def test_the_build_command_records_its_time_and_never_overwrites(tiny, tmp_path)
     assert json.loads(out.read_text()) == json.loads(json.dumps(record))
     with pytest.raises(SystemExit, match="--force"):
         tool.build(out)
+    # the sets are cached now: reading them is no build, so nothing is recorded
+    with pytest.raises(SystemExit, match="already cached"):
+        tool.build(tmp_path / "again.json")
+    assert not (tmp_path / "again.json").exists()

@@ -111,19 +111,22 @@ def test_a_shipped_fine_tune_reads_as_two_stages(tmp_path, weights):
     assert pretrained.gates_along_training(one) == one["gates_along_training"]
 
 
-def _readout_record(tmp_path, **gate_changes):
+def _readout_record(tmp_path, record_changes=None, **gate_changes):
+    record_changes = record_changes or {}
     from flowjac.models import morpho_models
 
     gates = {"n": 10000, "heldout": "the published set", "passed": True,
              "status": {"t_mae": "pass", "i_mae": "pass"}}
     gates.update(gate_changes)
-    record = {"part": "morpho-regressor", "file": "morpho-regressor.pt", "train_steps": 16000,
-              "recipe": json.loads(json.dumps(morpho_models.MORPHO_RECIPES["morpho-regressor"])),
-              "hardware": {"cpu": "test"}, "train_seconds": 1.0, "gates": gates}
-    path = tmp_path / "morpho-regressor.json"
-    path.write_text(json.dumps(record))
     new = tmp_path / "regressor.pt"
     new.write_bytes(b"a readout")
+    record = {"part": "morpho-regressor", "file": "morpho-regressor.pt", "train_steps": 16000,
+              "recipe": json.loads(json.dumps(morpho_models.MORPHO_RECIPES["morpho-regressor"])),
+              "hardware": {"cpu": "test"}, "train_seconds": 1.0, "gates": gates,
+              "finished": True, "sha256": pretrained.sha256(new)}
+    record.update(record_changes)
+    path = tmp_path / "morpho-regressor.json"
+    path.write_text(json.dumps({k: v for k, v in record.items() if v is not None}))
     return path, new
 
 
@@ -137,6 +140,13 @@ def test_a_readout_ships_without_a_sampler_and_only_on_held_out_passing_gates(tm
         bad, _ = _readout_record(tmp_path, **change)
         with pytest.raises(SystemExit, match=why):
             ship_part.ship(bad, new, None, weights, replace=True)
+    # the gates are tied to the weights, and to the recipe's whole training
+    for change, why in (({"sha256": None}, "names no sha256"), ({"sha256": "0" * 64}, "--weights"),
+                        ({"train_steps": 12000}, "trained 12000 steps"),
+                        ({"finished": False}, "finished: False")):
+        bad, _ = _readout_record(tmp_path, change)
+        with pytest.raises(SystemExit, match=why):
+            ship_part.ship(bad, new, None, weights, replace=True)
     record, new = _readout_record(tmp_path)
     if (weights / "morpho-regressor.pt").exists():
         with pytest.raises(SystemExit, match="--replace"):
@@ -148,5 +158,12 @@ def test_a_readout_ships_without_a_sampler_and_only_on_held_out_passing_gates(tm
         {p: e for p, e in before.items() if p != "morpho-regressor"}
     # a flow still needs its sampler named
     flow, new_flow, _ = _record(tmp_path, weights)
-    with pytest.raises(SystemExit, match="is a flow; name the sampler"):
+    with pytest.raises(SystemExit, match="--sampler: scm-flow needs one"):
+        ship_part.ship(flow, new_flow, None, weights)
+    # and so does a classifier of the recipes: the readout's path is for Morpho parts only
+    clf = json.loads(flow.read_text())
+    clf["part"] = "mnist-digits"
+    clf["recipe"] = json.loads(json.dumps(pretrained.RECIPES["mnist-digits"]))
+    flow.write_text(json.dumps(clf))
+    with pytest.raises(SystemExit, match="--sampler: mnist-digits needs one"):
         ship_part.ship(flow, new_flow, None, weights)

@@ -32,13 +32,21 @@ def build(out: Path, force: bool = False) -> dict:
         raise SystemExit(f"{out} exists; pass --force to replace it")
     record = {"hardware": hardware(), "date": datetime.date.today().isoformat()}
     recipe = morpho_models.MORPHO_RECIPES["morpho-flow"]
+    cached = []
     for key in ("data", "heldout"):
         spec = dict(recipe[key])
+        draws, seed = spec.pop("draws_per_digit"), spec.pop("seed")
+        path = morpho.cache_path(draws, seed, cache_dir=morpho_models.CACHE_DIR, **spec)
+        if path.is_file():
+            cached.append(str(path))
         t0 = time.perf_counter()
-        data = morpho.build_dataset(spec.pop("draws_per_digit"), spec.pop("seed"),
-                                    cache_dir=morpho_models.CACHE_DIR, progress=True, **spec)
+        data = morpho.build_dataset(draws, seed, cache_dir=morpho_models.CACHE_DIR,
+                                    progress=True, **spec)
         record[key] = {"renders": len(data), "source": data.source,
                        "seconds": time.perf_counter() - t0}
+    if cached:      # reading a cache is no build: its time would be a false record
+        raise SystemExit(f"{', '.join(cached)} already cached, so no build was timed and "
+                         f"{out} is not written; move the cache away to time a build")
     save_json(out, record)
     return record
 

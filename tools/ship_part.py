@@ -3,17 +3,18 @@
     python tools/ship_part.py RECORD.json --weights FILE [--sampler rk4:10] \
         [--out flowjac/weights] [--replace] [--note TEXT]
 
-``RECORD.json`` is the record ``tools/train_shipped.py`` wrote beside the
-trained ``FILE`` (its recipe, steps, hardware and the gates measured under
+``RECORD.json`` is the record ``tools/train_shipped.py`` (or
+``tools/train_morpho.py``) wrote beside the trained ``FILE`` (its recipe, steps, hardware and the gates measured under
 each sampler it was given). The entry shipped uses the gates of the one
 sampler named by ``--sampler``; the part is refused unless those gates were
 measured on at least ``quality.GATE_MIN_N`` samples of a seed other than
 the gates-along-training seed (1) and pass every limit (no failure, no
 borderline), and unless the record's recipe is the package's
 ``RECIPES[part]`` (or, for a Morpho-MNIST part from ``tools/train_morpho.py``,
-``morpho_models.MORPHO_RECIPES[part]``). A part without a sampler (the
-Morpho readout) ships its one set of gates, which must pass on at least
-``quality.GATE_MIN_N`` items of held-out data it names. A record whose flow was fine-tuned from a file (its
+``morpho_models.MORPHO_RECIPES[part]``). A Morpho part's record must name the
+sha256 of ``FILE`` and hold the recipe's whole training; the Morpho readout,
+which has no sampler, ships its one set of gates, which must pass on at
+least ``quality.GATE_MIN_N`` items of held-out data it names. A record whose flow was fine-tuned from a file (its
 ``started_from``) keeps the first stage's history when the manifest's
 current entry is that file: its gates along training, hardware, seconds
 and sha256 go under ``first_stage``.
@@ -47,11 +48,13 @@ def _sampler(text: str) -> dict:
 def chosen_gates(record: dict, sampler: dict | None) -> dict:
     """The record's gates measured under ``sampler`` (None for a part without one), checked to be shippable."""
     part = record.get("part")
-    has_sampler = "sampler" in pretrained.recipe_of(part)
+    # only a Morpho readout ships without a sampler; every other part names one
+    has_sampler = part in pretrained.RECIPES or "sampler" in pretrained.recipe_of(part)
     if (sampler is None) == has_sampler:
-        raise SystemExit(f"--sampler: {part} " + ("is a flow; name the sampler whose gates ship"
-                                                  if has_sampler else "has no sampler; omit it"))
-    if sampler is None:         # a readout, judged on held-out data no training saw
+        raise SystemExit(f"--sampler: {part} " + (
+            "needs one: name the sampler whose gates ship (METHOD:STEPS)"
+            if has_sampler else "has no sampler; omit it"))
+    if sampler is None:         # a Morpho readout, judged on held-out data no training saw
         gates = record.get("gates") or {}
         if gates.get("n", 0) < quality.GATE_MIN_N or not gates.get("heldout"):
             raise SystemExit(f"{part}: its gates were measured on n={gates.get('n', 0)} "
@@ -80,13 +83,18 @@ def _all_pass(part: str, gates: dict, which: str) -> dict:
     return gates
 
 
-def entry_for(record: dict, sampler: dict, current: dict | None, note: str | None) -> dict:
+def entry_for(record: dict, sampler: dict | None, current: dict | None, note: str | None) -> dict:
     """The manifest entry: the record, its chosen gates and sampler, the first stage's history."""
     part = record["part"]
     recipe = json.loads(json.dumps(pretrained.recipe_of(part)))
     if record.get("recipe") != recipe:
         raise SystemExit(f"{part}: the record's recipe is not the package's recipe of "
                          f"{part!r}; update its settings first (or retrain)")
+    if part not in pretrained.RECIPES:      # a Morpho part: its whole recipe, finished
+        steps = recipe["train_steps"] + (recipe.get("finetune") or {}).get("steps", 0)
+        if record.get("train_steps") != steps or record.get("finished") is False:
+            raise SystemExit(f"{part}: the record trained {record.get('train_steps')} steps "
+                             f"(finished: {record.get('finished')}); the recipe's are {steps}")
     entry = {k: v for k, v in record.items() if k not in ("sha256",)}
     entry["gates"] = chosen_gates(record, sampler)
     if sampler is not None:
@@ -112,6 +120,9 @@ def ship(record_path, weights, sampler: dict, out, replace=False, note=None) -> 
     if not weights.is_file():
         raise SystemExit(f"--weights: no file {weights}")
     new_sha = pretrained.sha256(weights)
+    if part not in pretrained.RECIPES and record.get("sha256") is None:
+        raise SystemExit(f"RECORD: {part}'s record names no sha256 of its weights (written "
+                         "by tools/train_morpho.py); its gates cannot be tied to --weights")
     if record.get("sha256") not in (None, new_sha):
         raise SystemExit(f"--weights: {weights} has sha256 {new_sha[:12]}..., the record "
                          f"says {record['sha256'][:12]}...")
@@ -135,7 +146,8 @@ def ship(record_path, weights, sampler: dict, out, replace=False, note=None) -> 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("record", type=Path, help="the part's record (PART.json) from train_shipped.py")
+    ap.add_argument("record", type=Path, help="the part's record (PART.json) from train_shipped.py "
+                                              "or train_morpho.py")
     ap.add_argument("--weights", type=Path, required=True, help="the trained file to ship")
     ap.add_argument("--sampler", type=_sampler, default=None,
                     help="METHOD:STEPS, the sampler whose gates ship (and the chapters use); "

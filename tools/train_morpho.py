@@ -15,7 +15,10 @@ chunk and kept, so after an interruption the same command with ``--resume``
 continues where it stopped (and, once training is finished, only measures
 the gates). ``DIR/.<part>-clock.json`` keeps the training seconds up to the
 last checkpoint, so the record's ``train_seconds`` counts every run that
-made the network (``train_seconds_this_run`` this one's).
+made the network (``train_seconds_this_run`` this one's; 0 for a run that
+found the training finished and only measured the gates); a clock without
+its work file is ignored. The record holds the sha256 of ``DIR/<part>.pt``,
+which ``tools/ship_part.py`` requires of a Morpho part.
 
 Nothing is overwritten silently: an existing output, or a work file without
 ``--resume``, stops the command unless ``--force`` is given. Gates that decide
@@ -36,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flowjac.models import morpho_models, quality  # noqa: E402
 from flowjac.models.morpho_models import to_grey  # noqa: E402
 from flowjac.base import atomic_torch_save, save_json  # noqa: E402
+from flowjac.models.recipe_settings import sha256  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,12 +75,14 @@ def _refuse(args, outputs, work) -> str | None:
     return None
 
 
-def _earlier_seconds(clock: Path, args) -> float:
-    """Training seconds of earlier runs of this work file (its clock, written at every
-    checkpoint), so that a training spread over several runs reports its whole time."""
-    if not (args.resume and clock.is_file()):
-        return 0.0
-    return float(json.loads(clock.read_text())["seconds"])
+def _earlier_seconds(clock: Path, args, works) -> tuple:
+    """(seconds, step) of earlier runs of this work file by its clock (written at every
+    checkpoint), so that a training spread over several runs reports its whole time;
+    (0, None) unless resuming a work file that exists (a clock without one is stale)."""
+    if not (args.resume and clock.is_file() and any(w.is_file() for w in works)):
+        return 0.0, None
+    c = json.loads(clock.read_text())
+    return float(c["seconds"]), int(c["step"])
 
 
 def _save_samples(path: Path, gates: dict) -> None:
@@ -99,11 +105,12 @@ def main(argv=None) -> int:
     if why:
         print(f"train_morpho: {why}", file=sys.stderr)
         return 2
-    if args.force and not args.resume:
-        for w in (work, out / f".{part}-finetune-training.pt", out / f".{part}-clock.json"):
-            w.unlink(missing_ok=True)
+    works = (work, out / f".{part}-finetune-training.pt")
     clock = out / f".{part}-clock.json"
-    before = _earlier_seconds(clock, args)
+    if args.force and not args.resume:
+        for w in (*works, clock):
+            w.unlink(missing_ok=True)
+    before, before_step = _earlier_seconds(clock, args, works)
     t0 = time.perf_counter()
 
     def report(model, step):        # one line a chunk, for the log of a long run
@@ -115,9 +122,11 @@ def main(argv=None) -> int:
     model, record = rec.train(out, device=args.device, chunk=args.chunk,
                               progress=args.progress, resume=True,
                               train_steps=args.train_steps, on_chunk=report)
-    # the training time of every run that made this network, not only this one's
-    record["train_seconds_this_run"] = record["train_seconds"]
-    record["train_seconds"] = before + record["train_seconds"]
+    # the training time of every run that made this network, not only this one's; a run
+    # that found the training finished (it only measures the gates) adds nothing
+    trained = before_step is None or record["train_steps"] != before_step
+    record["train_seconds_this_run"] = record["train_seconds"] if trained else 0.0
+    record["train_seconds"] = before + record["train_seconds_this_run"]
     record["seconds_per_step"] = record["train_seconds"] / max(1, record["train_steps"])
     save_json(clock, {"step": record["train_steps"], "seconds": record["train_seconds"]})
     print(part, json.dumps({k: record[k] for k in ("train_steps", "train_seconds",
@@ -140,6 +149,7 @@ def main(argv=None) -> int:
     record["gates"] = {k: v for k, v in gates.items()
                        if k not in ("samples", "t", "i", "digits")}
     rec.save(model, outputs[0], step=record["train_steps"])
+    record["sha256"] = sha256(outputs[0])     # ties the record's gates to this file
     save_json(outputs[1], json.loads(json.dumps(record, default=float)))
     for row in morpho_models.gate_table(gates):
         low, high = (f"{v:.4g}" if v is not None else "undefined" for v in (row["low"], row["high"]))

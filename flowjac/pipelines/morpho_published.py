@@ -88,12 +88,16 @@ def verdict(summ: dict) -> dict:
     r, m, g = summ["readout"], summ["measurement"], summ["regressor"]
     ratio_t = r["t_mae"] / m["t_mae"]
     failed = [k for k, v in g["status"].items() if v != "pass"]
+    slopes_ok = r["status"]["slope_min"] == "pass" and r["status"]["slope_max"] == "pass"
     text = (f"The readout the soft study uses {'passes' if r['passed'] else 'does not pass'} "
             f"every gate on {r['n']:,} published digits: its thickness error is "
             f"{ratio_t:.2f} times the measurement's ({r['t_mae']:.3f} against "
-            f"{m['t_mae']:.3f}), its intensity is the measurement's own "
-            f"({r['i_mae']:.3f} grey levels), and prediction against label has slopes "
-            f"{r['slope_min']:.3f} to {r['slope_max']:.3f}: nothing saturates. ")
+            f"{m['t_mae']:.3f}), its intensity is the measurement itself "
+            f"({r['i_mae']:.3f} grey levels, so that gate holds by construction), and "
+            f"prediction against label has slopes {r['slope_min']:.3f} to "
+            f"{r['slope_max']:.3f}: "
+            + ("inside their limits, so nothing saturates. " if slopes_ok else
+               "outside their limits, so the readout flattens where it saturates. "))
     text += (f"The regressor alone fails {', '.join(failed)} (intensity MAE "
              f"{g['i_mae']:.2f} grey levels against a limit of "
              f"{g['limits']['i_mae'][1]:.2f}), which is why intensity is measured."

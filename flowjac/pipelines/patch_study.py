@@ -353,8 +353,11 @@ def summarize(probes: dict, data: torch.Tensor, *, fd: torch.Tensor | None = Non
 #: balance 0.021 [0.016, 0.031] against 0.03): it trains on from that
 #: checkpoint under the subsets' stopping rule (gates on ``check_n`` samples
 #: of ``check_seed`` every ``all_digits["check_every"]`` steps, stop at the
-#: first that passes, at most ``all_digits["max_steps"]``: 128 passes, still
-#: a fifth of the fives'), and its final gates are measured on
+#: first that passes, at most ``all_digits["max_steps"]`` steps counted from
+#: the start: 128 passes, still a fifth of the fives'; run by
+#: ``tools/train_shipped.py --resume --chunk 500 --stop-when-passed
+#: --stop-on-memorization --train-steps 8000 --gate-seed 3``), and its final
+#: gates are measured on
 #: ``all_digits["final_seed"]``, a seed no earlier measurement of it saw,
 #: since seed 2 decided that it trains on. Stated before the continuation
 #: ran. It is not one of the fives' ``sizes``: the verdict compares flows of
