@@ -4,17 +4,19 @@
         [--out flowjac/weights] [--replace] [--note TEXT]
 
 ``RECORD.json`` is the record ``tools/train_shipped.py`` (or
-``tools/train_morpho.py``) wrote beside the trained ``FILE`` (its recipe, steps, hardware and the gates measured under
-each sampler it was given). The entry shipped uses the gates of the one
+``tools/train_morpho.py``) wrote beside the trained ``FILE`` (its recipe,
+steps, hardware and the gates measured under each sampler it was given).
+The entry shipped uses the gates of the one
 sampler named by ``--sampler``; the part is refused unless those gates were
 measured on at least ``quality.GATE_MIN_N`` samples of a seed other than
 the gates-along-training seed (1) and pass every limit (no failure, no
 borderline), and unless the record's recipe is the package's
 ``RECIPES[part]`` (or, for a Morpho-MNIST part from ``tools/train_morpho.py``,
-``morpho_models.MORPHO_RECIPES[part]``). A Morpho part's record must name the
-sha256 of ``FILE`` and hold the recipe's whole training; the Morpho readout,
-which has no sampler, ships its one set of gates, which must pass on at
-least ``quality.GATE_MIN_N`` items of held-out data it names. A record whose flow was fine-tuned from a file (its
+``morpho_models.MORPHO_RECIPES[part]``). A Morpho part's record must name
+the sha256 of ``FILE`` and hold the recipe's whole training; the Morpho
+readout, which has no sampler, ships its one set of gates, which must pass
+on at least ``quality.GATE_MIN_N`` items of held-out data it names. A
+record whose flow was fine-tuned from a file (its
 ``started_from``) keeps the first stage's history when the manifest's
 current entry is that file: its gates along training, hardware, seconds
 and sha256 go under ``first_stage``.

@@ -178,10 +178,8 @@ def conditional_gates(samples, t, i, digits, logits, floor=None) -> dict:
                t_bias=float((m["thickness"] - t).mean()), i_bias=float((m["intensity"] - i).mean()),
                blank=m["blank"], floor=floor,
                in_range=float(((x >= -0.05) & (x <= 1.05)).double().mean()))
-    factor = MORPHO_GATES["mae_floor_factor"]
-    return _judged(out, {"t_mae": ("max", factor * floor["t"]),
-                         "i_mae": ("max", factor * floor["i"]),
-                         "digit_readback": ("min", MORPHO_GATES["digit_min_readback"])}, lo, hi)
+    limits = planned_limits("conditional", floor)
+    return _judged(out, {k: limits[k] for k in ("t_mae", "i_mae", "digit_readback")}, lo, hi)
 
 
 def _moments(t, i) -> list:
@@ -225,18 +223,13 @@ def unconditional_gates(samples, logits, reference: dict, class_shares) -> dict:
         scm=dict(zip(names, [scm["mean_t"], scm["mean_i"], float(np.sqrt(scm["var_t"])),
                              float(np.sqrt(scm["var_i"])), scm["corr_ti"]])))
     out.update({f"{k}_error": float(v) for k, v in zip(names, est)})
-    g = MORPHO_GATES
-    _judged(out, {"mean_t_error": ("max", g["mean_max_error"]),
-                  "mean_i_error": ("max", g["mean_max_error"]),
-                  "sd_t_error": ("max", g["sd_max_error"]),
-                  "sd_i_error": ("max", g["sd_max_error"]),
-                  "corr_ti_error": ("max", g["corr_max_error"])}, lo, hi)
+    limits = planned_limits("unconditional")
+    _judged(out, {f"{k}_error": limits[f"{k}_error"] for k in names}, lo, hi)
     digit = quality.digit_sample_gates(logits, x.float(), digit=None, class_shares=class_shares)
     for name in ("share", "in_range", "class_error"):
-        key, side = quality.GATE_SIDES[name]
         out[name] = digit[name]
         out["intervals"][name] = digit["intervals"][name]
-        out["limits"][name] = [side, quality.GATES[key]]
+        out["limits"][name] = limits[name]
         out["status"][name] = digit["status"][name]
     out["class_histogram"] = digit["class_histogram"]
     out["passed"] = all(v == "pass" for v in out["status"].values())
@@ -283,12 +276,13 @@ def regressor_gates(pred_t, pred_i, t, i, floor=None) -> dict:
 
 
 def planned_limits(kind: str, floor=None) -> dict:
-    """The limits a Morpho flow's gates will be judged by, ``{gate: [side, limit]}`` in the order its gates report them, before any sample is drawn; :ref:`sec_morpho`.
+    """The limits a Morpho flow's gates are judged by, ``{gate: [side, limit]}`` in the order its gates report them, known before any sample is drawn; :ref:`sec_morpho`.
 
     ``kind`` is ``"conditional"`` (``conditional_gates``) or
     ``"unconditional"`` (``unconditional_gates``); both end with the
     memorization gates every flow passes (``quality.GATES``). ``floor`` as
-    in ``conditional_gates``.
+    in ``conditional_gates``. The gate functions read their limits from
+    here, so what a chapter prints before training is what judges.
     """
     check_choice("kind", kind, ("conditional", "unconditional"))
     g, q = MORPHO_GATES, quality.GATES

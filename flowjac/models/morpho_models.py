@@ -279,9 +279,9 @@ def _memorization(gates: dict, samples, part: str, device) -> dict:
     mem = quality.memorization(samples.float(), training_data(part).float_images(),
                                heldout_data(part).float_images(), device=device)
     out = quality.combine(gates, mem)
+    limits = planned_limits("unconditional")        # memorization: every flow's limits
     for name in ("nn_ratio", "copy_share"):
-        key, side = quality.GATE_SIDES[name]
-        out["limits"][name] = [side, quality.GATES[key]]
+        out["limits"][name] = limits[name]
     return out
 
 
